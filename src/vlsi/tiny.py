@@ -1,0 +1,319 @@
+"""Offline tiny backbones: random-initialised teacher/student pairs saved as HF checkpoints.
+
+Tests and the demo cannot download anything, so this module builds, for each supported family,
+a small teacher and a smaller student that share one locally trained tokenizer (byte-level BPE
+with Qwen-style special tokens and a chat template) and saves each as an ordinary Hugging Face
+checkpoint directory: ``config.json``, ``model.safetensors``, tokenizer files,
+``chat_template.jinja``, ``preprocessor_config.json`` and ``generation_config.json``.
+``AutoModelForImageTextToText.from_pretrained(dir)`` loads them back.
+
+Example::
+
+    from vlsi.tiny import TinySize, save_tiny_pair
+    pair = save_tiny_pair("runs/tiny", family="qwen2_vl")
+    pair.teacher, pair.student   # two checkpoint directories
+
+Like the real Qwen2-VL pair (2B: 151,936 LM-head rows, 7B: 152,064), teacher and student pad
+their LM heads to different sizes past the tokenizer's length, so the shared-vocabulary logic
+is exercised.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlsi.backbones import FAMILIES, family_for
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<image>",
+    "<video>",
+]
+
+# Chat templates written for this project in the Qwen "im_start/im_end" style. A string content
+# is used as is; a list content renders {"type": "image"} as the family's image placeholder and
+# {"type": "text"} as its text. No default system prompt: the tiny models have short contexts.
+_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\n' -}}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- '__IMAGE__' -}}"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{- '<|im_end|>\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
+)
+IMAGE_MARKUP = {
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "llava_onevision": "<image>\n",
+}
+
+
+def chat_template(family: str) -> str:
+    """The tiny checkpoints' chat template for ``family``."""
+    return _TEMPLATE.replace("__IMAGE__", IMAGE_MARKUP[family])
+
+
+# Text the tokenizer is trained on: the words of the synthetic visual-instruction data and
+# some general English, so that common words become single tokens. Any text still encodes
+# (byte-level BPE has no unknown token).
+_CORPUS = """
+What colour is the shape in the top-left quadrant? What color is the circle? red green blue
+yellow purple orange cyan magenta white black gray pink brown. circle square triangle diamond
+star cross plus hexagon pentagon heart. top-left top-right bottom-left bottom-right left right
+above below center middle. How many shapes are there? How many red shapes are in the image?
+zero one two three four five six seven eight nine ten 0 1 2 3 4 5 6 7 8 9 10. Is the red shape
+left of the blue shape? yes no. Where is the triangle? Which shape completes the sequence?
+a star with a dot, a diamond with a dot, a square without a dot. The answer is (B). Answer with
+the option's letter from the given choices directly. A. B. C. D. Options: Question: Hint:
+The image shows a pattern of shapes in a row. The last panel is a question mark.
+You are a helpful assistant. Describe the image. This image contains a small object.
+the a an of in on at to is are was with without and or for from by this that which what where
+""".split()
+
+
+def build_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on a built-in corpus, Qwen-style special tokens.
+
+    Deterministic: the same ``vocab_size`` gives the same vocabulary. Returns a
+    ``PreTrainedTokenizerFast`` with eos ``<|im_end|>`` and pad ``<|endoftext|>``; the chat
+    template is set per family by :func:`save_tiny_pair`.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = [" ".join(_CORPUS[i : i + 16]) for i in range(0, len(_CORPUS), 16)]
+    tok.train_from_iterator(corpus * 4, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens=[t for t in SPECIAL_TOKENS if t not in ("<|im_end|>", "<|endoftext|>")],
+        model_max_length=4096,
+    )
+
+
+@dataclass(frozen=True)
+class TinySize:
+    """Shape of a tiny backbone: language model and vision encoder.
+
+    ``extra_vocab`` LM-head rows are added past the tokenizer's length (HF pads real Qwen
+    checkpoints the same way).
+    """
+
+    num_layers: int = 4
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision_depth: int = 2
+    vision_width: int = 32
+    extra_vocab: int = 0
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
+        if (self.hidden_size // self.num_heads) % 8:
+            raise ValueError("head_dim (hidden_size / num_heads) must be a multiple of 8 (M-RoPE)")
+
+
+TEACHER = TinySize(num_layers=8, hidden_size=96, intermediate_size=192, num_heads=4,
+                   num_kv_heads=2, vision_depth=2, vision_width=48, extra_vocab=24)
+STUDENT = TinySize(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4,
+                   num_kv_heads=2, vision_depth=2, vision_width=32, extra_vocab=8)
+
+# Vision geometry of the tiny checkpoints. Qwen2-VL/2.5-VL: 14-px patches merged 2x2, so a
+# 56x56 image is 4 vision tokens; Qwen3-VL uses 16-px patches; LLaVA-OneVision tiles of 28 px.
+QWEN_MIN_PIXELS = 28 * 28
+QWEN_MAX_PIXELS = 112 * 112
+LLAVA_TILE = 28
+
+
+def _mrope_section(head_dim: int) -> list[int]:
+    """Split head_dim/2 rotary frequencies over (temporal, height, width) like Qwen's 16/24/24."""
+    half = head_dim // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    return {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+
+
+def tiny_config(family: str, size: TinySize, tokenizer) -> Any:
+    """A transformers config of ``family`` with the shapes of ``size``."""
+    from transformers import (
+        LlavaOnevisionConfig,
+        Qwen2_5_VLConfig,
+        Qwen2VLConfig,
+        Qwen3VLConfig,
+    )
+
+    family_for(family)
+    ids = _token_ids(tokenizer)
+    head_dim = size.hidden_size // size.num_heads
+    text = dict(
+        hidden_size=size.hidden_size,
+        intermediate_size=size.intermediate_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_heads,
+        num_key_value_heads=size.num_kv_heads,
+        vocab_size=len(tokenizer) + size.extra_vocab,
+        max_position_embeddings=4096,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
+    qwen_ids = dict(
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+    if family == "qwen2_vl":
+        vision = dict(depth=size.vision_depth, embed_dim=size.vision_width,
+                      hidden_size=size.hidden_size, num_heads=2, mlp_ratio=2, patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLConfig(text_config={**text, "rope_parameters": rope},
+                             vision_config=vision, **qwen_ids)
+    if family == "qwen2_5_vl":
+        vision = dict(depth=size.vision_depth, hidden_size=size.vision_width,
+                      intermediate_size=2 * size.vision_width, num_heads=2,
+                      out_hidden_size=size.hidden_size, patch_size=14, spatial_merge_size=2,
+                      temporal_patch_size=2, window_size=56,
+                      fullatt_block_indexes=[size.vision_depth - 1])
+        return Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope},
+                                vision_config=vision, **qwen_ids)
+    if family == "qwen3_vl":
+        vision = dict(depth=size.vision_depth, hidden_size=size.vision_width,
+                      intermediate_size=2 * size.vision_width, num_heads=2,
+                      out_hidden_size=size.hidden_size, patch_size=16, spatial_merge_size=2,
+                      temporal_patch_size=2, num_position_embeddings=64,
+                      deepstack_visual_indexes=[0])
+        rope3 = {**rope, "mrope_interleaved": True}
+        return Qwen3VLConfig(text_config={**text, "head_dim": head_dim, "rope_parameters": rope3},
+                             vision_config=vision, **qwen_ids)
+    # llava_onevision
+    vision = dict(model_type="siglip_vision_model", hidden_size=size.vision_width,
+                  intermediate_size=2 * size.vision_width, num_hidden_layers=size.vision_depth,
+                  num_attention_heads=2, image_size=LLAVA_TILE, patch_size=14)
+    return LlavaOnevisionConfig(
+        text_config={**text, "model_type": "qwen2"},
+        vision_config=vision,
+        image_token_index=ids["<image>"],
+        video_token_index=ids["<video>"],
+        image_grid_pinpoints=_llava_pinpoints(),
+        tie_word_embeddings=False,
+    )
+
+
+def _llava_pinpoints() -> list[list[int]]:
+    s = LLAVA_TILE
+    return [[h * s, w * s] for h in (1, 2) for w in (1, 2)]
+
+
+def tiny_image_processor(family: str) -> Any:
+    """The family's PIL image processor with the tiny checkpoints' geometry."""
+    if family == "llava_onevision":
+        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+            LlavaOnevisionImageProcessorPil,
+        )
+
+        s = LLAVA_TILE
+        return LlavaOnevisionImageProcessorPil(
+            size={"height": s, "width": s},
+            crop_size={"height": s, "width": s},
+            image_grid_pinpoints=_llava_pinpoints(),
+        )
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=16 if family == "qwen3_vl" else 14,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
+    )
+
+
+def build_tiny_model(family: str, size: TinySize, tokenizer, seed: int = 0):
+    """A randomly initialised ``...ForConditionalGeneration`` of ``family`` (float32)."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(tiny_config(family, size, tokenizer))
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+def save_tiny_checkpoint(out_dir: str | Path, family: str, size: TinySize, tokenizer, seed: int = 0) -> Path:
+    """Build a tiny model of ``family`` and save it as a complete HF checkpoint directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_tiny_model(family, size, tokenizer, seed=seed)
+    model.save_pretrained(out)
+    tokenizer.chat_template = chat_template(family)
+    tokenizer.save_pretrained(out)
+    tiny_image_processor(family).save_pretrained(out)
+    return out
+
+
+@dataclass
+class TinyPair:
+    teacher: Path
+    student: Path
+    family: str
+    sizes: dict[str, TinySize] = field(default_factory=dict)
+
+
+def save_tiny_pair(
+    out_dir: str | Path,
+    family: str = "qwen2_vl",
+    *,
+    teacher: TinySize = TEACHER,
+    student: TinySize = STUDENT,
+    seed: int = 0,
+    tokenizer_vocab: int = 512,
+) -> TinyPair:
+    """Save a teacher and a student of ``family`` under ``out_dir/{teacher,student}``.
+
+    Both share one tokenizer. An already saved pair (both ``config.json`` present) is reused.
+    """
+    if family not in FAMILIES:
+        family_for(family)  # raises with the supported list
+    out = Path(out_dir)
+    pair = TinyPair(out / "teacher", out / "student", family, {"teacher": teacher, "student": student})
+    if (pair.teacher / "config.json").is_file() and (pair.student / "config.json").is_file():
+        return pair
+    tokenizer = build_tiny_tokenizer(tokenizer_vocab)
+    save_tiny_checkpoint(pair.teacher, family, teacher, tokenizer, seed=seed)
+    save_tiny_checkpoint(pair.student, family, student, tokenizer, seed=seed + 1)
+    return pair
