@@ -310,8 +310,11 @@ class ImageEncoder:
         area = w * h
         if self.min_pixels <= area <= self.max_pixels:
             return image
-        scale = math.sqrt((self.max_pixels if area > self.max_pixels else self.min_pixels) / area)
-        return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
+        shrink = area > self.max_pixels
+        scale = math.sqrt((self.max_pixels if shrink else self.min_pixels) / area)
+        # floor when shrinking and ceil when growing, so the bound holds after rounding
+        size_of = math.floor if shrink else math.ceil
+        return image.resize((max(1, size_of(w * scale)), max(1, size_of(h * scale))), Image.BICUBIC)
 
     def __call__(self, images: list[Image.Image]) -> ImageBatch:
         images = [self.bound(im) for im in images]

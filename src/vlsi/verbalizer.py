@@ -1,0 +1,328 @@
+"""Verbalizers: map an intermediate layer's hidden state into the vocabulary (SPEC "Verbalizer").
+
+``verbalizer_l(h) = lm_head(final_norm(T_l(h)))`` where ``T_l`` is a small trainable transform
+and ``final_norm``/``lm_head`` are the backbone's own, frozen and shared (never copied, never
+saved with the verbalizers). Transforms (paper Table 4f):
+
+==============  ==========================================================  ==================
+architecture    ``T(h)``                                                    params per layer
+==============  ==========================================================  ==================
+``verb-ffn``    ``h + W_down(SiLU(W_gate h) * W_up h)``, all W d x d         3 d^2 (default)
+``mlp``         ``h + W h``                                                  d^2
+``ffn``         ``h + MLP(h)`` with the backbone's own MLP class and sizes   3 d I
+``decoder``     one decoder block of the backbone's own class               (block)
+``*x2``         the transform stacked twice                                  x2
+==============  ==========================================================  ==================
+
+Every transform starts as the identity (the last projection is zero-initialised; the residual
+is this project's choice), so an untrained verbalizer equals the logit lens.
+
+``mlp``, ``verb-ffn`` and ``ffn`` act on each token alone; ``decoder`` attends over the sequence
+and needs the backbone's rotary embeddings and attention mask, which :class:`LayerContext`
+captures from the backbone's own forward pass.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from vlsi.backbones import Backbone
+from vlsi.errors import VlsiError
+
+ARCHITECTURES = ("verb-ffn", "mlp", "ffn", "decoder", "verb-ffn-x2", "mlp-x2", "ffn-x2", "decoder-x2")
+WEIGHTS_NAME = "verbalizers.safetensors"
+CONFIG_NAME = "verbalizers.json"
+
+
+def default_target_layers(num_layers: int) -> list[int]:
+    """SPEC rule: every 4th layer from index 1, last layer excluded (28 layers -> 1, 5, ..., 25)."""
+    return list(range(1, num_layers - 1, 4))
+
+
+def validate_target_layers(layers: list[int] | None, num_layers: int) -> list[int]:
+    """An explicit list checked against the backbone, or the default rule when ``None``.
+
+    Errors: empty list, duplicates, non-integers, indices outside ``[0, num_layers - 2]`` (the
+    last layer is not a target layer: the model's own LM head verbalizes it).
+    """
+    if layers is None:
+        layers = default_target_layers(num_layers)
+        if not layers:
+            raise VlsiError(f"a backbone with {num_layers} layers has no default target layer")
+        return layers
+    if not layers:
+        raise VlsiError("target layer list is empty")
+    if any(not isinstance(i, int) or isinstance(i, bool) for i in layers):
+        raise VlsiError(f"target layers must be integers, got {layers}")
+    if len(set(layers)) != len(layers):
+        raise VlsiError(f"target layers contain duplicates: {layers}")
+    last = num_layers - 1
+    for i in layers:
+        if i == last or i == -1:
+            raise VlsiError(
+                f"target layer {i} is the last layer of a {num_layers}-layer backbone; "
+                "the last layer is handled by the model's own LM head"
+            )
+        if not 0 <= i < last:
+            raise VlsiError(f"target layer {i} out of range for a {num_layers}-layer backbone "
+                            f"(valid: 0..{last - 1})")
+    return sorted(layers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+# ---------------------------------------------------------------------------------------------
+
+
+class VerbFFN(nn.Module):
+    """``h + W_down(SiLU(W_gate h) * W_up h)``: a gated FFN without expansion (d -> d)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.down_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.zeros_(self.down_proj.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # [..., d] -> [..., d]
+        return h + self.down_proj(nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class LinearResidual(nn.Module):
+    """``h + W h`` with ``W`` (d x d) starting at zero."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.proj(h)
+
+
+class BackboneFFN(nn.Module):
+    """``h + MLP(h)`` with the backbone's own MLP class (its intermediate size)."""
+
+    def __init__(self, mlp: nn.Module):
+        super().__init__()
+        self.mlp = mlp
+        nn.init.zeros_(self.mlp.down_proj.weight)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.mlp(h)
+
+
+class BackboneDecoderBlock(nn.Module):
+    """One decoder block of the backbone's own class; identity at init.
+
+    The block is residual already; its attention output and MLP down projections start at zero.
+    Needs ``position_embeddings`` and ``attention_mask`` as the backbone computed them.
+    """
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+        nn.init.zeros_(self.block.self_attn.o_proj.weight)
+        if self.block.self_attn.o_proj.bias is not None:
+            nn.init.zeros_(self.block.self_attn.o_proj.bias)
+        nn.init.zeros_(self.block.mlp.down_proj.weight)
+
+    def forward(self, h: torch.Tensor, **context: Any) -> torch.Tensor:  # [B, T, d]
+        out = self.block(h, **context)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def _make_unit(kind: str, backbone: Backbone, layer_idx: int) -> nn.Module:
+    d = backbone.hidden_size
+    if kind == "verb-ffn":
+        return VerbFFN(d)
+    if kind == "mlp":
+        return LinearResidual(d)
+    if kind == "ffn":
+        return BackboneFFN(type(backbone.decoder_layers[0].mlp)(backbone.text_config))
+    if kind == "decoder":
+        return BackboneDecoderBlock(backbone.decoder_layer_class(backbone.text_config, layer_idx))
+    raise VlsiError(f"unknown verbalizer architecture {kind!r}; supported: {', '.join(ARCHITECTURES)}")
+
+
+class Verbalizer(nn.Module):
+    """The trainable transform of one target layer (one unit, or two stacked for ``*-x2``)."""
+
+    def __init__(self, architecture: str, backbone: Backbone, layer_idx: int):
+        super().__init__()
+        if architecture not in ARCHITECTURES:
+            raise VlsiError(
+                f"unknown verbalizer architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}"
+            )
+        kind, _, times = architecture.partition("-x")
+        self.architecture = architecture
+        self.token_wise = kind != "decoder"
+        self.units = nn.ModuleList(_make_unit(kind, backbone, layer_idx) for _ in range(int(times or 1)))
+
+    def forward(self, h: torch.Tensor, **context: Any) -> torch.Tensor:
+        """[..., d] -> [..., d]; ``decoder`` needs [B, T, d] and the captured context."""
+        for unit in self.units:
+            h = unit(h, **context) if not self.token_wise else unit(h)
+        return h
+
+
+# ---------------------------------------------------------------------------------------------
+# The set of verbalizers of one backbone
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerContext:
+    """Rotary embeddings and attention mask a decoder block received in the backbone's forward."""
+
+    kwargs: dict[str, Any]
+
+
+class VerbalizerSet(nn.Module):
+    """Verbalizers for the target layers of one backbone.
+
+    Only the transforms are parameters of this module (and of its state dict); the backbone's
+    final norm and LM head are reached through the backbone and stay frozen.
+
+    Index convention shared with :mod:`vlsi.interaction`: ``k`` in ``0..t-1`` is the verbalizer
+    of target layer ``layers[k]``; ``k == t`` is the model's own head on the last, already
+    final-normed hidden state.
+    """
+
+    def __init__(self, backbone: Backbone, layers: list[int] | None = None, architecture: str = "verb-ffn"):
+        super().__init__()
+        self.layers = validate_target_layers(layers, backbone.num_layers)
+        self.architecture = architecture
+        self.verbalizers = nn.ModuleList(Verbalizer(architecture, backbone, i) for i in self.layers)
+        self._backbone = [backbone]  # a list, so the backbone is not registered as a submodule
+        self.backbone_identity = backbone.identity()
+        ref = backbone.lm_head.weight
+        self.to(device=ref.device, dtype=ref.dtype)
+
+    @property
+    def backbone(self) -> Backbone:
+        return self._backbone[0]
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.layers)
+
+    @property
+    def token_wise(self) -> bool:
+        return all(v.token_wise for v in self.verbalizers)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Backbone's final norm + LM head: [..., d] -> [..., V_rows]."""
+        bb = self.backbone
+        return bb.lm_head(bb.final_norm(h))
+
+    def transform(self, k: int, h: torch.Tensor, context: LayerContext | None = None) -> torch.Tensor:
+        v = self.verbalizers[k]
+        if v.token_wise:
+            return v(h)
+        if context is None:
+            raise VlsiError("a decoder verbalizer needs the backbone's layer context")
+        return v(h, **context.kwargs)
+
+    def logits(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """Token-wise verbalized logits: ``k < t`` target layer k, ``k == t`` the model's head.
+
+        [n, d] -> [n, V_rows]. For ``k == t``, ``h`` is the already-normed last hidden state.
+        """
+        if k == self.num_targets:
+            return self.backbone.lm_head(h)
+        return self.head(self.transform(k, h))
+
+    def forward(self, hidden_states: tuple[torch.Tensor, ...], context: LayerContext | None = None) -> list[torch.Tensor]:
+        """Logits of every target layer from ``output_hidden_states``: list of [B, T, V_rows]."""
+        return [
+            self.head(self.transform(k, hidden_states[layer + 1], context))
+            for k, layer in enumerate(self.layers)
+        ]
+
+    # -- persistence ------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "layers": self.layers,
+            "hidden_size": self.backbone_identity["hidden_size"],
+            "vocab_size": self.backbone_identity["vocab_size"],
+            "backbone": self.backbone_identity,
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``verbalizers.safetensors`` and ``verbalizers.json`` into ``out_dir``."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(json.dumps(self.config_dict(), indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, path: str | Path, backbone: Backbone) -> VerbalizerSet:
+        """Load verbalizers and attach them to ``backbone``; refuse if they do not fit it."""
+        from safetensors.torch import load_file
+
+        d = Path(path)
+        if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+            raise VlsiError(f"{d}: no {CONFIG_NAME} + {WEIGHTS_NAME} (verbalizers not found)")
+        cfg = json.loads((d / CONFIG_NAME).read_text())
+        check_fits(cfg, backbone, source=str(d))
+        vset = cls(backbone, cfg["layers"], cfg["architecture"])
+        state = load_file(str(d / WEIGHTS_NAME))
+        missing, unexpected = vset.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise VlsiError(f"{d}: verbalizer weights do not match {cfg['architecture']} "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        return vset
+
+
+def check_fits(cfg: dict[str, Any], backbone: Backbone, source: str = "verbalizers") -> None:
+    """Raise a one-line error listing every field where saved verbalizers and backbone differ."""
+    have = backbone.identity()
+    want = cfg.get("backbone", {})
+    diffs = [f"{k}: verbalizers {want.get(k)!r} vs backbone {have[k]!r}"
+             for k in have if k in want and want[k] != have[k]]
+    if cfg.get("hidden_size") not in (None, have["hidden_size"]) and not any(d.startswith("hidden_size") for d in diffs):
+        diffs.append(f"hidden_size: verbalizers {cfg['hidden_size']} vs backbone {have['hidden_size']}")
+    if diffs:
+        raise VlsiError(f"{source} do not fit this backbone ({'; '.join(diffs)})")
+    last = have["num_layers"] - 1
+    bad = [i for i in cfg.get("layers", []) if not 0 <= i < last]
+    if bad:
+        raise VlsiError(f"{source}: target layers {bad} do not exist below the last layer of a "
+                        f"{have['num_layers']}-layer backbone")
+
+
+@contextmanager
+def capture_layer_context(backbone: Backbone) -> Iterator[LayerContext]:
+    """Record the keyword arguments (rotary embeddings, mask, positions) of decoder layer 0.
+
+    ``decoder`` verbalizers call a block of the backbone's class and must see the same
+    positions and mask as the backbone's own layers. Use around the backbone's forward::
+
+        with capture_layer_context(bb) as ctx:
+            out = bb.model(**inputs, output_hidden_states=True)
+        logits = vset(out.hidden_states, ctx)
+    """
+    ctx = LayerContext({})
+    keep = ("attention_mask", "position_ids", "position_embeddings", "cache_position")
+
+    def hook(_module: nn.Module, _args: tuple, kwargs: dict) -> None:
+        ctx.kwargs = {k: kwargs[k] for k in keep if k in kwargs}
+
+    handle = backbone.decoder_layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield ctx
+    finally:
+        handle.remove()

@@ -1,0 +1,133 @@
+"""Verbalizers: logit lens at init, architectures, target layers, save/load and fit checks."""
+
+import json
+
+import pytest
+import torch
+
+from vlsi.backbones import load_backbone
+from vlsi.errors import VlsiError
+from vlsi.tiny import save_tiny_pair
+from vlsi.verbalizer import (
+    ARCHITECTURES,
+    VerbalizerSet,
+    VerbFFN,
+    capture_layer_context,
+    default_target_layers,
+    validate_target_layers,
+)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    return save_tiny_pair(tmp_path_factory.mktemp("tiny"), "qwen2_vl")
+
+
+@pytest.fixture(scope="module")
+def teacher(pair):
+    return load_backbone(pair.teacher)
+
+
+def _forward(bb, ids):
+    with capture_layer_context(bb) as ctx:
+        out = bb.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                       mm_token_type_ids=torch.zeros_like(ids), output_hidden_states=True)
+    return out, ctx
+
+
+def test_default_target_layers_follow_spec():
+    assert default_target_layers(28) == [1, 5, 9, 13, 17, 21, 25]  # paper: 2nd, 6th, ..., 26th
+    layers80 = default_target_layers(80)
+    assert len(layers80) == 20 and layers80[0] == 1 and layers80[-1] == 77
+    assert default_target_layers(8) == [1, 5]
+
+
+@pytest.mark.parametrize("layers, msg", [
+    ([7], "last layer"), ([-1], "last layer"), ([8], "out of range"), ([1, 1], "duplicates"),
+    ([], "empty"), ([1.5], "integers"),
+])
+def test_invalid_target_layers(layers, msg):
+    with pytest.raises(VlsiError, match=msg):
+        validate_target_layers(layers, 8)
+
+
+def test_explicit_layers_are_sorted():
+    assert validate_target_layers([5, 0, 3], 8) == [0, 3, 5]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_untrained_verbalizer_equals_logit_lens(teacher, arch):
+    vset = VerbalizerSet(teacher, None, arch)
+    ids = torch.randint(20, 300, (2, 9))
+    out, ctx = _forward(teacher, ids)
+    for logits, layer in zip(vset(out.hidden_states, ctx), vset.layers):
+        lens = teacher.lm_head(teacher.final_norm(out.hidden_states[layer + 1]))
+        torch.testing.assert_close(logits, lens)
+
+
+@pytest.mark.parametrize("arch", ["verb-ffn", "mlp", "ffn", "decoder"])
+def test_trained_verbalizer_differs_from_logit_lens(teacher, arch):
+    vset = VerbalizerSet(teacher, None, arch)
+    with torch.no_grad():
+        for p in vset.parameters():
+            p.normal_(0, 0.05)
+    ids = torch.randint(20, 300, (1, 6))
+    out, ctx = _forward(teacher, ids)
+    lens = teacher.lm_head(teacher.final_norm(out.hidden_states[vset.layers[0] + 1]))
+    assert not torch.allclose(vset(out.hidden_states, ctx)[0], lens)
+
+
+def test_parameter_counts_match_the_paper():
+    """verb-FFN: 3 d^2 per layer; 7 layers at d=3584 is the paper's 269.7M (Table 4f)."""
+    with torch.device("meta"):
+        n = sum(p.numel() for _ in range(7) for p in VerbFFN(3584).parameters())
+    assert n == 7 * 3 * 3584**2 and round(n / 1e6, 1) == 269.7
+
+
+def test_architecture_parameter_counts(teacher):
+    d = teacher.hidden_size
+    inter = teacher.text_config.intermediate_size
+    count = lambda a: sum(p.numel() for p in VerbalizerSet(teacher, [1], a).parameters())
+    assert count("verb-ffn") == 3 * d * d
+    assert count("mlp") == d * d
+    assert count("ffn") == 3 * d * inter
+    assert count("verb-ffn-x2") == 2 * count("verb-ffn")
+    assert count("decoder") == sum(p.numel() for p in teacher.decoder_layers[0].parameters())
+
+
+def test_head_is_shared_not_copied(teacher):
+    vset = VerbalizerSet(teacher)
+    assert not any("lm_head" in k or "norm" in k for k in vset.state_dict())
+    assert vset.logits(vset.num_targets, torch.zeros(1, teacher.hidden_size)).shape[-1] == teacher.vocab_size
+
+
+def test_unknown_architecture(teacher):
+    with pytest.raises(VlsiError, match="supported: verb-ffn"):
+        VerbalizerSet(teacher, None, "transformer")
+
+
+def test_save_load_roundtrip(teacher, tmp_path):
+    vset = VerbalizerSet(teacher, [0, 3], "ffn")
+    with torch.no_grad():
+        for p in vset.parameters():
+            p.uniform_(-0.1, 0.1)
+    vset.save(tmp_path)
+    cfg = json.loads((tmp_path / "verbalizers.json").read_text())
+    assert cfg["architecture"] == "ffn" and cfg["layers"] == [0, 3]
+    assert cfg["hidden_size"] == teacher.hidden_size and cfg["vocab_size"] == teacher.vocab_size
+    assert cfg["backbone"]["model_type"] == "qwen2_vl"
+    loaded = VerbalizerSet.load(tmp_path, teacher)
+    for (k, a), (_, b) in zip(vset.state_dict().items(), loaded.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def test_refuses_a_backbone_it_does_not_fit(pair, teacher, tmp_path):
+    VerbalizerSet(teacher, [1, 5]).save(tmp_path)
+    student = load_backbone(pair.student)
+    with pytest.raises(VlsiError, match=r"do not fit this backbone \(hidden_size: verbalizers 96 vs backbone 64; num_layers: verbalizers 8 vs backbone 4"):
+        VerbalizerSet.load(tmp_path, student)
+
+
+def test_missing_verbalizer_files(teacher, tmp_path):
+    with pytest.raises(VlsiError, match="verbalizers not found"):
+        VerbalizerSet.load(tmp_path, teacher)
