@@ -131,3 +131,30 @@ def test_refuses_a_backbone_it_does_not_fit(pair, teacher, tmp_path):
 def test_missing_verbalizer_files(teacher, tmp_path):
     with pytest.raises(VlsiError, match="verbalizers not found"):
         VerbalizerSet.load(tmp_path, teacher)
+
+
+def test_prediction_positions_shift_labels_by_one():
+    from vlsi.verbalizer import prediction_positions
+
+    labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 5, -100, -100, 9]])
+    expected = torch.tensor([[False, True, True, False, False], [True, False, False, True, False]])
+    assert torch.equal(prediction_positions(labels), expected)
+
+
+@pytest.mark.parametrize("arch", ["verb-ffn", "decoder"])
+def test_response_inputs_gather_layers_and_give_the_same_logits(teacher, arch):
+    vset = VerbalizerSet(teacher, [1, 5], arch)
+    with torch.no_grad():
+        for p in vset.parameters():
+            p.normal_(0, 0.05)
+    ids = torch.randint(20, 300, (2, 8))
+    out, ctx = _forward(teacher, ids)
+    positions = torch.zeros(2, 8, dtype=torch.bool)
+    positions[0, 3:6] = True
+    positions[1, 7] = True
+    stack, fn = vset.response_inputs(out.hidden_states, positions, ctx)
+    assert stack.shape == (3, 4, teacher.hidden_size)
+    full = vset(out.hidden_states, ctx)
+    for k in range(2):
+        torch.testing.assert_close(fn(k, stack[k]), full[k][positions])
+    torch.testing.assert_close(fn(2, stack[2]), out.logits[positions])

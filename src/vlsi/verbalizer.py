@@ -247,6 +247,38 @@ class VerbalizerSet(nn.Module):
             for k, layer in enumerate(self.layers)
         ]
 
+    def response_inputs(
+        self,
+        hidden_states: tuple[torch.Tensor, ...],
+        positions: torch.Tensor,
+        context: LayerContext | None = None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Gather what :func:`vlsi.interaction.interaction_loss` takes from one forward pass.
+
+        Args:
+            hidden_states: the backbone's ``output_hidden_states``, L + 1 tensors [B, T, d].
+            positions: bool [B, T], the positions whose distribution is compared
+                (see :func:`prediction_positions`).
+            context: captured layer context (only ``decoder`` verbalizers need it).
+
+        Returns:
+            ``stack`` [t + 1, N, d]: the N selected positions at each target layer, then the
+            final-normed last hidden state; and ``logits_fn(k, h[n, d]) -> [n, V_rows]``.
+            Token-wise verbalizers are applied inside ``logits_fn`` (so the chunked loss
+            recomputes them chunk by chunk); a ``decoder`` verbalizer mixes the sequence, so
+            its transform runs here on whole sequences and ``logits_fn`` is the head alone.
+        """
+        if self.token_wise:
+            rows = [hidden_states[layer + 1][positions] for layer in self.layers]
+            fn = self.logits
+        else:
+            rows = [self.transform(k, hidden_states[layer + 1], context)[positions]
+                    for k, layer in enumerate(self.layers)]
+            t = self.num_targets
+            fn = lambda k, h: self.backbone.lm_head(h) if k == t else self.head(h)  # noqa: E731
+        rows.append(hidden_states[-1][positions])
+        return torch.stack(rows), fn
+
     # -- persistence ------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
         return {
@@ -302,6 +334,18 @@ def check_fits(cfg: dict[str, Any], backbone: Backbone, source: str = "verbalize
     if bad:
         raise VlsiError(f"{source}: target layers {bad} do not exist below the last layer of a "
                         f"{have['num_layers']}-layer backbone")
+
+
+def prediction_positions(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Bool [B, T]: positions whose next-token distribution predicts a response token.
+
+    The logits at position p predict token p + 1, so with next-token labels [B, T] the compared
+    positions are those where ``labels[:, p + 1]`` is supervised (the same shift as the
+    next-token loss). The last position predicts nothing.
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:] != ignore_index
+    return mask
 
 
 @contextmanager
