@@ -1,0 +1,511 @@
+"""Interaction loss with bounded memory (SPEC "Step 2 — interaction" and "Cost").
+
+``loss = sum_{i,j} W[i, j] * OP(P_j, Q_i) + LAST(P_last, Q_last)``, every term a mean over the
+``N`` response tokens, where ``Q_i`` is the student's verbalized distribution at target layer
+``i``, ``P_j`` the teacher's at target layer ``j``, ``W`` the matching of
+:func:`vlsi.matching.select_pairs` computed from ``KLD[i, j]``, and ``*_last`` the models' own
+output distributions.
+
+Materialising ``[N, V]`` float32 log-probabilities for all ``t_s + t_l`` layers costs tens of GB at
+``V = 151,936`` (:func:`naive_interaction_loss` does exactly that and is the test reference).
+:func:`interaction_loss` instead walks over chunks of ``chunk_size`` response tokens twice:
+
+1. scoring pass (``no_grad``): per chunk, the student log-probs of the scored layers are cached
+   once (``[chunk, t_s, V]``) and teacher layers are taken one at a time, so the working set is
+   about ``(t_s + 4) * chunk * V`` floats. Only the entries of
+   :func:`vlsi.matching.needed_mask` are computed. ``KL(P || Q_i) = sum P log P - P . log Q_i``
+   turns the score of all cached student layers against one teacher layer into one batched
+   matrix-vector product instead of a ``[chunk, V]`` temporary per pair.
+2. selection of ``W`` on the ``[t_s, t_l]`` matrix.
+3. gradient pass: only student layers with a selected pair plus the last layer, recomputing the
+   student (with grad) and the teacher (without) chunk by chunk. Each chunk's gradient with
+   respect to its slice of ``student_hidden`` is computed at once and written into one
+   ``[t_s + 1, N, d_s]`` buffer, so no graph outlives its chunk. The loss returned is attached to
+   ``student_hidden`` by a small autograd function whose backward hands that buffer over, scaled
+   by the incoming gradient.
+
+Peak memory is therefore about ``(t_s + 4) * chunk * V`` floats plus the gradient buffer (the
+size of ``student_hidden`` itself), whatever ``N`` is. The price is computing the selected
+student and teacher verbalizers a second time (``2 t_s`` verbalizer forwards on top of the
+``t_s + t_l + 2`` that the naive loss also runs); the batched scoring above more than pays for
+it where the ``[*, V]`` element-wise work dominates (``vlsi bench loss`` measures both).
+
+Contract for the ``*_logits_fn`` callables: ``fn(index, h[n, d]) -> logits[n, >= V]``, acting on
+each token independently (tokens are split into chunks); ``index < t`` is target layer
+``index``'s verbalizer, ``index == t`` the model's own LM head applied to the last hidden state,
+which is already final-normed. Their parameters must be frozen (the interaction step freezes
+verbalizers and LM heads): the chunked loss gives gradient to ``student_hidden`` only, and
+raises if it finds a student-side parameter that requires grad. For a sequence-mixing verbalizer
+(``decoder`` architecture) run its transform over whole sequences first and pass a per-token
+head as the callable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from vlsi.losses import OPS, DIVERGENCES, compute_dtype, log_probs, pair_loss_logprobs
+from vlsi.matching import STRATEGIES, needed_mask, select_pairs
+
+# 256 tokens x 151,936 vocab x 4 bytes = 155 MB per [chunk, V] float32 buffer; the scoring pass
+# holds about t_s + 4 of them (1.7 GB at t_s = 7). Large enough that the LM-head matmuls stay
+# efficient, small enough to sit beside a 72B teacher, and ~20x below the naive peak at 2k tokens.
+DEFAULT_CHUNK_SIZE = 256
+
+LogitsFn = Callable[[int, Tensor], Tensor]
+
+
+@dataclass
+class InteractionResult:
+    """What one interaction-loss call returns.
+
+    Attributes:
+        loss: scalar (float32; float64 for float64 inputs) with gradient to ``student_hidden``.
+        kld: float32 ``[t_s, t_l]`` mean KLD scores; NaN where not computed.
+        weights: float32 ``[t_s, t_l]`` matching weights (rows sum to 1; zeros when the
+            intermediate op is ``none`` or there is no response token).
+        pair_losses: float32 ``[t_s, t_l]`` mean op loss of the selected pairs, 0 elsewhere.
+        last_loss: mean last-layer loss (0.0 when the last op is ``none``).
+    """
+
+    loss: Tensor
+    kld: Tensor
+    weights: Tensor
+    pair_losses: Tensor
+    last_loss: float
+
+
+@dataclass
+class _Problem:
+    """Validated inputs shared by the passes."""
+
+    student_hidden: Tensor  # [t_s + 1, N, d_s]
+    teacher_hidden: Tensor  # [t_l + 1, N, d_t]
+    student_fn: LogitsFn
+    teacher_fn: LogitsFn
+    vocab_size: int
+    intermediate_op: str
+    last_op: str
+    divergence: str
+
+    @property
+    def t_s(self) -> int:
+        return self.student_hidden.shape[0] - 1
+
+    @property
+    def t_l(self) -> int:
+        return self.teacher_hidden.shape[0] - 1
+
+    @property
+    def n_tokens(self) -> int:
+        return self.student_hidden.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return compute_dtype(self.student_hidden.dtype)
+
+    def student_logp(self, index: int, h: Tensor) -> Tensor:
+        """Student log-probs ``[n, V]`` (graph kept if ``h`` requires grad)."""
+        return log_probs(_cut(self.student_fn(index, h), self.vocab_size))
+
+    def teacher_logp(self, index: int, h: Tensor) -> Tensor:
+        """Teacher log-probs ``[n, V]``, never with a graph."""
+        with torch.no_grad():
+            return log_probs(_cut(self.teacher_fn(index, h), self.vocab_size))
+
+
+def _cut(logits: Tensor, vocab_size: int) -> Tensor:
+    if logits.shape[-1] < vocab_size:
+        raise ValueError(f"logits have {logits.shape[-1]} entries, fewer than vocab_size={vocab_size}")
+    return logits[..., :vocab_size]
+
+
+def _chunks(n: int, size: int) -> list[tuple[int, int]]:
+    return [(a, min(a + size, n)) for a in range(0, n, size)]
+
+
+def _validate(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    vocab_size: int,
+    strategy: str,
+    intermediate_op: str,
+    last_op: str,
+    divergence: str,
+    chunk_size: int,
+) -> None:
+    if student_hidden.dim() != 3 or teacher_hidden.dim() != 3:
+        raise ValueError(
+            "hidden states must be [layers + 1, N, d]; got student "
+            f"{tuple(student_hidden.shape)}, teacher {tuple(teacher_hidden.shape)}"
+        )
+    if student_hidden.shape[1] != teacher_hidden.shape[1]:
+        raise ValueError(
+            f"student has {student_hidden.shape[1]} response tokens, teacher {teacher_hidden.shape[1]}"
+        )
+    for name, op in (("intermediate_op", intermediate_op), ("last_op", last_op)):
+        if op not in OPS:
+            raise ValueError(f"unknown {name} {op!r}; supported: {', '.join(OPS)}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; supported: {', '.join(DIVERGENCES)}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown matching strategy {strategy!r}; supported: {', '.join(STRATEGIES)}")
+    t_s, t_l = student_hidden.shape[0] - 1, teacher_hidden.shape[0] - 1
+    if intermediate_op != "none" and not 1 <= t_s <= t_l:
+        raise ValueError(f"the intermediate loss needs 1 <= t_s <= t_l, got t_s={t_s}, t_l={t_l}")
+    if chunk_size < 1 or vocab_size < 1:
+        raise ValueError(f"chunk_size and vocab_size must be >= 1, got {chunk_size}, {vocab_size}")
+
+
+def _empty_result(problem: _Problem) -> InteractionResult:
+    """No response token: a zero loss still connected to the graph (DDP needs every rank's)."""
+    device = problem.student_hidden.device
+    shape = (problem.t_s, problem.t_l)
+    loss = (problem.student_hidden.sum() * 0).to(problem.dtype)
+    return InteractionResult(
+        loss=loss,
+        kld=torch.full(shape, float("nan"), device=device),
+        weights=torch.zeros(shape, device=device),
+        pair_losses=torch.zeros(shape, device=device),
+        last_loss=0.0,
+    )
+
+
+def _needed(problem: _Problem, strategy: str) -> Tensor:
+    """Entries to score (CPU bool ``[t_s, t_l]``): none when there is no intermediate term."""
+    if problem.intermediate_op == "none":
+        return torch.zeros(problem.t_s, problem.t_l, dtype=torch.bool)
+    return needed_mask(strategy, problem.t_s, problem.t_l)
+
+
+def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_v a[c, r, v] * b[c, v]`` -> ``[c, r]`` without a ``[c, r, V]`` temporary."""
+    return torch.matmul(a, b.unsqueeze(-1)).squeeze(-1)
+
+
+def _cached_rows(cache: Tensor, positions: list[int]) -> Tensor:
+    """``cache[:, positions]``, as a view when the positions are consecutive (banded rows)."""
+    first, last = positions[0], positions[-1]
+    if last - first + 1 == len(positions):
+        return cache[:, first : last + 1]
+    return cache.index_select(1, torch.tensor(positions, device=cache.device))
+
+
+def _student_cache(problem: _Problem, rows: list[int], a: int, b: int) -> tuple[Tensor, Tensor | None]:
+    """Per-chunk student side of the scoring pass.
+
+    Returns ``cache [c, len(rows), V]`` holding ``log Q_i`` (forward KL) or ``Q_i`` (reverse KL),
+    and for reverse KL the self term ``sum_v Q_i log Q_i`` as ``[c, len(rows)]``.
+    """
+    c = b - a
+    device = problem.student_hidden.device
+    cache = torch.empty(c, len(rows), problem.vocab_size, dtype=problem.dtype, device=device)
+    self_terms = None
+    if problem.divergence == "reverse":
+        self_terms = torch.empty(c, len(rows), dtype=problem.dtype, device=device)
+    for k, i in enumerate(rows):
+        log_q = problem.student_logp(i, problem.student_hidden[i, a:b])
+        if self_terms is None:
+            cache[:, k] = log_q
+        else:
+            q = log_q.exp()
+            cache[:, k] = q
+            self_terms[:, k] = _batched_dot(q.unsqueeze(1), log_q).squeeze(1)
+    return cache, self_terms
+
+
+def _chunk_kl(log_p: Tensor, cache_rows: Tensor, self_rows: Tensor | None) -> Tensor:
+    """Per-token KL of one teacher layer against cached student layers: ``[c, r]``.
+
+    Forward: ``KL(P || Q_i) = P . log P - P . log Q_i``. Reverse: ``KL(Q_i || P) = Q_i . log Q_i
+    - Q_i . log P``.
+    """
+    if self_rows is None:
+        p = log_p.exp()
+        return _batched_dot(p.unsqueeze(1), log_p) - _batched_dot(cache_rows, p)
+    return self_rows - _batched_dot(cache_rows, log_p)
+
+
+@torch.no_grad()
+def _score_kld(problem: _Problem, needed: Tensor, chunk_size: int) -> Tensor:
+    """Scoring pass: mean over response tokens of ``KL`` for the ``needed`` entries.
+
+    Args:
+        needed: CPU bool ``[t_s, t_l]``.
+
+    Returns:
+        float32 ``[t_s, t_l]``, NaN outside ``needed``.
+    """
+    device = problem.student_hidden.device
+    sums = torch.zeros(problem.t_s, problem.t_l, dtype=torch.float64, device=device)
+    rows = needed.any(dim=1).nonzero().flatten().tolist()
+    position = {i: k for k, i in enumerate(rows)}
+    columns = [(j, needed[:, j].nonzero().flatten().tolist()) for j in range(problem.t_l)]
+    columns = [(j, col_rows) for j, col_rows in columns if col_rows]
+    chunks = _chunks(problem.n_tokens, chunk_size) if rows else []  # nothing to score: no pass
+    for a, b in chunks:
+        cache, self_terms = _student_cache(problem, rows, a, b)
+        for j, col_rows in columns:
+            positions = [position[i] for i in col_rows]
+            log_p = problem.teacher_logp(j, problem.teacher_hidden[j, a:b])
+            self_rows = None if self_terms is None else self_terms[:, positions]
+            kl = _chunk_kl(log_p, _cached_rows(cache, positions), self_rows)
+            sums[col_rows, j] += kl.sum(dim=0).to(torch.float64)
+        del cache, self_terms
+    kld = (sums / problem.n_tokens).float()
+    return kld.masked_fill(~needed.to(device), float("nan"))
+
+
+def _trainable_leaves(output: Tensor, allowed: Tensor) -> list[Tensor]:
+    """Leaves of ``output``'s graph that require grad, other than ``allowed``."""
+    found, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)  # only AccumulateGrad nodes have one
+        if variable is not None and variable is not allowed:
+            found.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def _check_frozen(s_logp: Tensor, h: Tensor, index: int) -> None:
+    leaves = _trainable_leaves(s_logp, h)
+    if leaves:
+        shapes = ", ".join(str(tuple(t.shape)) for t in leaves[:3])
+        raise ValueError(
+            f"student_logits_fn({index}, ...) uses parameters that require grad (shapes {shapes}); "
+            "the chunked interaction loss only gives gradient to student_hidden, so freeze the "
+            "verbalizers and the LM head (requires_grad_(False)) as the interaction step does"
+        )
+
+
+# One loss term: (teacher index, weight, op) for a given student index.
+_Term = tuple[int, float, str]
+
+
+def _plan(problem: _Problem, weights_cpu: Tensor) -> dict[int, list[_Term]]:
+    """Student index -> terms of the loss; the last layer is student ``t_s`` vs teacher ``t_l``."""
+    plan: dict[int, list[_Term]] = {}
+    if problem.intermediate_op != "none":
+        for i, j in weights_cpu.nonzero().tolist():
+            plan.setdefault(i, []).append((j, float(weights_cpu[i, j]), problem.intermediate_op))
+    if problem.last_op != "none":
+        plan[problem.t_s] = [(problem.t_l, 1.0, problem.last_op)]
+    return plan
+
+
+def _student_layer_chunk(
+    problem: _Problem, i: int, terms: list[_Term], a: int, b: int, sums: Tensor, need_grad: bool, check: bool
+) -> Tensor | None:
+    """One student layer on tokens ``a:b``: adds per-term loss sums, returns d(loss)/d(h) ``[c, d_s]``.
+
+    The gradient reaching the student log-probs is accumulated over the layer's terms first, so
+    the student verbalizer is run forward and backward once per chunk however many teacher
+    layers it is paired with, and each term's graph is freed before the next is built.
+    """
+    h = problem.student_hidden[i, a:b].detach().requires_grad_(need_grad)
+    with torch.enable_grad() if need_grad else torch.no_grad():
+        s_logp = problem.student_logp(i, h)
+        if need_grad and check:
+            _check_frozen(s_logp, h, i)
+        s_leaf = s_logp.detach().requires_grad_(need_grad)
+        grad_logp = None
+        for j, weight, op in terms:
+            t_logp = problem.teacher_logp(j, problem.teacher_hidden[j, a:b])
+            total = pair_loss_logprobs(op, t_logp, s_leaf, problem.divergence).sum()
+            sums[i, j] += total.detach().to(torch.float64)
+            if need_grad:
+                (g,) = torch.autograd.grad(total * (weight / problem.n_tokens), s_leaf)
+                grad_logp = g if grad_logp is None else grad_logp.add_(g)
+        if not need_grad:
+            return None
+        (grad_h,) = torch.autograd.grad(s_logp, h, grad_outputs=grad_logp)
+    return grad_h
+
+
+def _gradient_pass(
+    problem: _Problem, plan: dict[int, list[_Term]], chunk_size: int, grad_buffer: Tensor | None
+) -> Tensor:
+    """Loss-term sums over all tokens ``[t_s + 1, t_l + 1]`` (float64); fills ``grad_buffer``."""
+    sums = torch.zeros(problem.t_s + 1, problem.t_l + 1, dtype=torch.float64, device=problem.student_hidden.device)
+    need_grad = grad_buffer is not None
+    for chunk_index, (a, b) in enumerate(_chunks(problem.n_tokens, chunk_size)):
+        for i, terms in plan.items():
+            grad_h = _student_layer_chunk(problem, i, terms, a, b, sums, need_grad, check=chunk_index == 0)
+            if grad_h is not None:
+                grad_buffer[i, a:b] = grad_h
+    return sums
+
+
+class _PrecomputedGradient(torch.autograd.Function):
+    """A scalar whose gradient w.r.t. ``inputs`` was computed in the forward pass.
+
+    The buffer is handed over (scaled in place) by the first backward, so that it is not held
+    twice; a second backward through the same loss raises.
+    """
+
+    @staticmethod
+    def forward(ctx, inputs: Tensor, value: Tensor, grad: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.grad = grad
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError("the chunked interaction loss supports one backward pass only")
+        ctx.grad = None
+        return grad.mul_(grad_output.to(grad.dtype)), None, None
+
+
+def _resolve_weights(
+    problem: _Problem,
+    kld: Tensor,
+    weights: Tensor | None,
+    strategy: str,
+    generator: torch.Generator | None,
+    matching_kwargs: dict | None,
+) -> Tensor:
+    """Matching weights ``[t_s, t_l]`` float32 on the hidden states' device."""
+    device = problem.student_hidden.device
+    shape = (problem.t_s, problem.t_l)
+    if problem.intermediate_op == "none":
+        return torch.zeros(shape, device=device)
+    if weights is not None:
+        if tuple(weights.shape) != shape:
+            raise ValueError(f"weights must be {list(shape)}, got {list(weights.shape)}")
+        return weights.detach().to(device=device, dtype=torch.float32)
+    return select_pairs(kld, strategy, generator=generator, **(matching_kwargs or {}))
+
+
+def _result(problem: _Problem, loss: Tensor, kld: Tensor, weights: Tensor, sums: Tensor) -> InteractionResult:
+    """Pack per-term sums ``[t_s + 1, t_l + 1]`` into means."""
+    means = sums / problem.n_tokens
+    pair_losses = (means[: problem.t_s, : problem.t_l] * (weights > 0)).float()
+    return InteractionResult(loss, kld, weights, pair_losses, float(means[problem.t_s, problem.t_l]))
+
+
+def interaction_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    student_logits_fn: LogitsFn,
+    teacher_logits_fn: LogitsFn,
+    *,
+    vocab_size: int,
+    strategy: str = "vlsi",
+    intermediate_op: str = "kld",
+    last_op: str = "kld",
+    divergence: str = "forward",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    generator: torch.Generator | None = None,
+    matching_kwargs: dict | None = None,
+    weights: Tensor | None = None,
+) -> InteractionResult:
+    """Chunked interaction loss; peak memory independent of the number of response tokens.
+
+    Args:
+        student_hidden: ``[t_s + 1, N, d_s]``: target-layer hidden states of the ``N`` response
+            tokens, then (index ``t_s``) the final-normed last hidden state. May require grad.
+        teacher_hidden: ``[t_l + 1, N, d_t]``, same layout; never receives gradient.
+        student_logits_fn, teacher_logits_fn: ``fn(index, h[n, d]) -> logits[n, >= V]`` with
+            frozen parameters (see the module docstring).
+        vocab_size: shared vocabulary ``V``; logits are cut to ``[..., :V]``.
+        strategy: matching strategy (:data:`vlsi.matching.STRATEGIES`); it also decides which
+            KLD entries the scoring pass computes.
+        intermediate_op, last_op: ``kld``, ``ce``, ``l2`` or ``none`` (term dropped).
+        divergence: ``forward`` (``KL(P_teacher || Q_student)``) or ``reverse``; used for the
+            scores and for the ``kld`` op.
+        chunk_size: response tokens per chunk (see :data:`DEFAULT_CHUNK_SIZE`).
+        generator: CPU generator for the sampling strategies.
+        matching_kwargs: extra :func:`vlsi.matching.select_pairs` arguments (scale, eps, k, ...).
+        weights: optional fixed ``[t_s, t_l]`` matching used instead of selecting one.
+
+    Returns:
+        :class:`InteractionResult`.
+    """
+    _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, chunk_size)
+    problem = _Problem(
+        student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
+        vocab_size, intermediate_op, last_op, divergence,
+    )
+    if problem.n_tokens == 0:
+        return _empty_result(problem)
+    needed = _needed(problem, strategy)
+    kld = _score_kld(problem, needed, chunk_size)
+    weights = _resolve_weights(problem, kld, weights, strategy, generator, matching_kwargs)
+    plan = _plan(problem, weights.cpu())
+
+    need_grad = student_hidden.requires_grad and torch.is_grad_enabled()
+    grad_buffer = torch.zeros_like(student_hidden) if need_grad else None
+    sums = _gradient_pass(problem, plan, chunk_size, grad_buffer)
+
+    terms = [(i, j, w) for i, group in plan.items() for j, w, _ in group]
+    value = sum((w * sums[i, j] for i, j, w in terms), torch.zeros((), dtype=torch.float64, device=sums.device))
+    value = (value / problem.n_tokens).to(problem.dtype)
+    loss = _PrecomputedGradient.apply(student_hidden, value, grad_buffer) if need_grad else value
+    return _result(problem, loss, kld, weights, sums)
+
+
+def naive_interaction_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    student_logits_fn: LogitsFn,
+    teacher_logits_fn: LogitsFn,
+    *,
+    vocab_size: int,
+    strategy: str = "vlsi",
+    intermediate_op: str = "kld",
+    last_op: str = "kld",
+    divergence: str = "forward",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    generator: torch.Generator | None = None,
+    matching_kwargs: dict | None = None,
+    weights: Tensor | None = None,
+) -> InteractionResult:
+    """Reference implementation with plain autograd over full ``[N, V]`` tensors.
+
+    Same arguments and result as :func:`interaction_loss` (``chunk_size`` is ignored). It
+    materialises float32 log-probs for every used layer at once (the student's with their
+    graphs), scores each needed KLD entry with its own per-pair KL as Algorithm 1 writes it
+    (without gradient: selection is not differentiable), selects (unless ``weights`` is given)
+    and sums the selected terms. Memory grows linearly with ``N``: use it for tests and
+    benchmarks.
+    """
+    del chunk_size
+    _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, 1)
+    problem = _Problem(
+        student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
+        vocab_size, intermediate_op, last_op, divergence,
+    )
+    if problem.n_tokens == 0:
+        return _empty_result(problem)
+    needed = _needed(problem, strategy)
+    score_rows = needed.any(dim=1).tolist() if problem.intermediate_op != "none" else [False] * problem.t_s
+    s_logp = {i: problem.student_logp(i, student_hidden[i]) for i in range(problem.t_s) if score_rows[i]}
+    t_logp = {j: problem.teacher_logp(j, teacher_hidden[j]) for j in range(problem.t_l) if needed[:, j].any()}
+
+    kld = torch.full((problem.t_s, problem.t_l), float("nan"), device=student_hidden.device)
+    for i, j in needed.nonzero().tolist():
+        kld[i, j] = pair_loss_logprobs("kld", t_logp[j], s_logp[i].detach(), divergence).mean().float()
+    weights = _resolve_weights(problem, kld, weights, strategy, generator, matching_kwargs)
+    plan = _plan(problem, weights.cpu())
+
+    sums = torch.zeros(problem.t_s + 1, problem.t_l + 1, dtype=torch.float64, device=student_hidden.device)
+    loss = (student_hidden.sum() * 0).to(problem.dtype)
+    for i, terms in plan.items():
+        if i not in s_logp:
+            s_logp[i] = problem.student_logp(i, student_hidden[i])
+        for j, weight, op in terms:
+            if j not in t_logp:
+                t_logp[j] = problem.teacher_logp(j, teacher_hidden[j])
+            mean = pair_loss_logprobs(op, t_logp[j], s_logp[i], divergence).mean()
+            sums[i, j] = mean.detach().to(torch.float64) * problem.n_tokens
+            loss = loss + weight * mean
+    return _result(problem, loss, kld, weights, sums)

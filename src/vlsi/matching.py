@@ -1,0 +1,225 @@
+"""Layer matching: which teacher target layer each student target layer learns from.
+
+The interaction step scores every (student layer i, teacher layer j) pair by
+``KLD[i, j]`` (mean over response tokens of the KL between their verbalized distributions) and
+picks pairs from that matrix. :func:`algorithm1` is the paper's Algorithm 1 (SPEC "Matching");
+:func:`select_pairs` is the single entry point for it and for the ablation strategies of the
+paper's Table 4e:
+
+===========================  ==========================================================
+strategy                     rule for student layer ``i``
+===========================  ==========================================================
+``random``                   one teacher layer uniformly at random among all ``t_l``
+``uniform``                  ``j = i * floor(t_l / t_s)``
+``bottom-k``                 weight ``1/k`` on each of the ``k`` smallest ``KLD[i, :]``
+``multinomial``              sample from ``softmax(-KLD[i, :] / temperature)``
+``multinomial+range``        same, restricted to ``[i, t_l - t_s + i]``, no order
+``multinomial+range+order``  Algorithm 1 with the fixed ``temperature``
+``vlsi`` (default)           Algorithm 1 with the adaptive temperature
+===========================  ==========================================================
+
+Selection is not differentiable and is computed on a detached CPU float64 copy of the (tiny)
+``[t_s, t_l]`` matrix, so a CPU ``torch.Generator`` makes it reproducible on every device.
+Strategies with a range read only entries inside it; :func:`needed_mask` says which entries a
+strategy reads, so that the scoring pass of :mod:`vlsi.interaction` computes only those.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+STRATEGIES = (
+    "random",
+    "uniform",
+    "bottom-k",
+    "multinomial",
+    "multinomial+range",
+    "multinomial+range+order",
+    "vlsi",
+)
+BANDED_STRATEGIES = ("multinomial+range", "multinomial+range+order", "vlsi")
+
+
+def _check_strategy(strategy: str) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown matching strategy {strategy!r}; supported: {', '.join(STRATEGIES)}")
+
+
+def _check_sizes(t_s: int, t_l: int) -> None:
+    if t_s < 1 or t_l < 1:
+        raise ValueError(f"need at least one target layer on each side, got t_s={t_s}, t_l={t_l}")
+    if t_s > t_l:
+        raise ValueError(
+            f"the student has more target layers than the teacher (t_s={t_s} > t_l={t_l}); "
+            "matching needs t_s <= t_l"
+        )
+
+
+def search_band_mask(t_s: int, t_l: int) -> Tensor:
+    """Entries any banded strategy may read: row ``i`` covers columns ``i .. t_l - t_s + i``.
+
+    With order preservation row ``i``'s band is ``[start, t_l - t_s + i]`` with ``start >= i``
+    (each earlier row consumed at least one column), so this mask covers it.
+
+    Returns:
+        BoolTensor ``[t_s, t_l]``.
+    """
+    _check_sizes(t_s, t_l)
+    rows = torch.arange(t_s).unsqueeze(1)
+    cols = torch.arange(t_l).unsqueeze(0)
+    return (cols >= rows) & (cols <= rows + (t_l - t_s))
+
+
+def _uniform_columns(t_s: int, t_l: int) -> Tensor:
+    """``j = i * floor(t_l / t_s)`` for every student layer ``i``; LongTensor ``[t_s]``."""
+    return torch.arange(t_s) * (t_l // t_s)
+
+
+def needed_mask(strategy: str, t_s: int, t_l: int) -> Tensor:
+    """Which ``KLD`` entries ``strategy`` reads; BoolTensor ``[t_s, t_l]``.
+
+    ``random`` reads none. ``uniform`` needs none to choose, but its chosen entries are fixed in
+    advance, so the scoring pass computes exactly those and their KLD is logged like the other
+    strategies'. Banded strategies read :func:`search_band_mask`; the others read all entries.
+    """
+    _check_strategy(strategy)
+    _check_sizes(t_s, t_l)
+    if strategy == "random":
+        return torch.zeros(t_s, t_l, dtype=torch.bool)
+    if strategy == "uniform":
+        mask = torch.zeros(t_s, t_l, dtype=torch.bool)
+        mask[torch.arange(t_s), _uniform_columns(t_s, t_l)] = True
+        return mask
+    if strategy in BANDED_STRATEGIES:
+        return search_band_mask(t_s, t_l)
+    return torch.ones(t_s, t_l, dtype=torch.bool)
+
+
+def algorithm1(
+    kld: Tensor,
+    *,
+    scale: float = 2.0,
+    eps: float = 1e-6,
+    temperature: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Paper Algorithm 1: ordered, banded, multinomial matching.
+
+    Args:
+        kld: ``[t_s, t_l]`` scores on CPU; only entries inside each row's band are read.
+        temperature: ``None`` for the paper's adaptive temperature
+            ``T = scale / (max(s) - min(s) + eps)``; a number for the fixed-temperature ablation.
+
+    Returns:
+        ``[t_s, t_l]`` with one 1 per row at strictly increasing columns.
+    """
+    t_s, t_l = kld.shape
+    W = torch.zeros(t_s, t_l, dtype=kld.dtype)
+    start = 0
+    for i in range(t_s):
+        band = torch.arange(start, t_l - t_s + i + 1)  # search range: leaves room for later layers
+        s = kld[i, band]
+        T = scale / (s.max() - s.min() + eps) if temperature is None else temperature
+        p = torch.softmax(-s / T, dim=0)
+        j = int(band[torch.multinomial(p, 1, generator=generator)])
+        W[i, j] = 1.0
+        start = j + 1  # order preservation: the next student layer matches a deeper layer
+    return W
+
+
+def _sample_rows(probs: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One-hot ``[t_s, t_l]`` with one column per row drawn from ``probs`` (rows sum to 1)."""
+    picks = torch.multinomial(probs, 1, generator=generator)
+    return torch.zeros_like(probs).scatter_(1, picks, 1.0)
+
+
+def _range_multinomial(kld: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """``multinomial+range``: row ``i`` samples inside ``[i, t_l - t_s + i]``, rows independent."""
+    t_s, t_l = kld.shape
+    W = torch.zeros(t_s, t_l, dtype=kld.dtype)
+    for i in range(t_s):
+        band = torch.arange(i, t_l - t_s + i + 1)
+        p = torch.softmax(-kld[i, band] / temperature, dim=0)
+        W[i, int(band[torch.multinomial(p, 1, generator=generator)])] = 1.0
+    return W
+
+
+def _bottom_k(kld: Tensor, k: int) -> Tensor:
+    """Weight ``1/k`` on the ``k`` smallest entries of each row."""
+    picks = torch.topk(kld, k, dim=1, largest=False).indices
+    return torch.zeros_like(kld).scatter_(1, picks, 1.0 / k)
+
+
+def _check_scores(scores: Tensor, strategy: str) -> None:
+    """The entries a strategy reads must be finite: a NaN there is a bug upstream.
+
+    ``uniform`` and ``random`` choose without looking at the scores, so they accept anything.
+    """
+    if strategy in ("uniform", "random"):
+        return
+    t_s, t_l = scores.shape
+    bad = needed_mask(strategy, t_s, t_l) & ~torch.isfinite(scores)
+    if bad.any():
+        i, j = (int(x) for x in bad.nonzero()[0])
+        raise ValueError(f"KLD[{i}, {j}] = {scores[i, j].item()} is not finite but {strategy!r} reads it")
+
+
+def _check_arguments(strategy: str, t_l: int, scale: float, k: int, temperature: float) -> None:
+    if strategy == "bottom-k" and not 1 <= k <= t_l:
+        raise ValueError(f"bottom-k needs 1 <= k <= t_l={t_l}, got k={k}")
+    if strategy in ("multinomial", "multinomial+range", "multinomial+range+order") and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if strategy == "vlsi" and scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+
+
+def select_pairs(
+    kld: Tensor,
+    strategy: str = "vlsi",
+    *,
+    scale: float = 2.0,
+    eps: float = 1e-6,
+    k: int = 3,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Choose teacher layers for every student layer from the KLD score matrix.
+
+    Args:
+        kld: ``[t_s, t_l]`` mean KL scores, ``t_s <= t_l``. Entries the strategy does not read
+            (see :func:`needed_mask`) may hold anything, NaN and inf included.
+        strategy: one of :data:`STRATEGIES`.
+        scale, eps: adaptive temperature of ``vlsi``.
+        k: number of pairs per row for ``bottom-k``.
+        temperature: fixed temperature of the ``multinomial*`` strategies.
+        generator: CPU generator for the random strategies; same seed, same pairs.
+
+    Returns:
+        float32 ``[t_s, t_l]`` on ``kld``'s device, rows summing to 1 (weight of each pair).
+    """
+    _check_strategy(strategy)
+    if kld.dim() != 2:
+        raise ValueError(f"kld must be 2-D [t_s, t_l], got shape {tuple(kld.shape)}")
+    t_s, t_l = kld.shape
+    _check_sizes(t_s, t_l)
+    _check_arguments(strategy, t_l, scale, k, temperature)
+    scores = kld.detach().to("cpu", torch.float64)
+    _check_scores(scores, strategy)
+
+    if strategy == "random":
+        weights = _sample_rows(torch.full((t_s, t_l), 1.0 / t_l, dtype=torch.float64), generator)
+    elif strategy == "uniform":
+        weights = torch.zeros(t_s, t_l, dtype=torch.float64)
+        weights[torch.arange(t_s), _uniform_columns(t_s, t_l)] = 1.0
+    elif strategy == "bottom-k":
+        weights = _bottom_k(scores, k)
+    elif strategy == "multinomial":
+        weights = _sample_rows(torch.softmax(-scores / temperature, dim=1), generator)
+    elif strategy == "multinomial+range":
+        weights = _range_multinomial(scores, temperature, generator)
+    elif strategy == "multinomial+range+order":
+        weights = algorithm1(scores, temperature=temperature, generator=generator)
+    else:
+        weights = algorithm1(scores, scale=scale, eps=eps, generator=generator)
+    return weights.to(device=kld.device, dtype=torch.float32)
