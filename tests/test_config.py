@@ -1,0 +1,75 @@
+"""Run configuration: YAML validated at load, errors name the key."""
+
+import pytest
+import yaml
+
+from vlsi.config import ConfigError, RunConfig, dump_config, load_config
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data) if not isinstance(data, str) else data)
+    return path
+
+
+BASE = {"teacher": "t", "student": "s", "output_dir": "out", "data": {"train": ["train.json"]}}
+
+
+def test_paper_defaults(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE))
+    assert cfg.interaction.strategy == "vlsi" and cfg.interaction.scale == 2.0
+    assert (cfg.lora.r, cfg.lora.alpha) == (64, 64)
+    t = cfg.stage("interact")
+    assert (t.learning_rate, t.min_learning_rate) == (1e-4, 1e-6)
+    assert t.gradient_accumulation_steps == 16 and t.per_device_train_batch_size == 4
+    assert t.gradient_checkpointing and t.bf16 == "auto"
+
+
+def test_stage_overrides_merge_over_training(tmp_path):
+    data = {**BASE, "training": {"learning_rate": "2e-4", "max_steps": 50}, "sft": {"max_steps": 7}}
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.stage("sft").max_steps == 7 and cfg.stage("sft").learning_rate == 2e-4
+    assert cfg.stage("verbalize").max_steps == 50
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"interaction": {"stratgy": "vlsi"}}, r"^interaction\.stratgy: unknown key"),
+    ({"colour": 1}, r"^colour: unknown key"),
+    ({"interaction": {"strategy": "greedy"}}, r"^interaction\.strategy: 'greedy' is not one of"),
+    ({"interaction": {"scale": 0}}, r"^interaction\.scale must be > 0"),
+    ({"interaction": {"intermediate_op": "none", "last_op": "none"}}, "nothing to train"),
+    ({"lora": {"r": -4}}, r"^lora\.r must be > 0"),
+    ({"lora": {"dropout": 1.5}}, r"^lora\.dropout"),
+    ({"training": {"learning_rate": "fast"}}, r"^training\.learning_rate: expected a number"),
+    ({"training": {"max_steps": 0}}, r"^training\.max_steps"),
+    ({"training": {"min_learning_rate": 1.0}}, r"^training\.min_learning_rate"),
+    ({"sft": {"per_device_train_batch_size": 0}}, r"^sft\.per_device_train_batch_size must be > 0"),
+    ({"sft": {"lr": 1e-4}}, r"^sft\.lr: unknown key"),
+    ({"verbalizer": {"architecture": "lstm"}}, r"^verbalizer\.architecture"),
+    ({"verbalizer": {"teacher_layers": [1, "x"]}}, r"^verbalizer\.teacher_layers\[1\]: expected an integer"),
+    ({"data": {"train": []}}, r"^data\.train: at least one"),
+    ({"data": {"train": ["a"], "min_pixels": 100, "max_pixels": 10}}, r"^data\.min_pixels"),
+    ({"teacher": ""}, r"^teacher: required"),
+    ({"training": {"bf16": "sometimes"}}, r"^training\.bf16"),
+])
+def test_invalid_values_name_the_key(tmp_path, patch, message):
+    data = {**BASE, **patch}
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, data))
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(_write(tmp_path, "teacher: [unclosed"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(_write(tmp_path, "- a\n- b\n"))
+
+
+def test_dotted_overrides_and_dump_roundtrip(tmp_path):
+    cfg = load_config(_write(tmp_path, BASE), {"interaction.strategy": "uniform", "training.max_steps": 3})
+    assert cfg.interaction.strategy == "uniform" and cfg.stage("sft").max_steps == 3
+    again = load_config(_write(tmp_path, dump_config(cfg)))
+    assert again == cfg
+    assert isinstance(again, RunConfig)
