@@ -1,0 +1,1 @@
+"""The three VLsI training stages (verbalize, interact, sft) and the whole-run driver."""

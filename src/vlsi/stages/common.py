@@ -1,0 +1,247 @@
+"""What the three training stages share: arguments, data, checkpoints, fault handling, logging.
+
+Each stage (``verbalize``, ``interact``, ``sft``) is a thin ``transformers.Trainer`` subclass
+that overrides the loss; accumulation, distribution (accelerate: DDP, DeepSpeed, FSDP),
+checkpointing and logging stay transformers'. This module adds, as a mixin and callbacks:
+
+* :func:`training_arguments`: a stage's :class:`vlsi.config.TrainingConfig` mapped onto
+  ``TrainingArguments`` (AdamW, ``cosine_with_min_lr``, bf16 when the hardware has it,
+  TensorBoard logs written locally, ``remove_unused_columns=False`` for the collator).
+* :class:`VlsiTrainerMixin`:
+    - atomic checkpoints: a checkpoint is written under ``OUT/.partial/`` and renamed to
+      ``OUT/checkpoint-N`` only when complete, so a kill never leaves a half-written
+      ``checkpoint-N`` that ``--resume`` would pick;
+    - non-finite losses: the micro-batch is skipped (no backward) and counted; after
+      ``max_consecutive_nonfinite`` in a row the run stops with a one-line error, the last good
+      checkpoint kept. All processes agree on the decision, so DDP never hangs on it.
+* :class:`MetricsJsonlCallback`: every log line also goes to ``OUT/metrics.jsonl``.
+* :class:`LossProgressCallback`: the progress bar shows the latest loss beside the ETA.
+* :func:`latest_checkpoint`: the newest complete checkpoint of a run, for ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
+
+from vlsi.backbones import ImageEncoder, load_tokenizer
+from vlsi.config import DataConfig, TrainingConfig
+from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
+from vlsi.errors import VlsiError
+
+PARTIAL_DIR = ".partial"
+
+
+def bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def training_arguments(
+    tcfg: TrainingConfig,
+    output_dir: str | Path,
+    *,
+    gradient_checkpointing: bool | None = None,
+    **overrides: Any,
+) -> TrainingArguments:
+    """``TrainingArguments`` for one stage from its merged :class:`TrainingConfig`.
+
+    ``gradient_checkpointing`` overrides the config (the verbalization stage never needs it:
+    its backbone runs under ``no_grad``).
+    """
+    bf16 = bf16_available() if tcfg.bf16 == "auto" else bool(tcfg.bf16)
+    if bf16 and not bf16_available():
+        raise VlsiError("training.bf16 is true but this machine has no bf16-capable GPU (use 'auto')")
+    use_gc = tcfg.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        learning_rate=tcfg.learning_rate,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": tcfg.min_learning_rate},
+        optim="adamw_torch",
+        num_train_epochs=tcfg.num_train_epochs,
+        max_steps=tcfg.max_steps,
+        per_device_train_batch_size=tcfg.per_device_train_batch_size,
+        gradient_accumulation_steps=tcfg.gradient_accumulation_steps,
+        warmup_ratio=tcfg.warmup_ratio,
+        weight_decay=tcfg.weight_decay,
+        max_grad_norm=tcfg.max_grad_norm,
+        gradient_checkpointing=use_gc,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if use_gc else None,
+        bf16=bf16,
+        logging_steps=tcfg.logging_steps,
+        logging_dir=str(Path(output_dir) / "tensorboard"),
+        save_strategy="steps",
+        save_steps=tcfg.save_steps,
+        save_total_limit=tcfg.save_total_limit,
+        seed=tcfg.seed,
+        data_seed=tcfg.seed,
+        dataloader_num_workers=tcfg.dataloader_num_workers,
+        remove_unused_columns=False,  # the collator needs num_image_tokens
+        report_to=["tensorboard"],
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def load_training_data(
+    data: DataConfig, model_dir: str | Path, *, split: str = "train"
+) -> tuple[VisualInstructionDataset, VisionLanguageCollator, Any]:
+    """Dataset, collator and tokenizer for ``split`` ("train" or "eval") with ``model_dir``'s
+    tokenizer, chat template and image processor."""
+    files = data.train if split == "train" else data.eval
+    tokenizer = load_tokenizer(model_dir)
+    images = ImageEncoder.from_pretrained(model_dir, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
+    dataset = VisualInstructionDataset.from_files(
+        files, tokenizer, images, image_root=data.image_root, max_length=data.max_length, strict=data.strict
+    )
+    collator = VisionLanguageCollator.for_tokenizer(images.family, tokenizer)
+    return dataset, collator, tokenizer
+
+
+def latest_checkpoint(output_dir: str | Path) -> str | None:
+    """Newest complete ``checkpoint-N`` in ``output_dir`` (partial ones never match)."""
+    d = Path(output_dir)
+    return get_last_checkpoint(str(d)) if d.is_dir() else None
+
+
+class NonFiniteLossError(VlsiError):
+    """Too many non-finite losses in a row."""
+
+
+class VlsiTrainerMixin:
+    """Atomic checkpoints and non-finite-loss skipping for a ``transformers.Trainer``.
+
+    Put it first in the bases: ``class MyTrainer(VlsiTrainerMixin, Trainer)`` and override
+    :meth:`stage_loss` (not ``compute_loss``). Pass ``max_consecutive_nonfinite`` from the
+    stage config.
+    """
+
+    max_consecutive_nonfinite: int = 5
+
+    def __init__(self, *args: Any, max_consecutive_nonfinite: int = 5, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.nonfinite_skipped = 0
+        self._nonfinite_in_a_row = 0
+
+    # -- non-finite losses --------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        """The stage's loss, with non-finite training losses replaced by a zero.
+
+        The zero touches every trainable parameter (``(p * 0).sum()``), so DDP's gradient
+        reduction still sees them and no process waits for the others; it adds nothing to the
+        gradients. Stage trainers implement :meth:`stage_loss` instead of ``compute_loss``.
+        """
+        out = self.stage_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not model.training:
+            return out
+        loss = out[0] if return_outputs else out
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
+        if finite.item() == 1.0:
+            self._nonfinite_in_a_row = 0
+            return out
+        self.nonfinite_skipped += 1
+        self._nonfinite_in_a_row += 1
+        self.log({"nonfinite_skipped": float(self.nonfinite_skipped)})
+        if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_a_row} non-finite losses in a row at step "
+                f"{self.state.global_step}; stopping (last good checkpoint kept in "
+                f"{self.args.output_dir}). Lower the learning rate or check the data."
+            )
+        zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+        zero = zero if isinstance(zero, torch.Tensor) else torch.zeros((), device=loss.device)
+        return (zero, out[1]) if return_outputs else zero
+
+    def stage_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The stage's own loss; defaults to the model's (next-token loss with labels)."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    # -- atomic checkpoints -------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial):  # type: ignore[override]
+        """Write ``checkpoint-N`` under ``.partial/``, then rename it into place."""
+        run_dir = Path(self._get_output_dir(trial=trial))
+        partial_root = run_dir / PARTIAL_DIR
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(partial_root / name, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        original = self._get_output_dir
+        self._get_output_dir = lambda trial=None: str(partial_root)  # type: ignore[method-assign]
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._get_output_dir = original  # type: ignore[method-assign]
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = run_dir / name
+            if final.exists():  # a re-save of the same step (resumed run): replace it whole
+                shutil.rmtree(final)
+            os.replace(partial_root / name, final)
+            _fsync_dir(run_dir)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class MetricsJsonlCallback(TrainerCallback):
+    """Append every log record (step, epoch, loss, learning rate, ...) to ``metrics.jsonl``."""
+
+    def __init__(self, path: str | Path, stage: str):
+        self.path = Path(path)
+        self.stage = stage
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        record = {"stage": self.stage, "step": state.global_step, "epoch": state.epoch}
+        record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))
+                       and not (isinstance(v, float) and math.isnan(v))})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class LossProgressCallback(ProgressCallback):
+    """transformers' progress bar (steps, ETA) with the latest loss as its postfix."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            shown = {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "learning_rate", "grad_norm")}
+            if shown:
+                self.training_bar.set_postfix(shown, refresh=False)
+
+
+def stage_callbacks(output_dir: str | Path, stage: str) -> list[TrainerCallback]:
+    return [MetricsJsonlCallback(Path(output_dir) / "metrics.jsonl", stage)]
+
+
+def use_loss_progress_bar(trainer: Any) -> None:
+    """Swap the Trainer's default progress bar for :class:`LossProgressCallback`."""
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LossProgressCallback())
