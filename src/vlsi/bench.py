@@ -290,11 +290,20 @@ def _ratios(rows: list[dict]) -> None:
             row["ratio_kind"] = naive["status"]
 
 
-def _summary(rows: list[dict]) -> dict:
-    peaks = [r["chunked"]["peak_bytes"] for r in rows if r["chunked"]["status"] == "measured"]
+def _spread(peaks: list[int]) -> float | None:
+    return (max(peaks) / min(peaks) - 1.0) if peaks and min(peaks) > 0 else None
+
+
+def _summary(rows: list[dict], chunk_size: int) -> dict:
+    """Spread of the chunked peak (all sizes, and sizes of at least one full chunk: below one
+    chunk the working set is smaller by construction) and the worst measured time ratio."""
+    measured = [r for r in rows if r["chunked"]["status"] == "measured"]
+    full = [r["chunked"]["peak_bytes"] for r in measured if r["tokens"] >= chunk_size]
     measured_time = [r["time_ratio"] for r in rows if r.get("ratio_kind") == "measured"]
     return {
-        "chunked_peak_spread": (max(peaks) / min(peaks) - 1.0) if peaks and min(peaks) > 0 else None,
+        "chunked_peak_spread": _spread([r["chunked"]["peak_bytes"] for r in measured]),
+        "chunked_peak_spread_full_chunks": _spread(full),
+        "full_chunk_tokens": [r["tokens"] for r in measured if r["tokens"] >= chunk_size],
         "worst_measured_time_ratio": min(measured_time) if measured_time else None,
     }
 
@@ -320,6 +329,9 @@ def format_table(report: dict) -> str:
     s = report["summary"]
     if s["chunked_peak_spread"] is not None:
         lines.append(f"chunked peak spread over token counts: {100 * s['chunked_peak_spread']:.1f}%")
+    if s.get("chunked_peak_spread_full_chunks") is not None:
+        lines.append(f"chunked peak spread over token counts >= one chunk {s['full_chunk_tokens']}: "
+                     f"{100 * s['chunked_peak_spread_full_chunks']:.2f}%")
     lines.append("n/c = naive / chunked; 'extrapolated' rows use a linear fit of the measured naive runs")
     return "\n".join(lines)
 
@@ -395,7 +407,7 @@ def run_loss_benchmark(
                    "minus RSS just before the loss; CUDA: max_memory_allocated minus memory_allocated"),
         "results": rows,
         "naive_fit": fit,
-        "summary": _summary(rows),
+        "summary": _summary(rows, config["chunk_size"]),
     }
     if verbose:
         print(format_table(report))
