@@ -6,6 +6,15 @@
     vlsi bench loss [...]                     chunked vs naive interaction-loss benchmark
     vlsi demo                                 the smallest end-to-end run (see ``vlsi.demo``)
 
+Training (CONFIG is a run's YAML file, see ``vlsi.config``; ``--set a.b=value`` overrides a key,
+the value read as YAML; default directories follow the ``vlsi distill`` layout under the
+config's ``output_dir``, see ``vlsi.stages.distill``):
+
+    vlsi verbalize CONFIG --role {teacher,student} [--out DIR] [--resume]
+    vlsi interact CONFIG [--teacher-verbalizers DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
+    vlsi sft CONFIG [--adapter DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
+    vlsi distill CONFIG [--no-resume]           all four steps into one output directory
+
 User errors (:class:`vlsi.errors.VlsiError`) print one line, ``error: ...``, and exit with 2.
 """
 
@@ -14,6 +23,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from vlsi import __version__
 from vlsi.errors import VlsiError
@@ -36,6 +49,102 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from vlsi.demo import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed)
+
+
+def _load_config(args: argparse.Namespace):
+    from vlsi.config import load_config
+
+    return load_config(args.config, parse_overrides(args.set))
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["training.max_steps=10", "data.train=[a.json]"]`` -> ``{key: YAML-parsed value}``."""
+    overrides: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise VlsiError(f"--set {item!r}: expected KEY=VALUE, e.g. training.max_steps=100")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise VlsiError(f"--set {item!r}: the value is not valid YAML") from None
+    return overrides
+
+
+def _existing_dir(path: Path, what: str, hint: str) -> Path:
+    if not path.is_dir():
+        raise VlsiError(f"{what} not found: {path} ({hint})")
+    return path
+
+
+def _cmd_verbalize(args: argparse.Namespace) -> None:
+    from vlsi.stages.distill import layout
+    from vlsi.stages.verbalize import run_verbalize
+
+    cfg = _load_config(args)
+    run = layout(cfg)
+    out = Path(args.out) if args.out else run.verbalize_dir(args.role)
+    print(f"verbalize ({args.role}): {run_verbalize(cfg, args.role, out, resume=args.resume)}")
+
+
+def _cmd_interact(args: argparse.Namespace) -> None:
+    from vlsi.stages.distill import layout
+    from vlsi.stages.interact import run_interact
+
+    cfg = _load_config(args)
+    run = layout(cfg)
+    teacher = _existing_dir(Path(args.teacher_verbalizers or run.teacher_verbalize), "teacher verbalizers",
+                           "run `vlsi verbalize CONFIG --role teacher` or pass --teacher-verbalizers")
+    student = _existing_dir(Path(args.student_verbalizers or run.student_verbalize), "student verbalizers",
+                           "run `vlsi verbalize CONFIG --role student` or pass --student-verbalizers")
+    out = Path(args.out) if args.out else run.interact
+    result = run_interact(cfg, out, teacher_verbalizers=teacher, student_verbalizers=student,
+                          resume=args.resume)
+    print(f"interact: {result}")
+
+
+def _cmd_sft(args: argparse.Namespace) -> None:
+    from vlsi.stages.distill import layout
+    from vlsi.stages.sft import run_sft
+
+    cfg = _load_config(args)
+    run = layout(cfg)
+    if args.adapter:
+        adapter: Path | None = _existing_dir(Path(args.adapter), "LoRA adapter", "check --adapter")
+    elif run.interact_adapter.is_dir():
+        adapter = run.interact_adapter
+    else:
+        adapter = None
+        print(f"sft: no interaction adapter at {run.interact_adapter}; training a fresh LoRA")
+    if args.student_verbalizers:
+        verbalizers: Path | None = _existing_dir(Path(args.student_verbalizers), "student verbalizers",
+                                                 "check --student-verbalizers")
+    elif run.student_verbalize.is_dir():
+        verbalizers = run.student_verbalize
+    else:
+        verbalizers = None
+        print(f"sft: no student verbalizers at {run.student_verbalize}; exporting the model alone")
+    out = Path(args.out) if args.out else run.sft
+    model_dir = run_sft(cfg, out, adapter=adapter, student_verbalizers=verbalizers, resume=args.resume)
+    print(f"sft: exported {model_dir}")
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from vlsi.stages.distill import run_distill
+
+    run_distill(_load_config(args), resume=args.resume)
+
+
+def _add_run_args(parser: argparse.ArgumentParser, *, out: bool = True) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="the run's YAML config")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                        help="override a config key (value read as YAML), e.g. training.max_steps=10; "
+                             "repeatable")
+    if out:
+        parser.add_argument("--out", metavar="DIR", help="output directory (default: the distill layout "
+                                                         "under the config's output_dir)")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue from the newest checkpoint in the output directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +177,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+
+    verbalize = sub.add_parser("verbalize", help="step 1: train one backbone's verbalizers")
+    _add_run_args(verbalize)
+    verbalize.add_argument("--role", required=True, choices=["teacher", "student"])
+    verbalize.set_defaults(func=_cmd_verbalize)
+
+    interact = sub.add_parser("interact", help="step 2: layer-matched interaction (LoRA on the student)")
+    _add_run_args(interact)
+    interact.add_argument("--teacher-verbalizers", metavar="DIR",
+                          help="default: OUTPUT_DIR/1-teacher-verbalize")
+    interact.add_argument("--student-verbalizers", metavar="DIR",
+                          help="default: OUTPUT_DIR/2-student-verbalize")
+    interact.set_defaults(func=_cmd_interact)
+
+    sft = sub.add_parser("sft", help="step 3: next-token SFT of the student, then export")
+    _add_run_args(sft)
+    sft.add_argument("--adapter", metavar="DIR",
+                     help="LoRA adapter to continue (default: OUTPUT_DIR/3-interact/adapter if it "
+                          "exists, else a fresh LoRA)")
+    sft.add_argument("--student-verbalizers", metavar="DIR",
+                     help="verbalizers exported beside the model (default: "
+                          "OUTPUT_DIR/2-student-verbalize if it exists)")
+    sft.set_defaults(func=_cmd_sft)
+
+    distill = sub.add_parser("distill", help="the whole pipeline: both verbalizations, interaction, SFT")
+    _add_run_args(distill, out=False)
+    distill.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                         help="continue unfinished steps from their newest checkpoint (default); "
+                              "--no-resume restarts them from scratch. Finished steps never rerun.")
+    distill.set_defaults(func=_cmd_distill)
     return parser
 
 
