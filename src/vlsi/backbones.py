@@ -160,7 +160,9 @@ class Backbone:
 
     @property
     def vocab_size(self) -> int:
-        return int(self.lm_head.weight.shape[0])
+        # DeepSpeed ZeRO-3 partitions the weight to shape [0]; ds_shape keeps the real one.
+        weight = self.lm_head.weight
+        return int(getattr(weight, "ds_shape", weight.shape)[0])
 
     @property
     def decoder_layer_class(self) -> type[nn.Module]:

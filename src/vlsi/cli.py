@@ -119,7 +119,7 @@ def _cmd_sft(args: argparse.Namespace) -> None:
     if args.student_verbalizers:
         verbalizers: Path | None = _existing_dir(Path(args.student_verbalizers), "student verbalizers",
                                                  "check --student-verbalizers")
-    elif run.student_verbalize.is_dir():
+    elif (run.student_verbalize / "verbalizers.json").is_file():
         verbalizers = run.student_verbalize
     else:
         verbalizers = None

@@ -6,7 +6,8 @@ checkpointing and logging stay transformers'. This module adds, as a mixin and c
 
 * :func:`training_arguments`: a stage's :class:`vlsi.config.TrainingConfig` mapped onto
   ``TrainingArguments`` (AdamW, ``cosine_with_min_lr``, bf16 when the hardware has it,
-  TensorBoard logs written locally, ``remove_unused_columns=False`` for the collator).
+  TensorBoard event files under ``OUT/runs/`` (transformers' default; set
+  ``TENSORBOARD_LOGGING_DIR`` to move them), ``remove_unused_columns=False`` for the collator).
 * :class:`VlsiTrainerMixin`:
     - atomic checkpoints: a checkpoint is written under ``OUT/.partial/`` and renamed to
       ``OUT/checkpoint-N`` only when complete, so a kill never leaves a half-written
@@ -74,8 +75,8 @@ def training_arguments(
         warmup_steps=tcfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio
         weight_decay=tcfg.weight_decay,
         max_grad_norm=tcfg.max_grad_norm,
-        gradient_checkpointing=use_gc,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if use_gc else None,
+        activation_checkpointing=use_gc,
+        activation_checkpointing_kwargs={"use_reentrant": False} if use_gc else None,
         bf16=bf16,
         logging_steps=tcfg.logging_steps,
         save_strategy="steps",

@@ -1,0 +1,223 @@
+"""SFT step and export: the loss, a short run on the tiny pair, and the exported checkpoint
+loaded and used by plain transformers in a process where this package cannot be imported."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlsi.backbones import load_backbone, load_model
+from vlsi.data import IGNORE_INDEX
+from vlsi.errors import VlsiError
+from vlsi.stages.common import load_training_data, training_arguments
+from vlsi.stages.sft import SFTTrainer, run_sft, student_with_lora
+from vlsi.verbalizer import VerbalizerSet
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def sft_run(tmp_path_factory, tiny_config, tiny_pair):
+    """Four SFT steps from a fresh LoRA, with (untrained) student verbalizers to export."""
+    root = tmp_path_factory.mktemp("sft")
+    cfg = tiny_config(root, **{"sft.max_steps": 4, "sft.save_steps": 2})
+    verbalizers = VerbalizerSet(load_backbone(cfg.student)).save(root / "student-verbalizers")
+    model_dir = run_sft(cfg, root / "4-sft", student_verbalizers=verbalizers)
+    return cfg, root / "4-sft", model_dir
+
+
+def test_sft_loss_is_mean_over_response_tokens(tiny_config, tmp_path):
+    cfg = tiny_config(tmp_path)
+    dataset, collator, _ = load_training_data(cfg.data, cfg.student)
+    model = student_with_lora(cfg)
+    trainer = SFTTrainer(model=model, args=training_arguments(cfg.stage("sft"), tmp_path, report_to=[]),
+                         train_dataset=dataset, data_collator=collator)
+    batch = collator([dataset[i] for i in range(3)])
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        target = labels[:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+        n_response = int((target != IGNORE_INDEX).sum())
+        expected = token_loss.sum() / n_response
+        # as the Trainer calls it: num_items_in_batch = supervised next-token labels
+        got = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(n_response))
+        plain = trainer.compute_loss(model, dict(batch))
+    assert 0 < n_response < target.numel()  # prompt, image and padding tokens are not counted
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, expected, rtol=1e-5, atol=1e-6)
+    # Over an accumulated batch the token count is the whole batch's: sum over micro-batches
+    # of their token losses divided by the total equals the mean over all response tokens.
+    doubled = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(2 * n_response))
+    torch.testing.assert_close(doubled, expected / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_run_writes_checkpoints_metrics_and_export(sft_run):
+    _, out, model_dir = sft_run
+    assert model_dir == out / "model"
+    done = json.loads((out / "step_complete.json").read_text())
+    assert done["stage"] == "sft" and done["global_step"] == 4 and done["nonfinite_skipped"] == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4] and all(r["stage"] == "sft" for r in records)
+    assert list(out.glob("runs/*/events.out.tfevents.*")), "no TensorBoard log"
+
+    names = {p.name for p in model_dir.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json",
+            "verbalizers"} <= names
+    assert "adapter_config.json" not in names and not any(n.startswith(".") for n in names)
+    assert {p.name for p in (model_dir / "verbalizers").iterdir()} == {
+        "verbalizers.safetensors", "verbalizers.json"}
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2VLForConditionalGeneration"] and "auto_map" not in config
+    assert not list(out.glob(".model*")), "temporary export directory left behind"
+
+
+def test_export_merges_lora_into_language_model_only(sft_run):
+    cfg, out, model_dir = sft_run
+    base = load_file(str(Path(cfg.student) / "model.safetensors"))
+    merged = load_file(str(model_dir / "model.safetensors"))
+    assert base.keys() == merged.keys()  # same architecture, no adapter tensors
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed, "merged weights equal the base weights: LoRA did not train or merge"
+    # Qwen2-VL's file layout: the language model under "model.layers", vision under "visual"
+    lm_linear = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight")
+    assert all(lm_linear.fullmatch(k) for k in changed), sorted(changed)
+    assert any("q_proj" in k for k in changed) and any("down_proj" in k for k in changed)
+
+
+def test_exported_model_computes_what_the_adapter_does(sft_run, tiny_config):
+    """The merged checkpoint's forward equals the base student + saved adapter's forward."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    cfg, out, model_dir = sft_run
+    dataset, collator, _ = load_training_data(cfg.data, cfg.student)
+    batch = collator([dataset[i] for i in range(2)])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with_adapter = PeftModel.from_pretrained(load_model(cfg.student), str(out / "adapter")).eval()
+    exported = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**inputs).logits, with_adapter(**inputs).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
+# Run with `python -I -S`: isolated (no PYTHON* variables, no user site, no cwd on sys.path) and
+# without `site`, so the editable install's .pth file that puts src/ on sys.path is never read.
+# Only the venv's site-packages is added back by hand, hence transformers, torch and PIL import
+# and `vlsi` provably cannot (find_spec is None), and the model is loaded from a copy outside
+# the repository.
+_CLEAN_LOAD = r"""
+import importlib.util, json, sys
+site_packages, model_dir, image_path = sys.argv[1:4]
+sys.path.append(site_packages)
+assert importlib.util.find_spec("vlsi") is None, "vlsi is importable"
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+model = AutoModelForImageTextToText.from_pretrained(model_dir)
+tokenizer = AutoTokenizer.from_pretrained(model_dir)
+images = AutoImageProcessor.from_pretrained(model_dir, backend="pil")
+messages = [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": "What colour is the shape?"}]}]
+text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+pixels = images(images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+n = int(pixels["image_grid_thw"].prod()) // images.merge_size ** 2
+text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
+enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+mm_token_type_ids = (enc["input_ids"] == model.config.image_token_id).long()
+out = model.generate(**enc, mm_token_type_ids=mm_token_type_ids, **pixels,
+                     max_new_tokens=4, min_new_tokens=4, do_sample=False)
+new = out[0, enc["input_ids"].shape[1]:].tolist()
+print(json.dumps({"class": type(model).__name__, "image_tokens": n, "new_tokens": new,
+                  "vlsi_imported": any(m.split(".")[0] == "vlsi" for m in sys.modules)}))
+"""
+
+
+def test_export_loads_and_generates_without_this_package(sft_run, synth_dir, cli_env, tmp_path):
+    _, _, model_dir = sft_run
+    copy = shutil.copytree(model_dir, tmp_path / "exported")
+    site_packages = next(p for p in site.getsitepackages() if Path(p, "transformers").is_dir())
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _CLEAN_LOAD, site_packages, str(copy),
+         str(synth_dir / "images" / "train-000000.png")],
+        cwd=tmp_path, env=cli_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["class"] == "Qwen2VLForConditionalGeneration"
+    assert result["image_tokens"] > 0 and len(result["new_tokens"]) == 4
+    assert result["vlsi_imported"] is False
+
+
+def test_sft_continues_an_interaction_adapter(tiny_config, tmp_path):
+    """A saved adapter is loaded trainable, values intact; only its LoRA weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = tiny_config(tmp_path)
+    backbone = load_backbone(cfg.student)
+    peft = get_peft_model(backbone.model, LoraConfig(r=4, lora_alpha=8,
+                                                     target_modules=backbone.lora_target_modules))
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    peft.save_pretrained(tmp_path / "adapter")
+    saved = {k: v.clone() for k, v in peft.state_dict().items() if "lora_" in k}
+
+    model = student_with_lora(cfg, tmp_path / "adapter")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)
+    state = model.state_dict()
+    for key, value in saved.items():
+        torch.testing.assert_close(state[key], value)
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).shape[0] == 4  # its rank
+
+
+def test_sft_refuses_to_mix_with_an_earlier_run(tiny_config, tmp_path):
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
+    with pytest.raises(VlsiError, match="--resume"):
+        run_sft(tiny_config(tmp_path), tmp_path / "out")
+
+
+def test_sft_checks_its_inputs_before_training(tiny_config, tmp_path):
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(VlsiError, match="student verbalizers not found"):
+        run_sft(cfg, tmp_path / "a", student_verbalizers=tmp_path / "missing")
+    with pytest.raises(VlsiError, match="LoRA adapter not found"):
+        run_sft(cfg, tmp_path / "b", adapter=tmp_path / "missing")
+
+
+def test_llava_onevision_student_exports(tmp_path, tiny_config, tiny_pair):
+    """The other family: LLaVA-OneVision's checkpoint layout and image processor export too."""
+    from peft import PeftModel
+    from transformers import AutoImageProcessor, AutoModelForImageTextToText
+
+    pair = tiny_pair("llava_onevision")
+    cfg = tiny_config(tmp_path, teacher=str(pair.teacher), student=str(pair.student),
+                      **{"sft.max_steps": 2, "sft.save_steps": 2})
+    model_dir = run_sft(cfg, tmp_path / "4-sft")
+    exported = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+    assert type(exported).__name__ == "LlavaOnevisionForConditionalGeneration"
+    assert AutoImageProcessor.from_pretrained(model_dir, backend="pil").image_grid_pinpoints
+    dataset, collator, _ = load_training_data(cfg.data, cfg.student)
+    batch = collator([dataset[0]])
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    adapter = str(tmp_path / "4-sft" / "adapter")
+    with_adapter = PeftModel.from_pretrained(load_model(cfg.student), adapter).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(exported(**inputs).logits, with_adapter(**inputs).logits,
+                                   rtol=1e-4, atol=1e-4)
