@@ -16,7 +16,7 @@ from vlsi.backbones import (
     load_tokenizer,
 )
 from vlsi.errors import VlsiError
-from vlsi.tiny import STUDENT, TEACHER, save_tiny_pair
+from vlsi.tiny import TEACHER, save_tiny_pair
 
 FAMILY_NAMES = sorted(FAMILIES)
 

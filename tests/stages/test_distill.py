@@ -12,12 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-try:
-    import vlsi.stages.interact  # noqa: F401
-    import vlsi.stages.verbalize  # noqa: F401
-except ImportError as err:  # the verbalization and interaction stages are written separately
-    pytest.skip(f"vlsi.stages.verbalize / interact not importable yet ({err})", allow_module_level=True)
-
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny-qwen2vl.yaml"
 STEPS = ("1-teacher-verbalize", "2-student-verbalize", "3-interact", "4-sft")

@@ -17,11 +17,6 @@ from pathlib import Path
 import pytest
 import torch
 
-try:
-    import vlsi.stages.interact  # noqa: F401
-except ImportError as err:  # the interaction stage is written separately
-    pytest.skip(f"vlsi.stages.interact not importable yet ({err})", allow_module_level=True)
-
 from vlsi.backbones import load_backbone
 from vlsi.verbalizer import VerbalizerSet
 

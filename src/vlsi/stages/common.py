@@ -22,15 +22,20 @@ checkpointing and logging stay transformers'. This module adds, as a mixin and c
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import datetime
 import json
 import math
 import os
 import shutil
+from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from transformers import TrainerCallback, TrainingArguments
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
@@ -40,6 +45,8 @@ from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.errors import VlsiError
 
 PARTIAL_DIR = ".partial"
+STEP_COMPLETE = "step_complete.json"  # written last by every stage: the step has finished
+METRICS = "metrics.jsonl"
 
 
 def bf16_available() -> bool:
@@ -245,3 +252,213 @@ def use_loss_progress_bar(trainer: Any) -> None:
     """Swap the Trainer's default progress bar for :class:`LossProgressCallback`."""
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgressCallback())
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the stages: resume, step completion, atomic files, frozen-model placement
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_complete(out_dir: Path) -> bool:
+    return (out_dir / STEP_COMPLETE).is_file()
+
+
+def resume_checkpoint(out_dir: Path, resume: bool) -> str | None:
+    """The checkpoint to continue from (``None``: start fresh).
+
+    Without ``resume``, an ``out_dir`` that already holds checkpoints or a finished stage is an
+    error (it would be mixed with the new run); with it and no checkpoint, training starts fresh.
+    """
+    checkpoint = latest_checkpoint(out_dir)
+    if not resume and (checkpoint or stage_complete(out_dir)):
+        found = Path(checkpoint).name if checkpoint else STEP_COMPLETE
+        raise VlsiError(f"{out_dir} already holds a run ({found}); pass --resume to continue it, "
+                        "or choose another output directory")
+    return checkpoint
+
+
+def checkpoint_step(checkpoint: str | None) -> int:
+    """Optimizer step of ``.../checkpoint-N`` (0 for ``None``)."""
+    return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Records of a JSONL file (none if it does not exist); a torn last line is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+    return records
+
+
+def truncate_jsonl(path: Path, last_step: int) -> None:
+    """Keep only the records with ``step <= last_step`` (a resumed run redoes the later steps)."""
+    if path.is_file():
+        kept = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and ``os.replace``: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class MeanMetrics:
+    """Scalars collected per micro-batch, averaged over a logging window and over processes."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, name: str, value: float) -> None:
+        self.values[name].append(float(value))
+
+    def pop_means(self, accelerator) -> dict[str, float]:
+        """Means since the last call, NaN ignored; every process must call it (a collective)."""
+        names = sorted(self.values)
+        if not names:
+            return {}
+        means = torch.tensor([torch.tensor(self.values[n], dtype=torch.float64).nanmean().item() for n in names],
+                             dtype=torch.float64)
+        self.values.clear()
+        if accelerator.num_processes > 1:
+            means = accelerator.gather(means.to(accelerator.device)).view(-1, len(names)).nanmean(dim=0).cpu()
+        return {n: float(m) for n, m in zip(names, means) if math.isfinite(float(m))}
+
+
+def place_frozen_model(trainer: Trainer, model: nn.Module) -> nn.Module:
+    """Place a frozen model (teacher, or the verbalized backbone) beside the trained one.
+
+    Returns what to call for its forward:
+
+    * one process or DDP: the model itself, moved to the trainer's device (DDP needs no
+      wrapper: nothing is reduced for a model without gradient);
+    * DeepSpeed ZeRO-3: an inference-only DeepSpeed engine built from the trainer's DeepSpeed
+      config without optimizer and scheduler (offload settings kept), so the frozen model is
+      partitioned like the trained one, as TRL's ``prepare_deepspeed`` does for reference
+      models; ZeRO-1/2 shard only optimizer state, so the model is just moved to the device;
+    * FSDP: ``accelerator.prepare_model(model, evaluation_mode=True)`` (device placement and
+      mixed precision; accelerate does not shard in evaluation mode, so the frozen model is
+      replicated on every device; use ZeRO-3 for a teacher that does not fit one device).
+      With ``cpu_ram_efficient_loading`` transformers loads the weights on the first process
+      only (the others hold meta tensors until FSDP's wrapping broadcasts them); a model that
+      is not wrapped gets them by :func:`_broadcast_from_first_process`.
+
+    UNTESTED under DeepSpeed (not installed where this was written) and FSDP (no multi-GPU
+    machine); written against deepspeed's ``initialize`` and accelerate's ``prepare_model``.
+    """
+    model.requires_grad_(False).eval()
+    if trainer.is_deepspeed_enabled:
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        if plugin.zero_stage == 3:
+            return _deepspeed_inference_engine(model, plugin.deepspeed_config)
+        return model.to(trainer.args.device)
+    if trainer.is_fsdp_enabled:
+        if trainer.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
+            _broadcast_from_first_process(model, trainer.args.device)
+        return trainer.accelerator.prepare_model(model, evaluation_mode=True)
+    return model.to(trainer.args.device)
+
+
+def _broadcast_from_first_process(model: nn.Module, device: torch.device) -> None:
+    """Give every process the first process's weights (the others loaded meta tensors)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.is_meta for t in tensors):
+        model.to_empty(device=device)
+    else:
+        model.to(device)
+    for t in [*model.parameters(), *model.buffers()]:  # same order on every process
+        torch.distributed.broadcast(t.data, src=0)
+
+
+def _deepspeed_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> nn.Module:
+    """``deepspeed.initialize`` with no optimizer: a ZeRO-3 partitioned, forward-only engine."""
+    import deepspeed
+
+    config = copy.deepcopy(ds_config)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    zero = config["zero_optimization"]
+    # transformers resolves "auto" bucket sizes for the trained model only; size these from the
+    # frozen model's width, with TRL's values for reference models.
+    d = int(model.config.get_text_config().hidden_size)
+    for key, value in (("reduce_bucket_size", d * d),
+                       ("stage3_prefetch_bucket_size", int(0.9 * d * d)),
+                       ("stage3_param_persistence_threshold", 10 * d)):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = value
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def whole_parameters(trainer: Trainer, modules: list[nn.Module], fsdp_root: nn.Module | None = None) -> Iterator[None]:
+    """Make the parameters of ``modules`` whole while they are used outside their model's forward.
+
+    The chunked losses call the backbones' final norms and LM heads (and verbalizers) on hidden
+    states after the forward, where ZeRO-3 and FSDP leave parameters sharded:
+
+    * ZeRO-3: ``deepspeed.zero.GatheredParameters`` (read-only, every process) for the duration.
+      Both chunked losses finish their head's backward inside the context (the gradient w.r.t.
+      the hidden states is computed in the forward), so no gather is needed in ``backward``.
+    * FSDP (``fsdp_root`` given, the trainer's wrapped model): the FSDP units that own the
+      modules are unsharded without writeback (FSDP1 ``summon_full_params(recurse=False)``,
+      FSDP2 ``unshard``/``reshard``); with the default wrap policy that is the root unit
+      (embeddings, final norm, LM head), never the decoder layers.
+    * otherwise nothing to do.
+
+    UNTESTED under DeepSpeed and FSDP (see :func:`place_frozen_model`).
+    """
+    with contextlib.ExitStack() as stack:
+        if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            import deepspeed
+
+            for module in modules:
+                stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None))
+        elif trainer.is_fsdp_enabled and fsdp_root is not None:
+            for unit in _fsdp_owners(fsdp_root, modules):
+                stack.enter_context(_unsharded(unit))
+        yield
+
+
+def _fsdp_owners(root: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
+    """For each module, the innermost FSDP unit (FSDP1 or FSDP2) that contains it."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    units = [m for m in root.modules() if isinstance(m, (FullyShardedDataParallel, FSDPModule))]
+    owners: list[nn.Module] = []
+    for target in modules:
+        # modules() is pre-order, so among the units holding the target the last is innermost
+        holding = [u for u in units if any(sub is target for sub in u.modules())]
+        if holding and not any(holding[-1] is o for o in owners):
+            owners.append(holding[-1])
+    return owners
+
+
+@contextlib.contextmanager
+def _unsharded(unit: nn.Module) -> Iterator[None]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(unit, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
+            yield
+        return
+    unit.unshard()  # FSDP2: registers the unsharded parameters until reshard()
+    try:
+        yield
+    finally:
+        unit.reshard()

@@ -29,9 +29,8 @@ from typing import Callable
 
 from vlsi.config import RunConfig, dump_config
 from vlsi.errors import VlsiError
-from vlsi.stages.common import latest_checkpoint
+from vlsi.stages.common import STEP_COMPLETE, latest_checkpoint, stage_complete
 
-STEP_COMPLETE = "step_complete.json"
 CONFIG_FILE = "config.yaml"
 
 
@@ -76,10 +75,6 @@ def layout(cfg: RunConfig) -> RunLayout:
     return RunLayout(Path(cfg.output_dir))
 
 
-def is_complete(step_dir: Path) -> bool:
-    return (step_dir / STEP_COMPLETE).is_file()
-
-
 def run_distill(cfg: RunConfig, *, resume: bool = True) -> Path:
     """Run the unfinished steps of the pipeline in order; returns the exported student's path."""
     from vlsi.stages.interact import run_interact
@@ -113,7 +108,7 @@ def run_distill(cfg: RunConfig, *, resume: bool = True) -> Path:
         if plan.action == "restart" and main:
             shutil.rmtree(step_dir)
         run_step(plan.action == "resume")
-        if main and not is_complete(step_dir):
+        if main and not stage_complete(step_dir):
             raise VlsiError(f"{name} returned without writing {step_dir / STEP_COMPLETE}")
     if main:
         print(f"done: the distilled student is {run.model}", flush=True)
@@ -136,7 +131,7 @@ class _Plan:
 
 
 def _plan(step_dir: Path, resume: bool) -> _Plan:
-    if is_complete(step_dir):
+    if stage_complete(step_dir):
         return _Plan("skip")
     checkpoint = latest_checkpoint(step_dir)
     if checkpoint is not None and resume:

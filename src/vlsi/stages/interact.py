@@ -15,10 +15,10 @@ No next-token loss in this step. Teacher, both verbalizer sets, the student's vi
 projector, final norm and LM head are frozen; only the LoRA weights train.
 
 The teacher sits beside the trained model, the way TRL's GKD trainer holds its teacher
-(:func:`vlsi.stages.verbalize.place_frozen_model`: on the device; an inference-only DeepSpeed
+(:func:`vlsi.stages.common.place_frozen_model`: on the device; an inference-only DeepSpeed
 engine under ZeRO-3; ``prepare_model(evaluation_mode=True)`` under FSDP). The LM heads and final
 norms that the chunked loss calls after the forwards are gathered for the loss's duration under
-ZeRO-3/FSDP (:func:`vlsi.stages.verbalize.whole_parameters`); the loss computes its gradient
+ZeRO-3/FSDP (:func:`vlsi.stages.common.whole_parameters`); the loss computes its gradient
 w.r.t. the student hidden states inside that window, so nothing is gathered in ``backward``.
 The DeepSpeed and FSDP paths are UNTESTED (no DeepSpeed install, no multi-GPU machine here).
 
@@ -56,23 +56,21 @@ from vlsi.heatmap import save_heatmap
 from vlsi.interaction import interaction_loss
 from vlsi.recorder import MatchRecorder
 from vlsi.stages.common import (
-    VlsiTrainerMixin,
-    load_training_data,
-    stage_callbacks,
-    training_arguments,
-    use_loss_progress_bar,
-)
-from vlsi.stages.verbalize import (
     METRICS,
     STEP_COMPLETE,
-    MeanMetrics,
     checkpoint_step,
+    load_training_data,
+    MeanMetrics,
     place_frozen_model,
     read_jsonl,
     resume_checkpoint,
+    stage_callbacks,
     stage_complete,
+    training_arguments,
     truncate_jsonl,
+    use_loss_progress_bar,
     utc_now,
+    VlsiTrainerMixin,
     whole_parameters,
     write_json_atomic,
     write_text_atomic,

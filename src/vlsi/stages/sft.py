@@ -38,20 +38,18 @@ from vlsi.config import RunConfig
 from vlsi.errors import VlsiError
 from vlsi.export import export_student
 from vlsi.stages.common import (
-    VlsiTrainerMixin,
-    load_training_data,
-    stage_callbacks,
-    training_arguments,
-    use_loss_progress_bar,
-)
-from vlsi.stages.verbalize import (  # the resume helpers all stages share
     METRICS,
     STEP_COMPLETE,
     checkpoint_step,
+    load_training_data,
     resume_checkpoint,
+    stage_callbacks,
     stage_complete,
+    training_arguments,
     truncate_jsonl,
+    use_loss_progress_bar,
     utc_now,
+    VlsiTrainerMixin,
     write_json_atomic,
 )
 
