@@ -4,7 +4,10 @@
     vlsi data synth OUT_DIR [--seed 0 ...]    write the synthetic visual-instruction dataset
     vlsi data check FILE --model DIR          validate a dataset, print counts and skips
     vlsi bench loss [...]                     chunked vs naive interaction-loss benchmark
-    vlsi demo                                 the smallest end-to-end run (see ``vlsi.demo``)
+    vlsi demo [--quick] [--seeds N]           the whole method on tiny models, with a report
+    vlsi generate --model DIR --image IMG --prompt TEXT [--num-beams N]
+    vlsi verbalize-layers --model DIR --verbalizers DIR --image IMG --prompt TEXT --out F.html
+    vlsi eval --model DIR --data FILE         MC accuracy / exact match (JSON or MMBench TSV)
 
 Training (CONFIG is a run's YAML file, see ``vlsi.config``; ``--set a.b=value`` overrides a key,
 the value read as YAML; default directories follow the ``vlsi distill`` layout under the
@@ -48,7 +51,36 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 def _cmd_demo(args: argparse.Namespace) -> None:
     from vlsi.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from vlsi.inference import Generator, Prompt
+
+    _existing_files(args.image or [], "image")  # before the model loads
+    generator = Generator.from_pretrained(_existing_dir(Path(args.model), "model", "check --model"))
+    [answer] = generator.generate([Prompt(args.prompt, list(args.image or []))],
+                                  max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    print(answer)
+
+
+def _cmd_verbalize_layers(args: argparse.Namespace) -> None:
+    from vlsi.layer_view import run_verbalize_layers
+
+    compare = [tuple(pair) for pair in (args.compare or [])]
+    _existing_files([args.image] if args.image else [], "image")
+    run_verbalize_layers(_existing_dir(Path(args.model), "model", "check --model"),
+                         _existing_dir(Path(args.verbalizers), "verbalizers", "check --verbalizers"),
+                         args.image, args.prompt, args.out, compare=compare,
+                         max_new_tokens=args.max_new_tokens)
+
+
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from vlsi.evaluate import run_eval
+
+    run_eval(_existing_dir(Path(args.model), "model", "check --model"), args.data,
+             image_root=args.image_root, out=args.out, batch_size=args.batch_size,
+             max_new_tokens=args.max_new_tokens, limit=args.limit)
 
 
 def _load_config(args: argparse.Namespace):
@@ -75,6 +107,12 @@ def _existing_dir(path: Path, what: str, hint: str) -> Path:
     if not path.is_dir():
         raise VlsiError(f"{what} not found: {path} ({hint})")
     return path
+
+
+def _existing_files(paths: list[str], what: str) -> None:
+    for path in paths:
+        if not Path(path).is_file():
+            raise VlsiError(f"{what} not found: {path}")
 
 
 def _cmd_verbalize(args: argparse.Namespace) -> None:
@@ -172,11 +210,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_mod.add_cli(bench_sub)
 
-    demo = sub.add_parser("demo", help="the smallest end-to-end run on the embedded default")
-    demo.add_argument("--out", default="runs/demo")
-    demo.add_argument("--quick", action="store_true")
-    demo.add_argument("--seed", type=int, default=0)
+    demo = sub.add_parser("demo", help="the whole method on the embedded default; writes a report")
+    demo.add_argument("--out", default="runs/demo", help="output directory (a rerun resumes it)")
+    demo.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
+    demo.add_argument("--seeds", type=int, default=1, help="repeat for N seeds, report mean ± std")
+    demo.add_argument("--seed", type=int, default=0, help="first seed")
     demo.set_defaults(func=_cmd_demo)
+
+    gen = sub.add_parser("generate", help="answer a prompt (greedy; --num-beams for beam search)")
+    gen.add_argument("--model", required=True, metavar="DIR", help="a checkpoint (e.g. an exported student)")
+    gen.add_argument("--image", action="append", metavar="IMG", help="an image (repeatable)")
+    gen.add_argument("--prompt", required=True, help="the question; <image> tags place the images")
+    gen.add_argument("--num-beams", type=int, default=1)
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.set_defaults(func=_cmd_generate)
+
+    layers = sub.add_parser("verbalize-layers",
+                            help="each target layer's verbalized response, side by side (HTML + Markdown)")
+    layers.add_argument("--model", required=True, metavar="DIR")
+    layers.add_argument("--verbalizers", required=True, metavar="DIR",
+                        help="the model's verbalizers (an exported model's DIR/verbalizers)")
+    layers.add_argument("--image", metavar="IMG")
+    layers.add_argument("--prompt", required=True)
+    layers.add_argument("--compare", nargs=2, action="append", metavar=("MODEL", "VERBALIZERS"),
+                        help="another model and its verbalizers, shown beside (repeatable)")
+    layers.add_argument("--out", required=True, metavar="FILE.html", help="also writes FILE.md")
+    layers.add_argument("--max-new-tokens", type=int, default=32)
+    layers.set_defaults(func=_cmd_verbalize_layers)
+
+    ev = sub.add_parser("eval", help="multiple-choice / short-answer accuracy on a dataset")
+    ev.add_argument("--model", required=True, metavar="DIR")
+    ev.add_argument("--data", required=True, metavar="FILE", help="project JSON/JSONL or MMBench-style .tsv")
+    ev.add_argument("--image-root", metavar="DIR", help="JSON image paths are relative to this "
+                                                       "(default: the file's directory)")
+    ev.add_argument("--out", metavar="FILE.jsonl", help="predictions (default: MODEL/eval/NAME.predictions.jsonl)")
+    ev.add_argument("--batch-size", type=int, default=32)
+    ev.add_argument("--max-new-tokens", type=int, default=16)
+    ev.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    ev.set_defaults(func=_cmd_eval)
 
     verbalize = sub.add_parser("verbalize", help="step 1: train one backbone's verbalizers")
     _add_run_args(verbalize)

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from vlsi.backbones import FAMILIES, family_for
+from vlsi.backbones import FAMILIES, Backbone, family_for
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -262,12 +263,33 @@ def tiny_image_processor(family: str) -> Any:
     )
 
 
+VISION_INIT_STD = 0.1
+
+
+def widen_vision_init(parameters: list[nn.Parameter], std: float = VISION_INIT_STD) -> None:
+    """Re-draw every matrix/kernel in ``parameters`` from N(0, std^2); norms and biases stay.
+
+    HF draws every weight from N(0, 0.02) (the text config's ``initializer_range``; the vision
+    config's own value is not used), which suits widths in the thousands. At the tiny widths
+    here (32-48) the vision tower's output then barely depends on the image, and a tiny VLM
+    trained from scratch does not learn to look at it. Measured with the 4x64 student on the
+    synthetic "What colour is the triangle?" question (one object, 56 px, batch 32, lr 2e-3):
+    17% (chance) after 200 steps with HF's init, 24% with a fan-in (LeCun) init, 100% with
+    N(0, 0.1). Only the vision tower and projector are re-drawn.
+    """
+    with torch.no_grad():
+        for param in parameters:
+            if param.dim() >= 2:
+                param.normal_(0.0, std)
+
+
 def build_tiny_model(family: str, size: TinySize, tokenizer, seed: int = 0):
     """A randomly initialised ``...ForConditionalGeneration`` of ``family`` (float32)."""
     from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(tiny_config(family, size, tokenizer))
+    widen_vision_init(Backbone(model).vision_parameters())
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = None

@@ -167,7 +167,7 @@ def read_records(
     for path in paths:
         path = Path(path)
         root = Path(image_root) if image_root is not None else path.parent
-        for default_id, record in _iter_records(path):
+        for default_id, record in iter_records(path):
             sample_id = default_id
             try:
                 if isinstance(record, Rejected):
@@ -180,7 +180,7 @@ def read_records(
     return ReadResult(items)
 
 
-def _iter_records(path: Path) -> Iterator[tuple[str, Any]]:
+def iter_records(path: Path) -> Iterator[tuple[str, Any]]:
     """(default id, record) pairs; a malformed JSONL line yields a :class:`Rejected`."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")

@@ -282,6 +282,14 @@ def checkpoint_step(checkpoint: str | None) -> int:
     return int(Path(checkpoint).name.rsplit("-", 1)[1]) if checkpoint else 0
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's content (raises ``VlsiError`` naming the file when it does not parse)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise VlsiError(f"cannot read {path}: {err}") from None
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Records of a JSONL file (none if it does not exist); a torn last line is dropped."""
     if not path.is_file():

@@ -1,0 +1,146 @@
+"""Train a tiny backbone from its random initialisation: the demo's "large" and "small" VLMs.
+
+VLsI starts from two trained VLMs. The demo has none (nothing is downloaded), so it trains its
+tiny Qwen2-VL teacher and student itself: every parameter (vision encoder, projector, language
+model) with the model's own next-token loss on the synthetic training split, through the
+transformers ``Trainer`` (cosine schedule to ``min_learning_rate``, AdamW).
+
+While training, :class:`CurveCallback` measures held-out accuracy every ``eval_every`` steps on
+a fixed subset of the eval split, teacher-forced (a reply counts when every supervised token is
+the argmax prediction; one forward pass, no generation), so the report can show the learning
+curves behind the chosen sizes and budgets. The final scores of the report come from
+generation (:mod:`vlsi.evaluate`), not from this.
+
+Output directory: ``model/`` (a stock HF checkpoint: weights, tokenizer, processor),
+``curve.json`` (the curve), ``metrics.jsonl``, Trainer checkpoints while running (a rerun
+resumes from the newest) and ``step_complete.json`` last.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, set_seed
+
+from vlsi.backbones import Backbone, load_backbone
+from vlsi.config import TrainingConfig
+from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
+from vlsi.export import export_student
+from vlsi.stages.common import (
+    STEP_COMPLETE,
+    VlsiTrainerMixin,
+    read_json,
+    resume_checkpoint,
+    stage_callbacks,
+    stage_complete,
+    use_loss_progress_bar,
+    training_arguments,
+    utc_now,
+    write_json_atomic,
+)
+
+MODEL_DIR = "model"
+CURVE = "curve.json"
+
+
+class PretrainTrainer(VlsiTrainerMixin, Trainer):
+    """Full-parameter next-token training (the mixin's default loss; all weights trainable)."""
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(backbone: Backbone, dataset: VisualInstructionDataset,
+                            collate: VisionLanguageCollator, batch_size: int = 64) -> float:
+    """Share of samples whose every supervised token is the model's argmax prediction."""
+    model = backbone.model
+    was_training = model.training
+    model.eval()
+    hits = 0
+    device = backbone.lm_head.weight.device
+    for start in range(0, len(dataset), batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        inputs = {k: v.to(device) for k, v in backbone.model_inputs(batch).items()}
+        logits = model(**inputs, logits_to_keep=0).logits
+        pred, gold = logits[:, :-1].argmax(-1), batch["labels"][:, 1:].to(device)
+        hits += int(((pred == gold) | (gold == -100)).all(dim=1).sum())
+    model.train(was_training)
+    return hits / len(dataset)
+
+
+class CurveCallback(TrainerCallback):
+    """Every ``eval_every`` optimizer steps (and at the end): held-out accuracy and train loss."""
+
+    def __init__(self, backbone: Backbone, eval_set: VisualInstructionDataset,
+                 collate: VisionLanguageCollator, eval_every: int, points: list[dict[str, Any]]):
+        self.backbone, self.eval_set, self.collate = backbone, eval_set, collate
+        self.eval_every, self.points = eval_every, points
+        self._last_loss: float | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._last_loss = float(logs["loss"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step % self.eval_every == 0 or step == state.max_steps:
+            if self.points and self.points[-1]["step"] == step:
+                return
+            acc = teacher_forced_accuracy(self.backbone, self.eval_set, self.collate)
+            self.points.append({"step": step, "eval_accuracy": acc, "train_loss": self._last_loss,
+                                "seconds": time.perf_counter() - self._start})
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+
+@dataclass
+class PretrainResult:
+    model_dir: Path
+    curve: list[dict[str, Any]]
+    seconds: float
+    params: int
+
+
+def pretrain(checkpoint: str | Path, out_dir: str | Path, train: VisualInstructionDataset,
+             eval_subset: VisualInstructionDataset, collate: VisionLanguageCollator,
+             training: TrainingConfig, *, eval_every: int, name: str = "pretrain") -> PretrainResult:
+    """Train ``checkpoint`` (all parameters) on ``train``; export to ``out_dir/model``.
+
+    A finished directory (``step_complete.json``) is returned as is; an unfinished one resumes
+    from its newest checkpoint (the curve restarts at that point's records).
+    """
+    out = Path(out_dir)
+    if stage_complete(out):
+        done = read_json(out / STEP_COMPLETE)
+        return PretrainResult(out / MODEL_DIR, read_json(out / CURVE)["points"], done["seconds"],
+                              done["params"])
+    out.mkdir(parents=True, exist_ok=True)
+    resume_from = resume_checkpoint(out, True)
+    set_seed(training.seed)
+    backbone = load_backbone(checkpoint)
+    backbone.model.requires_grad_(True)
+    args = training_arguments(training, out, gradient_checkpointing=False, report_to=[])
+    points: list[dict[str, Any]] = []
+    trainer = PretrainTrainer(
+        model=backbone.model, args=args, train_dataset=train, data_collator=collate,
+        callbacks=[*stage_callbacks(out, name),
+                   CurveCallback(backbone, eval_subset, collate, eval_every, points)],
+    )
+    use_loss_progress_bar(trainer)
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in backbone.model.parameters())
+    export_student(backbone.model, checkpoint, out / MODEL_DIR)
+    write_json_atomic(out / CURVE, {"name": name, "eval_samples": len(eval_subset), "points": points})
+    write_json_atomic(out / STEP_COMPLETE, {"stage": name, "seconds": seconds, "params": params,
+                                            "global_step": trainer.state.global_step,
+                                            "completed_at": utc_now()})
+    for ckpt in out.glob("checkpoint-*"):
+        import shutil
+
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return PretrainResult(out / MODEL_DIR, points, seconds, params)
