@@ -67,3 +67,32 @@ def test_random_init_depends_on_seed(tmp_path):
     wa = AutoModelForImageTextToText.from_pretrained(a.teacher).lm_head.weight
     wb = AutoModelForImageTextToText.from_pretrained(b.teacher).lm_head.weight
     assert not torch.equal(wa, wb)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_vision_tower_sees_the_image(family, tiny_pair):
+    """With HF's N(0, 0.02) init at these widths two different images gave vision features that
+    differ by ~1e-3 of their size, and the tiny VLMs never learned to look; the re-drawn vision
+    weights must make the image matter."""
+    from PIL import Image
+
+    from vlsi.backbones import ImageEncoder, load_backbone
+    from vlsi.tiny import VISION_INIT_STD
+
+    pair = tiny_pair(family)
+    backbone = load_backbone(pair.student)
+    matrices = [p for p in backbone.vision_parameters() if p.dim() >= 2]
+    assert matrices and all(abs(p.std().item() - VISION_INIT_STD) < 0.02 for p in matrices if p.numel() > 500)
+    lm = [p for n, p in backbone.language_model.named_parameters() if p.dim() >= 2]
+    assert all(p.std().item() < 0.05 for p in lm)  # the language model keeps HF's init
+    encoder = ImageEncoder.from_pretrained(pair.student)
+    red = encoder([Image.new("RGB", (56, 56), (220, 20, 20))]).tensors
+    blue = encoder([Image.new("RGB", (56, 56), (20, 20, 220))]).tensors
+    model = backbone.model.model
+    with torch.no_grad():
+        def features(t):
+            out = model.get_image_features(**t)
+            out = getattr(out, "pooler_output", out)
+            return torch.cat([x.flatten() for x in out]) if isinstance(out, (list, tuple)) else out.flatten()
+        a, b = features(red), features(blue)
+    assert ((a - b).norm() / a.norm()).item() > 0.1

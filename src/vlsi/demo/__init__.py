@@ -85,8 +85,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
         _say(line)
     for line in verdicts(metrics):
         _say(line)
-    _say(f"wall time {setup['wall_seconds']:.0f} s; report: {out / 'report.html'} "
-         f"(also report.md, metrics.json)")
+    _say(f"this invocation took {setup['wall_seconds']:.0f} s (finished seeds are reused; per-seed "
+         f"times are in the report); report: {out / 'report.html'} (also report.md, metrics.json)")
     return metrics
 
 

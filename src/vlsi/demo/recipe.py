@@ -25,7 +25,7 @@ def demo_task(seed: int = 0, num_train: int = 4000, num_eval: int = 300) -> Synt
     """
     return SyntheticConfig(
         seed=seed, num_train=num_train, num_eval=num_eval, image_size=56, grid_size=2,
-        min_objects=1, max_objects=4, categories=DEMO_CATEGORIES, mc_fraction=0.25,
+        min_objects=1, max_objects=4, categories=DEMO_CATEGORIES, mc_fraction=0.0,
         shapes=DEFAULT_SHAPES[:4], colors=DEFAULT_COLORS[:4], object_scale=(1.0, 1.0),
     )
 

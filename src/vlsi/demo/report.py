@@ -83,10 +83,16 @@ def verdicts(agg: dict[str, Any]) -> list[str]:
     elif agg["vlsi_beats_sft_only_beyond_spread"]:
         out.append(f"VLsI beats the SFT-only baseline by {_pts(diff)}, more than the spread across "
                    f"seeds ({_pts(spread)}); per seed: {per_seed}.")
-    else:
-        word = "beats" if diff > 0 else "does not beat"
-        out.append(f"VLsI {word} the SFT-only baseline by {_pts(diff)}, which is NOT more than the "
+    elif diff > 0:
+        out.append(f"VLsI beats the SFT-only baseline by {_pts(diff)}, which is NOT more than the "
                    f"spread across seeds ({_pts(spread)}); per seed: {per_seed}.")
+    else:
+        out.append(f"VLsI does NOT beat the SFT-only baseline: VLsI minus SFT-only is {_pts(diff)} "
+                   f"(spread across seeds {_pts(spread)}); per seed: {per_seed}.")
+    before = rows["student_before"]["mean"]
+    out.append(f"Change from the student before: interaction alone {_pts(rows['vlsi_no_sft']['mean'] - before)}, "
+               f"VLsI {_pts(rows['vlsi']['mean'] - before)}, SFT-only {_pts(rows['sft_only']['mean'] - before)}; "
+               f"the teacher is {_pts(rows['teacher']['mean'] - before)} above the student before.")
     return out
 
 
@@ -221,9 +227,7 @@ def write_report(out: Path, seeds: list[dict[str, Any]], setup: dict[str, Any]) 
     lines_md += ["## Layer-wise verbalized responses (paper Fig. 3, seed {})".format(first["seed"]), ""]
     for entry in first["panel"]:
         lines_md.append(markdown_panel(entry["question"], _columns(entry), entry["image"], entry["reference"]))
-    lines_md += ["## Wall time per phase (seconds)", "",
-                 _md_table(["seed"] + list(first["seconds"]),
-                           [[str(s["seed"])] + [f"{v:.0f}" for v in s["seconds"].values()] for s in seeds])]
+    lines_md += ["## Wall time per phase (seconds)", "", _md_table(*_time_rows(seeds))]
     (out / "report.md").write_text("\n".join(lines_md) + "\n", encoding="utf-8")
 
     parts = [f"<p>Seeds: {', '.join(map(str, agg['seeds']))}. {html.escape(setup_line(setup, first))}</p>",
@@ -250,11 +254,16 @@ def write_report(out: Path, seeds: list[dict[str, Any]], setup: dict[str, Any]) 
             with Image.open(entry["image"]) as im:
                 image = im.convert("RGB")
         parts.append(html_panel(entry["question"], image, _columns(entry), entry["reference"]))
-    parts += ["<h2>Wall time per phase (seconds)</h2>",
-              _html_table(["seed"] + list(first["seconds"]),
-                          [[str(s["seed"])] + [f"{v:.0f}" for v in s["seconds"].values()] for s in seeds])]
+    parts += ["<h2>Wall time per phase (seconds)</h2>", _html_table(*_time_rows(seeds))]
     (out / "report.html").write_text(html_page("VLsI demo report", "\n".join(parts)), encoding="utf-8")
     return metrics
+
+
+def _time_rows(seeds: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    phases = list(seeds[0]["seconds"])
+    body = [[str(s["seed"])] + [f"{s['seconds'].get(p, 0):.0f}" for p in phases]
+            + [f"{sum(s['seconds'].values()):.0f}"] for s in seeds]
+    return ["seed"] + phases + ["total"], body
 
 
 def setup_line(setup: dict[str, Any], first: dict[str, Any]) -> str:
