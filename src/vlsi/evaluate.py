@@ -43,8 +43,7 @@ from vlsi.data.records import (
     Rejected,
     Sample,
     Skip,
-    iter_records,
-    parse_record,
+    iter_parsed,
 )
 from vlsi.errors import DataError
 from vlsi.inference import Generator, Prompt
@@ -147,22 +146,15 @@ def items_from_json(path: str | Path, image_root: str | Path | None = None
     Bad records (the data pipeline's checks) and records whose last assistant turn does not
     answer a user turn are skipped, with reasons.
     """
-    path = Path(path)
-    root = Path(image_root) if image_root is not None else path.parent
     items: list[EvalItem] = []
     skips: list[Skip] = []
-    for default_id, record in iter_records(path):
-        sample_id = default_id
+    for sample_id, record, parsed in iter_parsed(path, image_root):
         try:
-            if isinstance(record, Rejected):
-                raise record
-            if isinstance(record, dict) and record.get("id") not in (None, ""):
-                sample_id = str(record["id"])
-            item = _item_from_sample(parse_record(record, sample_id, root), record)
+            if isinstance(parsed, Rejected):
+                raise parsed
+            items.append(_item_from_sample(parsed, record))
         except Rejected as err:
             skips.append(Skip(sample_id, err.reason, err.kind))
-            continue
-        items.append(item)
     return items, skips
 
 

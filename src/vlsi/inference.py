@@ -53,7 +53,7 @@ def user_turns(prompt: Prompt) -> list[dict[str, Any]]:
     return list(prompt.turns or []) + [{"role": "user", "content": content}]
 
 
-def _as_images(images: list[Image.Image | str | Path]) -> list[Image.Image]:
+def as_images(images: list[Image.Image | str | Path]) -> list[Image.Image]:
     paths = [Path(x) for x in images if not isinstance(x, Image.Image)]
     try:
         opened = iter(load_images(paths))
@@ -80,7 +80,7 @@ class PromptEncoder:
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "labels": torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long),
         }
-        images = _as_images(prompt.images)
+        images = as_images(prompt.images)
         if images:
             batch = self.image_encoder(images)
             item["num_image_tokens"] = torch.tensor(batch.num_tokens, dtype=torch.long)

@@ -34,7 +34,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlsi.errors import VlsiError
-from vlsi.inference import Generator, Prompt, _as_images
+from vlsi.inference import Generator, Prompt, as_images
 from vlsi.verbalizer import VerbalizerSet, capture_layer_context
 
 
@@ -214,7 +214,7 @@ def run_verbalize_layers(model: str | Path, verbalizers: str | Path, image: str 
                          prompt: str, out: str | Path, compare: list[tuple[str, str]] | None = None,
                          max_new_tokens: int = 32) -> tuple[Path, Path]:
     """``vlsi verbalize-layers``: write ``out`` (.html) and the Markdown beside it."""
-    images = _as_images([image]) if image else []
+    images = as_images([image]) if image else []
     columns = []
     for model_dir, verb_dir in [(str(model), str(verbalizers))] + list(compare or []):
         generator = Generator.from_pretrained(model_dir)

@@ -273,9 +273,10 @@ def widen_vision_init(parameters: list[nn.Parameter], std: float = VISION_INIT_S
     config's own value is not used), which suits widths in the thousands. At the tiny widths
     here (32-48) the vision tower's output then barely depends on the image, and a tiny VLM
     trained from scratch does not learn to look at it. Measured with the 4x64 student on the
-    synthetic "What colour is the triangle?" question (one object, 56 px, batch 32, lr 2e-3):
-    17% (chance) after 200 steps with HF's init, 24% with a fan-in (LeCun) init, 100% with
-    N(0, 0.1). Only the vision tower and projector are re-drawn.
+    synthetic "What colour is the triangle?" question (one object, 56 px, batch 32, lr 2e-3,
+    200 steps; ``benchmarks/calibrate_task.py --vision-init {hf,fanin,tiny}``): 13.7% with HF's
+    init and with a fan-in (LeCun) init (chance: 16.7%), 98.0% with N(0, 0.1). Only the vision
+    tower and projector are re-drawn.
     """
     with torch.no_grad():
         for param in parameters:

@@ -165,19 +165,30 @@ def read_records(
         paths = [paths]
     items: list[Sample | Skip] = []
     for path in paths:
-        path = Path(path)
-        root = Path(image_root) if image_root is not None else path.parent
-        for default_id, record in iter_records(path):
-            sample_id = default_id
-            try:
-                if isinstance(record, Rejected):
-                    raise record
-                if isinstance(record, dict) and record.get("id") not in (None, ""):
-                    sample_id = str(record["id"])
-                items.append(parse_record(record, sample_id, root))
-            except Rejected as err:
-                items.append(rejected(sample_id, err, strict))
+        for sample_id, _record, parsed in iter_parsed(path, image_root):
+            items.append(rejected(sample_id, parsed, strict) if isinstance(parsed, Rejected) else parsed)
     return ReadResult(items)
+
+
+def iter_parsed(path: str | Path, image_root: str | Path | None = None
+                ) -> Iterator[tuple[str, Any, Sample | Rejected]]:
+    """``(sample id, raw record, Sample or the Rejected reason)`` for every record of ``path``.
+
+    Image paths resolve against ``image_root`` (default: the file's directory). The raw record
+    is there for readers that need fields beyond the conversation (``vlsi eval``'s options).
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    for default_id, record in iter_records(path):
+        sample_id = default_id
+        try:
+            if isinstance(record, Rejected):
+                raise record
+            if isinstance(record, dict) and record.get("id") not in (None, ""):
+                sample_id = str(record["id"])
+            yield sample_id, record, parse_record(record, sample_id, root)
+        except Rejected as err:
+            yield sample_id, record, err
 
 
 def iter_records(path: Path) -> Iterator[tuple[str, Any]]:

@@ -18,6 +18,7 @@ resumes from the newest) and ``step_complete.json`` last.
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +141,5 @@ def pretrain(checkpoint: str | Path, out_dir: str | Path, train: VisualInstructi
                                             "global_step": trainer.state.global_step,
                                             "completed_at": utc_now()})
     for ckpt in out.glob("checkpoint-*"):
-        import shutil
-
         shutil.rmtree(ckpt, ignore_errors=True)
     return PretrainResult(out / MODEL_DIR, points, seconds, params)
