@@ -1,4 +1,5 @@
-"""``vlsi demo --quick`` end to end, its report, resume, and the command line's error handling."""
+"""``vlsi demo --quick`` end to end on the shipped pair, its report, resume, the verdict rule,
+the pair's rebuild, and the command line's error handling."""
 
 from __future__ import annotations
 
@@ -10,46 +11,76 @@ import subprocess
 import pytest
 
 from vlsi.cli import main
-from vlsi.demo.pipeline import ROWS
+from vlsi.demo import run_demo, run_pretrain
+from vlsi.demo.pair import compare_pairs, load_pair, shipped_pair
+from vlsi.demo.pipeline import ROWS, SEED_ROWS
+from vlsi.demo.recipe import DemoRecipe
+from vlsi.demo.report import paired
+from vlsi.errors import VlsiError
 
 
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--seeds", "2", "--out", str(out)]) == 0
     return out
+
+
+def test_shipped_pair_matches_the_default_recipe():
+    pair = load_pair(shipped_pair(), DemoRecipe())  # raises if the recipe changed without a rebuild
+    assert pair.shipped and pair.teacher.is_dir() and pair.student.is_dir()
+    curves = pair.meta["curves"]
+    assert set(curves) == {"teacher", "student"} and all(len(c) >= 5 for c in curves.values())
 
 
 def test_quick_demo_writes_the_report(quick_demo):
     metrics = json.loads((quick_demo / "metrics.json").read_text())
     assert list(metrics["rows"]) == [k for k, _ in ROWS]
     num_eval = metrics["setup"]["num_eval"]
-    for key, row in metrics["rows"].items():
-        assert 0.0 <= row["mean"] <= 1.0 and row["count"] == num_eval, key
-        predictions = (quick_demo / "seed-0" / "eval" / f"{key}.jsonl").read_text().splitlines()
-        assert len(predictions) == num_eval
-        hits = sum(json.loads(line)["correct"] for line in predictions)
-        assert row["per_seed"] == [hits / num_eval]  # the table is the predictions' tally
-    assert metrics["num_seeds"] == 1
+    assert metrics["num_seeds"] == 2
+    for key, _ in SEED_ROWS:
+        row = metrics["rows"][key]
+        assert row["count"] == num_eval, key
+        tallies = []
+        for seed in (0, 1):
+            lines = (quick_demo / f"seed-{seed}" / "eval" / f"{key}.jsonl").read_text().splitlines()
+            assert len(lines) == num_eval
+            tallies.append(sum(json.loads(line)["correct"] for line in lines) / num_eval)
+        assert row["per_seed"] == tallies  # the table is the predictions' tally
+    assert metrics["rows"]["vlsi_no_sft_beam"]["num_beams"] == DemoRecipe().num_beams
+    p = metrics["paired"]["sft_only"]
+    assert p["per_seed"] == [a - b for a, b in zip(metrics["rows"]["vlsi"]["per_seed"],
+                                                   metrics["rows"]["sft_only"]["per_seed"])]
     md = (quick_demo / "report.md").read_text()
     for _, label in ROWS:
         assert label in md
-    assert "no spread across seeds was measured" in md  # one seed: the claim is not made
-    assert "paper Fig. 5" in md and "appendix B" in md and "paper Fig. 3" in md
+    for needle in ("VLsI minus SFT-only", "VLsI minus last-layer KD", "paper Fig. 5", "appendix B",
+                   "paper Fig. 3", "Matching entropy", "command | vlsi demo --quick --seeds 2",
+                   "commit ", "r=16, alpha=32", "matching vlsi, temperature rule paper",
+                   "lr 0.002", "Resolved config", "shipped with the package", "Wall time"):
+        assert needle in md, needle
+    # the wall times come before the results
+    assert md.index("Wall time") < md.index("## Results")
 
 
 def test_quick_demo_stage_outputs(quick_demo):
     seed = quick_demo / "seed-0"
-    for path in ("teacher/model/config.json", "student/model/config.json", "vlsi/4-sft/model/config.json",
-                 "vlsi-no-sft/config.json", "sft-only/model/config.json",
-                 "vlsi/3-interact/heatmap_start.png", "vlsi/1-teacher-verbalize/layer_loss.json"):
+    for path in ("vlsi/4-sft/model/config.json", "vlsi-no-sft/config.json", "sft-only/model/config.json",
+                 "llkd/4-sft/model/config.json", "vlsi/3-interact/heatmap_start.png",
+                 "vlsi/1-teacher-verbalize/layer_loss.json"):
         assert (seed / path).is_file(), path
     result = json.loads((seed / "seed.json").read_text())
-    # SFT-only gets as many optimizer steps as interaction + SFT together
-    steps = result["steps"]
+    steps = result["steps"]  # equal compute: SFT-only gets interaction + SFT steps
     assert steps["sft_only"] == steps["interact"] + steps["sft"]
-    done = json.loads((seed / "sft-only" / "step_complete.json").read_text())
-    assert done["global_step"] == steps["sft_only"]
+    for part, expected in (("sft-only", steps["sft_only"]), ("llkd/3-interact", steps["interact"]),
+                           ("llkd/4-sft", steps["sft"]), ("vlsi/3-interact", steps["interact"])):
+        done = json.loads((seed / part / "step_complete.json").read_text())
+        assert done["global_step"] == expected, part
+    # last-layer KD matched no intermediate pair: its heatmap is empty
+    llkd = json.loads((seed / "llkd" / "3-interact" / "heatmap_end.json").read_text())
+    assert not any(any(row) for row in llkd["counts"])
+    assert result["matching_entropy"] and all(e >= 0 for pts in result["matching_entropy"].values()
+                                              for _, e in pts)
     panel = json.loads((seed / "panel.json").read_text())
     assert panel and [c["name"] for c in panel[0]["columns"]] == ["Student before", "VLsI", "Teacher"]
 
@@ -59,7 +90,7 @@ def test_report_html_is_self_contained(quick_demo):
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not re.search(r'(?:src|href)\s*=\s*"(?!data:)', page)
     assert page.count('src="data:image/png;base64,') >= 3  # two heatmaps, panel images
-    assert "<svg" in page and "<table>" in page
+    assert page.count("<svg") >= 2 and "optimizer step" in page and "held-out accuracy" in page
 
 
 def _chromium() -> str | None:
@@ -84,12 +115,12 @@ def test_report_renders_in_headless_chromium(quick_demo, tmp_path):
     assert "VLsI demo report" in dom and "Student, SFT only" in dom
 
 
-def test_rerun_reuses_finished_seed(quick_demo, capsys):
-    before = (quick_demo / "metrics.json").read_text()
-    assert main(["demo", "--quick", "--out", str(quick_demo)]) == 0
-    assert "done earlier" in capsys.readouterr().out
+def test_rerun_reuses_finished_seeds(quick_demo, capsys):
+    before = json.loads((quick_demo / "metrics.json").read_text())
+    assert main(["demo", "--quick", "--seeds", "2", "--out", str(quick_demo)]) == 0
+    assert capsys.readouterr().out.count("done earlier") == 2
     after = json.loads((quick_demo / "metrics.json").read_text())
-    assert after["rows"] == json.loads(before)["rows"]
+    assert after["rows"] == before["rows"]
 
 
 def test_other_recipe_in_same_out_is_refused(quick_demo, capsys):
@@ -98,12 +129,37 @@ def test_other_recipe_in_same_out_is_refused(quick_demo, capsys):
     assert err.startswith("error: ") and "different recipe" in err and err.count("\n") == 1
 
 
+def test_paired_verdict_rule():
+    assert paired([0.6, 0.62, 0.61], [0.5, 0.52, 0.5])["beats"]
+    assert not paired([0.6, 0.62, 0.49], [0.5, 0.52, 0.5])["beats"]  # one seed negative
+    noisy = paired([0.51, 0.60, 0.502], [0.5, 0.5, 0.5])  # all positive, mean < std
+    assert all(d > 0 for d in noisy["per_seed"]) and noisy["mean"] < noisy["std"] and not noisy["beats"]
+    assert not paired([0.9], [0.1])["tested"] and not paired([0.9], [0.1])["beats"]
+
+
+def test_pair_rebuild_is_bit_exact_and_checked(tmp_path, capsys):
+    assert run_pretrain(tmp_path / "a", quick=True) == 0
+    assert run_pretrain(tmp_path / "b", quick=True) == 0
+    quick = DemoRecipe().quick_pretraining()
+    a, b = load_pair(tmp_path / "a", quick), load_pair(tmp_path / "b", quick)
+    assert compare_pairs(a, b) == []
+    assert set(a.meta["files"]["teacher"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    with pytest.raises(VlsiError, match="another pretraining recipe"):
+        load_pair(tmp_path / "a", DemoRecipe())
+    # a pair whose data differs from the demo's data is refused before any training
+    (tmp_path / "a" / "data" / "train.json").write_text("[]")
+    with pytest.raises(VlsiError, match="differs from the data"):
+        run_demo(tmp_path / "a", quick=True, seeds=1, recipe=quick, pair_dir=tmp_path / "b")
+
+
 def test_user_errors_are_one_line(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "missing.json"), "--model", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert main(["demo", "--seeds", "0", "--out", str(tmp_path / "d")]) == 2
     assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert main(["demo", "--pair", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
+    assert "holds no pretrained pair" in capsys.readouterr().err
 
 
 def test_tiny_command_builds_a_pair(tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 from vlsi.matching import (
     STRATEGIES,
     algorithm1,
+    match,
     needed_mask,
     search_band_mask,
     select_pairs,
@@ -211,3 +212,39 @@ def test_sampling_probabilities_sum_to_one_for_large_scores():
     kld = torch.tensor([[1e4, 0.0, 5e3], [2.0, 1e5, 3.0]])
     w = select_pairs(kld, "vlsi", generator=_gen())
     assert _picks(w)[0] == 1 and math.isclose(float(w.sum()), 2.0)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_match_draws_what_select_pairs_draws(strategy):
+    kld = _kld(5, 11, seed=4)
+    m = match(kld, strategy, generator=_gen(9))
+    assert torch.equal(m.weights, select_pairs(kld, strategy, generator=_gen(9)))
+    torch.testing.assert_close(m.probs.sum(dim=1), torch.ones(5))
+    assert ((m.weights > 0) <= (m.probs > 0)).all()  # every pick had positive probability
+
+
+def test_matching_entropy_of_known_distributions():
+    flat = torch.zeros(3, 7)  # vlsi on flat scores: uniform over each band (widths depend on draws)
+    m = match(flat, "vlsi", generator=_gen())
+    widths = (m.probs > 0).sum(dim=1).double()
+    torch.testing.assert_close(m.entropy().double(), widths.log(), atol=1e-6, rtol=0)
+    assert torch.equal(match(_kld(), "uniform").entropy(), torch.zeros(T_S))
+    torch.testing.assert_close(match(_kld(), "bottom-k", k=3).entropy(), torch.full((T_S,), math.log(3)))
+    torch.testing.assert_close(match(_kld(), "random", generator=_gen()).entropy(),
+                               torch.full((T_S,), math.log(T_L)))
+
+
+def test_normalized_temperature_ignores_the_kld_scale_and_paper_does_not():
+    base = torch.tensor([[0.0, 0.3, 0.6, 0.9], [0.0, 0.0, 0.0, 0.0]])
+    def first_row(scores, rule):
+        return match(scores, "vlsi", temperature_rule=rule, generator=_gen()).probs[0, :3]
+    narrow, wide = first_row(base * 0.1, "normalized"), first_row(base * 10, "normalized")
+    torch.testing.assert_close(narrow, wide)
+    # logits always spread by scale = 2 over the band: best / worst = e^2
+    torch.testing.assert_close(narrow[0] / narrow[2], torch.tensor(math.exp(2.0)), rtol=1e-4, atol=0)
+    paper_narrow, paper_wide = first_row(base * 0.1, "paper"), first_row(base * 10, "paper")
+    # paper: spread (max - min)^2 / scale, so 0.06^2 / 2 (near uniform) against 6^2 / 2
+    assert float(paper_narrow.max() - paper_narrow.min()) < 0.01
+    assert float(paper_wide[0]) > 0.99
+    with pytest.raises(ValueError, match="temperature_rule"):
+        match(base, "vlsi", temperature_rule="sharp")

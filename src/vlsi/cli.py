@@ -4,7 +4,9 @@
     vlsi data synth OUT_DIR [--seed 0 ...]    write the synthetic visual-instruction dataset
     vlsi data check FILE --model DIR          validate a dataset, print counts and skips
     vlsi bench loss [...]                     chunked vs naive interaction-loss benchmark
-    vlsi demo [--quick] [--seeds N]           the whole method on tiny models, with a report
+    vlsi demo [--quick] [--seeds 3] [--pair DIR]   the method's claim on tiny models, with a report
+    vlsi demo pretrain --out DIR              rebuild the demo's pretrained pair from scratch
+    vlsi ablate [--only b d e f] [--seeds 3]  the paper's Table 4 at tiny scale
     vlsi generate --model DIR --image IMG --prompt TEXT [--num-beams N]
     vlsi verbalize-layers --model DIR --verbalizers DIR --image IMG --prompt TEXT --out F.html
     vlsi eval --model DIR --data FILE         MC accuracy / exact match (JSON or MMBench TSV)
@@ -49,9 +51,22 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from vlsi.demo import run_demo
+    from vlsi.demo import run_demo, run_pretrain
 
-    run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed)
+    if args.action == "pretrain":
+        if args.pair:
+            raise VlsiError("--pair is for `vlsi demo`; `vlsi demo pretrain` builds a pair into --out")
+        run_pretrain(args.out, quick=args.quick)
+        return
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, pair_dir=args.pair,
+             command=" ".join(["vlsi", *args.argv]))
+
+
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from vlsi.demo.ablate import run_ablate
+
+    run_ablate(args.out, only=args.only, seeds=args.seeds, quick=args.quick, pair_dir=args.pair,
+               command=" ".join(["vlsi", *args.argv]))
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -210,12 +225,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_mod.add_cli(bench_sub)
 
-    demo = sub.add_parser("demo", help="the whole method on the embedded default; writes a report")
+    demo = sub.add_parser("demo", help="the method's claim on the embedded default; writes a report",
+                          description="`vlsi demo`: distil the shipped pretrained pair three ways "
+                                      "and report; `vlsi demo pretrain --out DIR`: rebuild the pair.")
+    demo.add_argument("action", nargs="?", default="run", choices=["run", "pretrain"],
+                      help="run (default) or pretrain (train the teacher/student pair from scratch)")
     demo.add_argument("--out", default="runs/demo", help="output directory (a rerun resumes it)")
     demo.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
-    demo.add_argument("--seeds", type=int, default=1, help="repeat for N seeds, report mean ± std")
+    demo.add_argument("--seeds", type=int, default=3, help="distillation seeds (default 3): mean ± std "
+                                                           "and the paired verdict")
     demo.add_argument("--seed", type=int, default=0, help="first seed")
+    demo.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain` (default: the "
+                                                    "shipped one)")
     demo.set_defaults(func=_cmd_demo)
+
+    ablate = sub.add_parser("ablate", help="the paper's Table 4 (b, d, e, f) at tiny scale, on the demo's pair")
+    ablate.add_argument("--out", default="runs/ablate", help="output directory (a rerun resumes it)")
+    ablate.add_argument("--only", nargs="+", choices=["b", "d", "e", "f"], help="sub-tables to run "
+                                                                                "(default: all)")
+    ablate.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
+    ablate.add_argument("--quick", action="store_true", help="tiny budgets (plumbing check)")
+    ablate.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain`")
+    ablate.set_defaults(func=_cmd_ablate)
 
     gen = sub.add_parser("generate", help="answer a prompt (greedy; --num-beams for beam search)")
     gen.add_argument("--model", required=True, metavar="DIR", help="a checkpoint (e.g. an exported student)")
@@ -284,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _offline()
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)
     except VlsiError as err:

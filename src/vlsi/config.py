@@ -84,6 +84,7 @@ class InteractionConfig:
     strategy: str = "vlsi"
     scale: float = 2.0
     eps: float = 1e-6
+    temperature_rule: str = "paper"
     k: int = 3
     temperature: float = 1.0
     intermediate_op: str = "kld"
@@ -93,9 +94,10 @@ class InteractionConfig:
 
     def check(self, key: str) -> None:
         from vlsi.losses import OPS
-        from vlsi.matching import STRATEGIES
+        from vlsi.matching import STRATEGIES, TEMPERATURE_RULES
 
         _choice(self.strategy, STRATEGIES, f"{key}.strategy")
+        _choice(self.temperature_rule, TEMPERATURE_RULES, f"{key}.temperature_rule")
         _choice(self.intermediate_op, OPS, f"{key}.intermediate_op")
         _choice(self.last_op, OPS, f"{key}.last_op")
         _choice(self.divergence, ("forward", "reverse"), f"{key}.divergence")

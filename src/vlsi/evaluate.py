@@ -254,15 +254,16 @@ def score(item: EvalItem, prediction: str) -> dict[str, Any]:
 
 
 def evaluate(generator: Generator, items: list[EvalItem], *, batch_size: int = 32,
-             max_new_tokens: int = 16, progress: bool = True, desc: str = "eval",
+             max_new_tokens: int = 16, num_beams: int = 1, progress: bool = True,
+             desc: str = "eval",
              on_prediction: Callable[[dict[str, Any]], None] | None = None) -> EvalResult:
-    """Generate (greedy) for every item and score it."""
+    """Generate (greedy; beam search with ``num_beams`` > 1) for every item and score it."""
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         answers = generator.generate([it.prompt for it in chunk], max_new_tokens=max_new_tokens,
-                                     batch_size=batch_size)
+                                     num_beams=num_beams, batch_size=batch_size)
         for it, answer in zip(chunk, answers):
             rows.append(score(it, answer))
             if on_prediction:

@@ -4,8 +4,8 @@ The interaction step counts how often each (student layer, teacher layer) pair w
 (:class:`vlsi.recorder.MatchRecorder`); the paper plots these counts at the start and at the end
 of training. :func:`render_heatmap` draws a ``[rows, cols]`` count matrix: one cell per pair,
 coloured by its share of the row's selections (each student layer's row sums to 1, so rows with
-different totals stay comparable), the count written in the cell, axes labelled with the actual
-decoder-layer indices. :func:`save_heatmap` writes the PNG and a JSON twin with the numbers.
+different totals stay comparable), that share written in the cell as a percentage, each row's
+number of selections at its right end, axes labelled with the actual decoder-layer indices. :func:`save_heatmap` writes the PNG and a JSON twin with the numbers.
 
 Example::
 
@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 # between its stops. Light for "never chosen" keeps the chosen pairs visible at a glance.
 _PALETTE = [(255, 255, 217), (199, 233, 180), (65, 182, 196), (34, 94, 168), (8, 29, 88)]
 _BACKGROUND = (255, 255, 255)
+_NEVER = (240, 240, 240)  # a pair never chosen: light grey, so the grid stays visible
 _INK = (20, 20, 20)
 
 
@@ -69,7 +70,7 @@ def render_heatmap(
     title: str = "",
     row_axis: str = "student layer",
     col_axis: str = "teacher layer",
-    cell: int = 36,
+    cell: int = 64,
 ) -> Image.Image:
     """Draw ``counts`` ``[rows, cols]`` as an RGB heatmap image.
 
@@ -88,16 +89,18 @@ def render_heatmap(
         raise ValueError(f"need {rows} row labels and {cols} column labels, "
                          f"got {len(row_labels)} and {len(col_labels)}")
     shares = row_shares(counts)
-    font, small = _font(max(10, cell // 3)), _font(max(9, cell // 4))
+    font, small = _font(max(14, cell // 4)), _font(max(13, cell // 4 - 2))
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = max(_text_size(probe, str(x), font)[0] for x in row_labels)
-    line_h = _text_size(probe, "Ag0", font)[1] + 6
+    totals = [f"n={int(t)}" for t in counts.sum(dim=1).tolist()]
+    total_w = max(_text_size(probe, t, small)[0] for t in totals) + 12
+    line_h = _text_size(probe, "Ag0", font)[1] + 8
 
-    left = line_h + label_w + 10           # rotated row-axis title, then row labels
+    left = line_h + label_w + 12           # rotated row-axis title, then row labels
     top = 2 * line_h if title else line_h // 2
     grid_w, grid_h = cols * cell, rows * cell
-    legend_h = line_h + 12
-    width = max(left + grid_w + 16, left + _text_size(probe, title, font)[0] + 16)
+    legend_h = 2 * line_h + 12
+    width = max(left + grid_w + total_w + 16, left + _text_size(probe, title, font)[0] + 16, 420)
     height = top + grid_h + 2 * line_h + legend_h + 8
 
     image = Image.new("RGB", (width, height), _BACKGROUND)
@@ -111,28 +114,32 @@ def render_heatmap(
         for j in range(cols):
             x0 = left + j * cell
             share = float(shares[i, j])
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=colour(share), outline=_BACKGROUND)
+            fill = colour(share) if counts[i, j] > 0 else _NEVER
+            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=fill, outline=_BACKGROUND)
             if counts[i, j] > 0:  # dark cells get white digits
                 ink = _BACKGROUND if share > 0.55 else _INK
-                _centered(draw, (x0 + cell / 2, y0 + cell / 2), str(int(counts[i, j])), small, ink)
+                _centered(draw, (x0 + cell / 2, y0 + cell / 2), f"{100 * share:.0f}%", small, ink)
+        draw.text((left + grid_w + 8, y0 + cell / 2), totals[i], font=small, fill=_INK, anchor="lm")
     for j in range(cols):
         _centered(draw, (left + j * cell + cell / 2, top + grid_h + line_h / 2 + 2), str(col_labels[j]), font, _INK)
     _centered(draw, (left + grid_w / 2, top + grid_h + 1.5 * line_h + 2), col_axis, font, _INK)
 
     # Row-axis title, written horizontally then rotated to run up the left edge.
     tw, th = _text_size(probe, row_axis, font)
-    label = Image.new("RGB", (tw + 4, th + 6), _BACKGROUND)
+    label = Image.new("RGB", (tw + 4, th + 8), _BACKGROUND)
     ImageDraw.Draw(label).text((2, 0), row_axis, font=font, fill=_INK)
     label = label.rotate(90, expand=True)
     image.paste(label, (2, max(0, int(top + grid_h / 2 - label.height / 2))))
 
-    # Legend: the palette from share 0 to share 1 of a row.
+    # Legend: the palette from 0% to 100% of a row's selections.
     ly = top + grid_h + 2 * line_h + 6
-    lw = min(grid_w, 120)
+    lw = max(160, min(grid_w, 240))
     for x in range(lw):
-        draw.line([(left + x, ly), (left + x, ly + 8)], fill=colour(x / max(lw - 1, 1)))
-    draw.text((left, ly + 10), "0", font=small, fill=_INK)
-    draw.text((left + lw, ly + 10), "1 (share of row)", font=small, fill=_INK, anchor="ra")
+        draw.line([(left + x, ly), (left + x, ly + 12)], fill=colour(x / max(lw - 1, 1)))
+    draw.text((left, ly + 14), "0%", font=small, fill=_INK)
+    draw.text((left + lw, ly + 14), "100%", font=small, fill=_INK, anchor="ra")
+    draw.text((left, ly + 14 + line_h - 4), "share of the student layer's selections (n per row)",
+              font=small, fill=_INK)
     return image
 
 

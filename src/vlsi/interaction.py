@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from vlsi.losses import OPS, DIVERGENCES, compute_dtype, log_probs, pair_loss_logprobs
-from vlsi.matching import STRATEGIES, needed_mask, select_pairs
+from vlsi.matching import STRATEGIES, Matching, match, needed_mask
 
 # 256 tokens x 151,936 vocab x 4 bytes = 155 MB per [chunk, V] float32 buffer; the scoring pass
 # holds about t_s + 4 of them (1.7 GB at t_s = 7). Large enough that the LM-head matmuls stay
@@ -70,6 +70,9 @@ class InteractionResult:
             intermediate op is ``none`` or there is no response token).
         pair_losses: float32 ``[t_s, t_l]`` mean op loss of the selected pairs, 0 elsewhere.
         last_loss: mean last-layer loss (0.0 when the last op is ``none``).
+        matching_entropy: float32 ``[t_s]``, entropy (nats) of the distribution each student
+            layer's pair was drawn from (:meth:`vlsi.matching.Matching.entropy`); NaN when no
+            pair was selected.
     """
 
     loss: Tensor
@@ -77,6 +80,7 @@ class InteractionResult:
     weights: Tensor
     pair_losses: Tensor
     last_loss: float
+    matching_entropy: Tensor
 
 
 @dataclass
@@ -172,6 +176,7 @@ def _empty_result(problem: _Problem) -> InteractionResult:
         weights=torch.zeros(shape, device=device),
         pair_losses=torch.zeros(shape, device=device),
         last_loss=0.0,
+        matching_entropy=torch.full((problem.t_s,), float("nan")),
     )
 
 
@@ -290,10 +295,11 @@ def _check_frozen(s_logp: Tensor, h: Tensor, index: int) -> None:
 _Term = tuple[int, float, str]
 
 
-def _plan(problem: _Problem, weights_cpu: Tensor) -> dict[int, list[_Term]]:
+def _plan(problem: _Problem, matching: Matching | None) -> dict[int, list[_Term]]:
     """Student index -> terms of the loss; the last layer is student ``t_s`` vs teacher ``t_l``."""
     plan: dict[int, list[_Term]] = {}
-    if problem.intermediate_op != "none":
+    if matching is not None:
+        weights_cpu = matching.weights.cpu()
         for i, j in weights_cpu.nonzero().tolist():
             plan.setdefault(i, []).append((j, float(weights_cpu[i, j]), problem.intermediate_op))
     if problem.last_op != "none":
@@ -365,31 +371,41 @@ class _PrecomputedGradient(torch.autograd.Function):
         return grad.mul_(grad_output.to(grad.dtype)), None, None
 
 
-def _resolve_weights(
+def _resolve_matching(
     problem: _Problem,
     kld: Tensor,
     weights: Tensor | None,
     strategy: str,
     generator: torch.Generator | None,
     matching_kwargs: dict | None,
-) -> Tensor:
-    """Matching weights ``[t_s, t_l]`` float32 on the hidden states' device."""
+) -> Matching | None:
+    """The matching (float32 ``[t_s, t_l]`` on the hidden states' device); ``None`` without an
+    intermediate term."""
     device = problem.student_hidden.device
     shape = (problem.t_s, problem.t_l)
     if problem.intermediate_op == "none":
-        return torch.zeros(shape, device=device)
+        return None
     if weights is not None:
         if tuple(weights.shape) != shape:
             raise ValueError(f"weights must be {list(shape)}, got {list(weights.shape)}")
-        return weights.detach().to(device=device, dtype=torch.float32)
-    return select_pairs(kld, strategy, generator=generator, **(matching_kwargs or {}))
+        fixed = weights.detach().to(device=device, dtype=torch.float32)
+        return Matching(fixed, fixed)
+    return match(kld, strategy, generator=generator, **(matching_kwargs or {}))
 
 
-def _result(problem: _Problem, loss: Tensor, kld: Tensor, weights: Tensor, sums: Tensor) -> InteractionResult:
+def _result(problem: _Problem, loss: Tensor, kld: Tensor, matching: Matching | None,
+            sums: Tensor) -> InteractionResult:
     """Pack per-term sums ``[t_s + 1, t_l + 1]`` into means."""
+    device = problem.student_hidden.device
+    if matching is None:
+        weights = torch.zeros(problem.t_s, problem.t_l, device=device)
+        entropy = torch.full((problem.t_s,), float("nan"))
+    else:
+        weights, entropy = matching.weights, matching.entropy().cpu()
     means = sums / problem.n_tokens
     pair_losses = (means[: problem.t_s, : problem.t_l] * (weights > 0)).float()
-    return InteractionResult(loss, kld, weights, pair_losses, float(means[problem.t_s, problem.t_l]))
+    return InteractionResult(loss, kld, weights, pair_losses, float(means[problem.t_s, problem.t_l]),
+                             entropy)
 
 
 def interaction_loss(
@@ -439,8 +455,8 @@ def interaction_loss(
         return _empty_result(problem)
     needed = _needed(problem, strategy)
     kld = _score_kld(problem, needed, chunk_size)
-    weights = _resolve_weights(problem, kld, weights, strategy, generator, matching_kwargs)
-    plan = _plan(problem, weights.cpu())
+    matching = _resolve_matching(problem, kld, weights, strategy, generator, matching_kwargs)
+    plan = _plan(problem, matching)
 
     need_grad = student_hidden.requires_grad and torch.is_grad_enabled()
     grad_buffer = torch.zeros_like(student_hidden) if need_grad else None
@@ -450,7 +466,7 @@ def interaction_loss(
     value = sum((w * sums[i, j] for i, j, w in terms), torch.zeros((), dtype=torch.float64, device=sums.device))
     value = (value / problem.n_tokens).to(problem.dtype)
     loss = _PrecomputedGradient.apply(student_hidden, value, grad_buffer) if need_grad else value
-    return _result(problem, loss, kld, weights, sums)
+    return _result(problem, loss, kld, matching, sums)
 
 
 def naive_interaction_loss(
@@ -494,8 +510,8 @@ def naive_interaction_loss(
     kld = torch.full((problem.t_s, problem.t_l), float("nan"), device=student_hidden.device)
     for i, j in needed.nonzero().tolist():
         kld[i, j] = pair_loss_logprobs("kld", t_logp[j], s_logp[i].detach(), divergence).mean().float()
-    weights = _resolve_weights(problem, kld, weights, strategy, generator, matching_kwargs)
-    plan = _plan(problem, weights.cpu())
+    matching = _resolve_matching(problem, kld, weights, strategy, generator, matching_kwargs)
+    plan = _plan(problem, matching)
 
     sums = torch.zeros(problem.t_s + 1, problem.t_l + 1, dtype=torch.float64, device=student_hidden.device)
     loss = (student_hidden.sum() * 0).to(problem.dtype)
@@ -508,4 +524,4 @@ def naive_interaction_loss(
             mean = pair_loss_logprobs(op, t_logp[j], s_logp[i], divergence).mean()
             sums[i, j] = mean.detach().to(torch.float64) * problem.n_tokens
             loss = loss + weight * mean
-    return _result(problem, loss, kld, weights, sums)
+    return _result(problem, loss, kld, matching, sums)

@@ -13,7 +13,9 @@ import pytest
 from PIL import Image
 
 from vlsi.data.synthetic import (
+    BASIC_CATEGORIES,
     CATEGORIES,
+    REASONING_CATEGORIES,
     COLOR_RGB,
     LETTERS,
     MC_INSTRUCTION,
@@ -110,7 +112,7 @@ def test_every_category_present_and_meta_counts(dataset: Path) -> None:
     for split, size in (("train", SMALL["num_train"]), ("eval", SMALL["num_eval"])):
         records = _load(dataset, split)
         counts = Counter(r["category"] for r in records)
-        assert set(counts) == set(CATEGORIES)
+        assert set(counts) == set(BASIC_CATEGORIES)  # the default mix
         assert meta["splits"][split]["num_samples"] == len(records) == size
         assert meta["splits"][split]["categories"] == dict(counts)
         assert sum(meta["splits"][split]["forms"].values()) == size
@@ -274,3 +276,47 @@ def test_cli_synth(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert meta["config"]["image_size"] == 84 and meta["config"]["seed"] == 4
     with pytest.raises(VlsiError, match="overwrite"):
         args.func(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def reasoning(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reasoning")
+    generate_dataset(out, SyntheticConfig(seed=3, num_train=400, num_eval=40, mc_fraction=0.0,
+                                          categories=REASONING_CATEGORIES,
+                                          shapes=SHAPES[:4], colors=tuple(COLOR_RGB)[:4],
+                                          object_scale=(1.0, 1.0)))
+    return out
+
+
+def _quadrants_with(pixels: np.ndarray, colour: str) -> int:
+    return int(sum((pixels[region] == COLOR_RGB[colour]).all(axis=-1).any()
+                   for region in _quadrant_slices(56).values()))
+
+
+def test_reasoning_answers_follow_from_the_pixels(reasoning: Path) -> None:
+    records = _load(reasoning, "train") + _load(reasoning, "eval")
+    assert set(Counter(r["category"] for r in records)) == set(REASONING_CATEGORIES)
+    colours = "|".join(COLOR_RGB)
+    for record in records:
+        question, answer, pixels = _question(record), int(record["answer"]), _pixels(reasoning, record)
+        if record["category"] == "count_or":
+            a, b = re.fullmatch(rf"How many shapes are ({colours}) or ({colours})\?", question).groups()
+            assert answer == _quadrants_with(pixels, a) + _quadrants_with(pixels, b), record
+        elif record["category"] == "count_more":
+            a, b = re.fullmatch(rf"How many more ({colours}) shapes than ({colours}) shapes are there\?",
+                                question).groups()
+            assert answer == _quadrants_with(pixels, a) - _quadrants_with(pixels, b) >= 0, record
+        elif record["category"] == "count_and":
+            colour = re.fullmatch(rf"How many ({colours}) \w+ are there\?", question).group(1)
+            assert answer <= _quadrants_with(pixels, colour), record
+        else:
+            added = int(re.fullmatch(r"If (\d) more .+", question).group(1))
+            assert 1 <= added <= 3 and 0 <= answer - added <= 4, record
+
+
+def test_reasoning_answers_are_balanced(reasoning: Path) -> None:
+    # each answer is drawn uniformly before its scene, so no value dominates a category
+    records = _load(reasoning, "train")
+    for category in REASONING_CATEGORIES:
+        counts = Counter(r["answer"] for r in records if r["category"] == category)
+        assert max(counts.values()) < 0.4 * sum(counts.values()), (category, counts)

@@ -151,3 +151,31 @@ def test_metrics_jsonl_tensorboard_and_progress_bar(tmp_path):
     assert records[-1].get("train_runtime") is not None  # the end-of-training summary line
     assert list(tmp_path.glob("runs/*/events.out.tfevents.*")), "no TensorBoard event file"
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+
+def test_training_data_is_scanned_once_per_process(tiny_pair, synth_dir, monkeypatch):
+    from vlsi.config import DataConfig
+    from vlsi.data.dataset import VisualInstructionDataset
+    from vlsi.stages import common
+
+    scans = []
+    original = VisualInstructionDataset.from_files.__func__
+    monkeypatch.setattr(VisualInstructionDataset, "from_files",
+                        classmethod(lambda cls, *a, **k: scans.append(a[0]) or original(cls, *a, **k)))
+    monkeypatch.setattr(common, "_SCANNED", {})
+    train = synth_dir / "train.json"
+    data = DataConfig(train=[str(train)], image_root=str(synth_dir), max_length=256)
+    pair = tiny_pair("qwen2_vl")
+    first, _, _ = common.load_training_data(data, pair.student)
+    again, _, _ = common.load_training_data(data, pair.teacher)  # same tokenizer and processor files
+    assert again is first and len(scans) == 1
+    other, _, _ = common.load_training_data(DataConfig(train=[str(train)], image_root=str(synth_dir),
+                                                       max_length=128), pair.student)
+    assert other is not first and len(scans) == 2
+    text = train.read_text()
+    train.write_text(text.replace("]", " ]", 1))  # same records, another size: scanned again
+    try:
+        changed, _, _ = common.load_training_data(data, pair.student)
+        assert changed is not first and len(scans) == 3
+    finally:
+        train.write_text(text)

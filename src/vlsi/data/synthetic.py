@@ -33,6 +33,12 @@ Categories (each in short-answer or multiple-choice form; answers in brackets):
                Is the star above or below the blue shape?                 [above/below]
   where        Where is the blue shape?                               [top-left, ..., bottom-right]
   sequence     Which shape completes the sequence?                    [star with a dot, circle]
+Two-step categories (not in the default mix; ``REASONING_CATEGORIES``), each answer a digit
+drawn uniformly from its range before the scene is built:
+  count_and    How many red stars are there?                   (colour AND shape)
+  count_or     How many shapes are red or blue?                (sum of two colour counts)
+  count_more   How many more red shapes than blue shapes are there?   (difference, >= 0)
+  count_add    If 2 more stars were added, how many stars would there be?  (count + 1..3)
 Objects are referred to by colour ("the red shape"), shape ("the star") or both ("the red star"),
 whichever is unique in the image, so most answers combine two visual facts. Sequence puzzles
 (the paper's Fig. 3) are panels read left to right, top to bottom, repeating a motif of
@@ -96,10 +102,15 @@ COLOR_RGB: dict[str, tuple[int, int, int]] = {
     "pink": (255, 110, 190),
 }
 DEFAULT_COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple", "orange")
-CATEGORIES: tuple[str, ...] = (
+# One-hop questions: one visual fact, or one count (the default mix).
+BASIC_CATEGORIES: tuple[str, ...] = (
     "shape_at", "shape_of", "color_at", "color_of", "count_color", "count_shape",
     "relative", "where", "sequence",
 )
+# Two-step questions over the objects: two predicates combined, or arithmetic on a count.
+# Perception is the same as for one count; the extra step is done by the language model.
+REASONING_CATEGORIES: tuple[str, ...] = ("count_and", "count_or", "count_more", "count_add")
+CATEGORIES: tuple[str, ...] = BASIC_CATEGORIES + REASONING_CATEGORIES
 SEQUENCE_ATTRIBUTES: tuple[str, ...] = ("color", "dot")
 QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 PLURALS: dict[str, str] = {"cross": "crosses"}
@@ -128,7 +139,7 @@ class SyntheticConfig:
     grid_size: int = 2
     min_objects: int = 1
     max_objects: int = 4
-    categories: tuple[str, ...] = CATEGORIES
+    categories: tuple[str, ...] = BASIC_CATEGORIES
     mc_fraction: float = 0.25
     mc_options: int = 4
     shapes: tuple[str, ...] = DEFAULT_SHAPES
@@ -499,6 +510,74 @@ def _ask_where(rng: random.Random, objects: list[_Object], cfg: SyntheticConfig)
                _others([_quadrant(o, cfg.grid_size) for o in objects], quadrant))
 
 
+def _recolour(rng: random.Random, scene: list[_Object], plan: list[str | None],
+              cfg: SyntheticConfig, avoid: tuple[str, ...]) -> list[_Object]:
+    """Give object ``k`` colour ``plan[k]``, or (``None``) a palette colour not in ``avoid``."""
+    others = [c for c in cfg.colors if c not in avoid]
+    return [replace(obj, color=color if color is not None else rng.choice(others))
+            for obj, color in zip(scene, plan)]
+
+
+def _scene_with(rng: random.Random, cfg: SyntheticConfig, needed: int) -> list[_Object]:
+    """A scene of at least ``needed`` objects (and at least ``min_objects``)."""
+    return _sample_scene(rng, cfg, rng.randint(max(needed, cfg.min_objects), cfg.max_objects))
+
+
+def _ask_count_and(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[_Object], _QA]:
+    count = rng.randint(0, cfg.max_objects)
+    scene = _scene_with(rng, cfg, count)
+    color, shape = rng.choice(cfg.colors), rng.choice(cfg.shapes)
+    chosen = set(rng.sample(range(len(scene)), count))
+    pairs = [(c, s) for c in cfg.colors for s in cfg.shapes if (c, s) != (color, shape)]
+    scene = [replace(obj, color=color, shape=shape) if k in chosen
+             else replace(obj, **dict(zip(("color", "shape"), rng.choice(pairs))))
+             for k, obj in enumerate(scene)]
+    return scene, _count_qa(f"How many {color} {_plural(shape)} are there?", count, cfg)
+
+
+def _ask_count_or(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[_Object], _QA]:
+    count = rng.randint(0, cfg.max_objects)
+    scene = _scene_with(rng, cfg, count)
+    first, second = rng.sample(cfg.colors, 2)
+    chosen = set(rng.sample(range(len(scene)), count))
+    plan = [rng.choice((first, second)) if k in chosen else None for k in range(len(scene))]
+    scene = _recolour(rng, scene, plan, cfg, avoid=(first, second))
+    return scene, _count_qa(f"How many shapes are {first} or {second}?", count, cfg)
+
+
+def _ask_count_more(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[_Object], _QA]:
+    difference = rng.randint(0, cfg.max_objects)
+    smaller = rng.randint(0, (cfg.max_objects - difference) // 2)
+    larger = smaller + difference
+    scene = _scene_with(rng, cfg, larger + smaller)
+    first, second = rng.sample(cfg.colors, 2)
+    plan: list[str | None] = [first] * larger + [second] * smaller
+    plan += [None] * (len(scene) - len(plan))
+    rng.shuffle(plan)
+    scene = _recolour(rng, scene, plan, cfg, avoid=(first, second))
+    return scene, _count_qa(f"How many more {first} shapes than {second} shapes are there?",
+                            difference, cfg)
+
+
+def _ask_count_add(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[_Object], _QA]:
+    scene, shape, count = _sample_count_scene(rng, cfg, "shape")
+    added = rng.randint(1, 3)
+    answer = count + added
+    question = (f"If {added} more {_plural(shape) if added > 1 else shape} "
+                f"{'were' if added > 1 else 'was'} added, how many {_plural(shape)} would there be?")
+    choices = tuple(str(n) for n in range(1, cfg.max_objects + 4))
+    return scene, _QA(question, str(answer), choices,
+                      _others([str(count), str(answer - 1), str(answer + 1)], str(answer)))
+
+
+_REASONING_QUESTIONS = {
+    "count_and": _ask_count_and,
+    "count_or": _ask_count_or,
+    "count_more": _ask_count_more,
+    "count_add": _ask_count_add,
+}
+
+
 SceneQuestion = Callable[[random.Random, list[_Object], SyntheticConfig], "_QA | None"]
 _SCENE_QUESTIONS: dict[str, SceneQuestion] = {
     "shape_at": _ask_shape_at,
@@ -610,7 +689,9 @@ def _draw_sample(category: str, rng: random.Random,
                  cfg: SyntheticConfig) -> tuple[Image.Image, _QA] | None:
     if category == "sequence":
         return _make_sequence(rng, cfg)
-    if category == "count_color":
+    if category in _REASONING_QUESTIONS:
+        objects, qa = _REASONING_QUESTIONS[category](rng, cfg)
+    elif category == "count_color":
         objects, color, count = _sample_count_scene(rng, cfg, "color")
         qa = _count_qa(f"How many {color} shapes are there?", count, cfg)
     elif category == "count_shape":

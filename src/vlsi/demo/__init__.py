@@ -1,28 +1,31 @@
-"""``vlsi demo``: the whole method on an embedded default, offline, on a CPU.
+"""``vlsi demo``: the method's claim, measured on an embedded default, offline, on a CPU.
 
-    vlsi demo [--out runs/demo] [--quick] [--seeds N] [--seed S]
+    vlsi demo [--out runs/demo] [--seeds 3] [--quick] [--pair DIR]
+    vlsi demo pretrain --out DIR [--quick]
 
-1. writes the synthetic visual-instruction dataset (``OUT/data``; :mod:`vlsi.demo.recipe`);
-2. per seed, builds a tiny Qwen2-VL teacher ("large backbone": more and wider layers) and student
-   sharing one tokenizer and trains both from scratch (:mod:`vlsi.demo.pretrain`);
-3. runs VLsI (``vlsi distill``: verbalize both, interaction with adaptive layer matching, SFT) and
-   the SFT-only baseline from the same student with as many samples and optimizer steps as
-   interaction + SFT together (:mod:`vlsi.demo.pipeline`);
-4. evaluates the teacher, the student before, SFT-only, VLsI without its SFT step and VLsI on
-   the held-out split with greedy generation (:mod:`vlsi.evaluate`);
+1. writes the synthetic visual-instruction dataset (``OUT/data``; :mod:`vlsi.demo.recipe`) and
+   checks it is the one the pretrained pair was trained on;
+2. takes the pretrained tiny Qwen2-VL pair, each model trained to its plateau on that data
+   (:mod:`vlsi.demo.pair`: shipped with the package; ``vlsi demo pretrain`` rebuilds it);
+3. per seed, distils the student three ways with the same optimizer steps, batch and samples:
+   SFT only, last-layer KD + SFT, and VLsI (verbalize both, interaction with adaptive layer
+   matching, SFT) (:mod:`vlsi.demo.pipeline`);
+4. evaluates every row on the held-out split with greedy generation (beam search for VLsI
+   without SFT too; :mod:`vlsi.evaluate`);
 5. writes ``report.html`` (self-contained), ``report.md`` and ``metrics.json`` into ``OUT``
-   (:mod:`vlsi.demo.report`).
+   (:mod:`vlsi.demo.report`), with the paired per-seed differences and the verdict.
 
-``--seeds N`` repeats steps 2-4 for seeds S..S+N-1 on the same data and reports mean ± std.
-``--quick`` runs the same pipeline on a fraction of the budget (a plumbing check, used by the
-test suite; its numbers mean little). A rerun into the same ``OUT`` reuses finished seeds and
-stages and resumes unfinished ones; a different recipe needs a fresh ``OUT``.
+The seeds vary the distillation (LoRA initialisation, data order, matching draws), not the
+pretrained pair. ``--quick`` runs the same pipeline on a fraction of the budget (a plumbing
+check, used by the test suite; its numbers mean little). A rerun into the same ``OUT`` reuses
+finished seeds and stages and resumes unfinished ones; a different recipe needs a fresh ``OUT``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,9 +41,9 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def _check_recipe(out: Path, recipe: DemoRecipe, quick: bool) -> None:
-    """Refuse to mix runs: ``OUT`` keeps the recipe it was started with."""
-    current = json.loads(json.dumps({"quick": quick, **asdict(recipe)}))
+def _check_recipe(out: Path, recipe: DemoRecipe, quick: bool, pair_dir: Path) -> None:
+    """Refuse to mix runs: ``OUT`` keeps the recipe (and pair) it was started with."""
+    current = json.loads(json.dumps({"quick": quick, "pair": str(pair_dir.resolve()), **asdict(recipe)}))
     path = out / RECIPE_FILE
     if path.is_file():
         before = json.loads(path.read_text())
@@ -52,34 +55,57 @@ def _check_recipe(out: Path, recipe: DemoRecipe, quick: bool) -> None:
         path.write_text(json.dumps(current, indent=2) + "\n")
 
 
-def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int = 1, seed: int = 0,
-             recipe: DemoRecipe | None = None) -> dict[str, Any]:
+def prepare_data(out: Path, recipe: DemoRecipe, pair: Any) -> Path:
+    """``OUT/data``, regenerated; refused if it is not the data the pair was trained on."""
+    from vlsi.data.synthetic import generate_dataset
+    from vlsi.demo.pair import REBUILD_COMMAND, data_digest
+
+    data_dir = out / "data"
+    if not (data_dir / "meta.json").is_file():
+        _say(f"writing the synthetic dataset to {data_dir}")
+        generate_dataset(data_dir, recipe.task, overwrite=True)
+    if data_digest(data_dir) != pair.meta["data_sha256"]:
+        raise VlsiError(f"{data_dir} differs from the data the pretrained pair was trained on; "
+                        f"rebuild the pair with `{REBUILD_COMMAND}`")
+    return data_dir
+
+
+def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int = 3, seed: int = 0,
+             recipe: DemoRecipe | None = None, pair_dir: str | Path | None = None,
+             command: str | None = None) -> dict[str, Any]:
     """Run the demo into ``out`` and return its metrics (see the module docstring)."""
     from transformers.utils import logging as hf_logging
 
-    from vlsi.data.synthetic import generate_dataset
-    from vlsi.demo.pipeline import run_seed
+    from vlsi.demo.pair import load_pair, shipped_pair
+    from vlsi.demo.pipeline import FIXED_ROWS, evaluate_model, run_seed
     from vlsi.demo.report import verdicts, write_report
+    from vlsi.evaluate import load_items
 
     if seeds < 1:
         raise VlsiError(f"--seeds must be at least 1, got {seeds}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.set_verbosity_error()
     recipe = recipe or DemoRecipe()
+    pair = load_pair(pair_dir or shipped_pair(), recipe)
     if quick:
         recipe = recipe.quick()
     out = Path(out)
-    _check_recipe(out, recipe, quick)
+    _check_recipe(out, recipe, quick, pair.root)
     start = time.perf_counter()
-    data_dir = out / "data"
-    if not (data_dir / "meta.json").is_file():
-        _say(f"writing the synthetic dataset to {data_dir}")
-        generate_dataset(data_dir, recipe.task, overwrite=True)
-    results = [run_seed(recipe, out, data_dir, s, _say) for s in range(seed, seed + seeds)]
-    setup = {"teacher": _size(recipe.teacher), "student": _size(recipe.student),
-             "num_train": recipe.task.num_train, "num_eval": recipe.task.num_eval,
-             "quick": quick, "wall_seconds": round(time.perf_counter() - start, 1)}
-    metrics = write_report(out, results, setup)
+    data_dir = prepare_data(out, recipe, pair)
+    items, _ = load_items(data_dir / "eval.json")
+    items = items[: recipe.eval_samples] if recipe.eval_samples else items
+    fixed = {}
+    for key, label in FIXED_ROWS:
+        _say(f"evaluating the {label.lower()} on {len(items)} held-out questions")
+        fixed[key] = evaluate_model(key, pair.teacher if key == "teacher" else pair.student, items,
+                                    out / "eval", recipe)
+    results = [run_seed(recipe, out, data_dir, pair, items, s, _say) for s in range(seed, seed + seeds)]
+    setup = {"recipe": json.loads(json.dumps(asdict(recipe))), "quick": quick,
+             "pair": {"dir": str(pair.root), "shipped": pair.shipped, "meta": pair.meta},
+             "command": command or " ".join(["vlsi", *sys.argv[1:]]),
+             "num_eval": len(items), "wall_seconds": round(time.perf_counter() - start, 1)}
+    metrics = write_report(out, fixed, results, setup)
     _say("")
     for line in _summary(metrics):
         _say(line)
@@ -90,15 +116,32 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     return metrics
 
 
-def _size(size: Any) -> str:
-    return (f"{size.num_layers} layers x {size.hidden_size} "
-            f"(vision {size.vision_depth} x {size.vision_width})")
+def run_pretrain(out: str | Path, *, quick: bool = False, recipe: DemoRecipe | None = None) -> int:
+    """``vlsi demo pretrain``: build the pair; compare it with the shipped one when comparable."""
+    from vlsi.demo.pair import Pair, build_pair, compare_pairs, shipped_pair
+
+    recipe = recipe or DemoRecipe()
+    if quick:
+        recipe = recipe.quick_pretraining()
+    pair = build_pair(out, recipe, say=_say)
+    _say(f"pair written to {pair.root} ({pair.meta['wall_seconds']:.0f} s): teacher {pair.teacher}, "
+         f"student {pair.student}")
+    shipped = shipped_pair() / "pair.json"
+    if not quick and shipped.is_file():
+        reference = Pair(shipped_pair(), json.loads(shipped.read_text()))
+        if reference.meta["recipe"] == pair.meta["recipe"]:
+            diffs = compare_pairs(pair, reference)
+            _say("identical to the shipped pair" if not diffs else
+                 f"differs from the shipped pair in {len(diffs)} files: {', '.join(diffs[:6])} "
+                 f"(built with {reference.meta['built_with']}, here {pair.meta['built_with']})")
+    return 0
 
 
 def _summary(metrics: dict[str, Any]) -> list[str]:
     n = metrics["num_seeds"]
-    lines = [f"{'model':<28} accuracy (%)" + (f" over {n} seeds" if n > 1 else "")]
+    lines = [f"{'model':<40} accuracy (%)" + (f" over {n} seeds" if n > 1 else "")]
     for key, row in metrics["rows"].items():
-        value = f"{100 * row['mean']:.1f}" + (f" ± {100 * row['std']:.1f}" if n > 1 else "")
-        lines.append(f"{row['label']:<28} {value}")
+        value = f"{100 * row['mean']:.1f}" + (f" ± {100 * row['std']:.1f}" if n > 1 and not row["fixed"] else "")
+        lines.append(f"{row['label']:<40} {value}")
     return lines
+

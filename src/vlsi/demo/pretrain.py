@@ -45,6 +45,7 @@ from vlsi.stages.common import (
 )
 
 MODEL_DIR = "model"
+SNAPSHOTS = "snapshots"
 CURVE = "curve.json"
 
 
@@ -97,6 +98,19 @@ class CurveCallback(TrainerCallback):
         self._start = time.perf_counter()
 
 
+class SnapshotCallback(TrainerCallback):
+    """Exports the model at the given optimizer steps to ``out/snapshots/step-N`` (weaker
+    versions of the same model, e.g. teachers of several strengths from one run)."""
+
+    def __init__(self, backbone: Backbone, source: str | Path, out: Path, steps: tuple[int, ...]):
+        self.backbone, self.source, self.out, self.steps = backbone, source, out, set(steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        target = self.out / f"step-{state.global_step}"
+        if state.global_step in self.steps and not (target / "config.json").is_file():
+            export_student(self.backbone.model, self.source, target)
+
+
 @dataclass
 class PretrainResult:
     model_dir: Path
@@ -105,10 +119,34 @@ class PretrainResult:
     params: int
 
 
+def share_vision_encoder(backbone: Backbone, source: str | Path) -> int:
+    """Copy the vision encoder of checkpoint ``source`` into ``backbone`` and freeze it.
+
+    Every vision parameter except the projector (``merger``, which maps to the language
+    model's own width) is copied from ``source``, where names and shapes agree, and frozen,
+    as Qwen2-VL-2B, -7B and -72B share one vision encoder. Returns the number copied.
+    """
+    donor = load_backbone(source).model.model.visual.state_dict()
+    copied = 0
+    for name, param in backbone.model.model.visual.named_parameters():
+        if name.startswith("merger.") or name not in donor or donor[name].shape != param.shape:
+            continue
+        with torch.no_grad():
+            param.copy_(donor[name])
+        param.requires_grad_(False)
+        copied += 1
+    return copied
+
+
 def pretrain(checkpoint: str | Path, out_dir: str | Path, train: VisualInstructionDataset,
              eval_subset: VisualInstructionDataset, collate: VisionLanguageCollator,
-             training: TrainingConfig, *, eval_every: int, name: str = "pretrain") -> PretrainResult:
+             training: TrainingConfig, *, eval_every: int, name: str = "pretrain",
+             vision_from: str | Path | None = None,
+             snapshot_steps: tuple[int, ...] = ()) -> PretrainResult:
     """Train ``checkpoint`` (all parameters) on ``train``; export to ``out_dir/model``.
+
+    With ``vision_from``, the vision encoder is that checkpoint's, frozen
+    (:func:`share_vision_encoder`); the projector and language model train.
 
     A finished directory (``step_complete.json``) is returned as is; an unfinished one resumes
     from its newest checkpoint (the curve restarts at that point's records).
@@ -123,12 +161,15 @@ def pretrain(checkpoint: str | Path, out_dir: str | Path, train: VisualInstructi
     set_seed(training.seed)
     backbone = load_backbone(checkpoint)
     backbone.model.requires_grad_(True)
+    if vision_from is not None:
+        share_vision_encoder(backbone, vision_from)
     args = training_arguments(training, out, gradient_checkpointing=False, report_to=[])
     points: list[dict[str, Any]] = []
     trainer = PretrainTrainer(
         model=backbone.model, args=args, train_dataset=train, data_collator=collate,
         callbacks=[*stage_callbacks(out, name),
-                   CurveCallback(backbone, eval_subset, collate, eval_every, points)],
+                   CurveCallback(backbone, eval_subset, collate, eval_every, points),
+                   SnapshotCallback(backbone, checkpoint, out / SNAPSHOTS, snapshot_steps)],
     )
     use_loss_progress_bar(trainer)
     start = time.perf_counter()

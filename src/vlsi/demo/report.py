@@ -1,99 +1,74 @@
 """The demo's report: ``metrics.json``, ``report.md`` and a self-contained ``report.html``.
 
-Every figure comes from the seeds' ``seed.json`` files of this run; nothing is typed in. With
-several seeds an accuracy is reported as mean ± sample standard deviation over seeds, and the
-two claims the demo makes are checked against the numbers and stated either way:
+Every figure comes from this run's files (the seeds' ``seed.json``, the evaluations, the pair's
+``pair.json``); nothing is typed in. Accuracies over seeds are mean ± sample standard
+deviation. The claim is decided on paired differences: per seed, VLsI minus SFT-only and VLsI
+minus last-layer KD (same seed, same data order for the SFT step, same held-out questions).
+"VLsI beats X" is said only when every seed's difference is positive and their mean exceeds
+their standard deviation; with one seed the claim is not tested.
 
-* the teacher beats every student variant (its mean is above each student row's mean);
-* VLsI beats the SFT-only baseline by more than the spread across seeds (mean difference larger
-  than the larger of the two standard deviations; with one seed there is no spread to compare).
-
-The HTML inlines its images (data URIs) and draws the learning curves as inline SVG, so it is
-one file with no external asset.
+The HTML inlines its images (data URIs) and draws its charts as inline SVG, so it is one file
+with no external asset.
 """
 
 from __future__ import annotations
 
 import base64
+import datetime
 import html
+import json
+import platform
 import statistics
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from vlsi.demo.pipeline import ROWS
+from vlsi import __version__
+from vlsi.demo.charts import line_chart
+from vlsi.demo.pipeline import FIXED_ROWS, ROWS, SEED_ROWS
 from vlsi.layer_view import LayerResponses, html_page, html_panel, markdown_panel
+
+COMPARISONS = (("sft_only", "SFT-only"), ("llkd", "last-layer KD"))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def aggregate(seeds: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy per row and category over seeds, and the two claims' verdicts."""
-    rows = {}
-    for key, label in ROWS:
-        accs = [s["results"][key]["accuracy"] for s in seeds]
-        mean, std = mean_std(accs)
-        cats = sorted(seeds[0]["results"][key]["by_category"])
-        rows[key] = {
-            "label": label, "per_seed": accs, "mean": mean, "std": std,
-            "by_category": {c: mean_std([s["results"][key]["by_category"].get(c, 0.0) for s in seeds])[0]
-                            for c in cats},
-            "by_form": {f: mean_std([s["results"][key]["by_form"].get(f, 0.0) for s in seeds])[0]
-                        for f in sorted(seeds[0]["results"][key]["by_form"])},
-            "count": seeds[0]["results"][key]["count"],
-        }
+def paired(vlsi: list[float], other: list[float]) -> dict[str, Any]:
+    """Per-seed differences and the verdict rule of the module docstring."""
+    diffs = [a - b for a, b in zip(vlsi, other)]
+    mean, std = mean_std(diffs)
+    tested = len(diffs) > 1
+    return {"per_seed": diffs, "mean": mean, "std": std, "tested": tested,
+            "beats": tested and all(d > 0 for d in diffs) and mean > std}
+
+
+def _row(label: str, results: list[dict[str, Any]], fixed: bool) -> dict[str, Any]:
+    accs = [r["accuracy"] for r in results]
+    mean, std = mean_std(accs)
+    cats = sorted(results[0]["by_category"])
+    return {"label": label, "fixed": fixed, "per_seed": accs, "mean": mean, "std": std,
+            "by_category": {c: mean_std([r["by_category"].get(c, 0.0) for r in results])[0] for c in cats},
+            "count": results[0]["count"], "num_beams": results[0].get("num_beams", 1)}
+
+
+def aggregate(fixed: dict[str, dict[str, Any]], seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy per row and category, paired differences and the verdicts' inputs."""
+    rows = {key: _row(label, [fixed[key]], True) for key, label in FIXED_ROWS}
+    rows.update({key: _row(label, [s["results"][key] for s in seeds], False) for key, label in SEED_ROWS})
     students = [k for k, _ in ROWS if k != "teacher"]
-    best_student = max(students, key=lambda k: rows[k]["mean"])
-    teacher_margin = rows["teacher"]["mean"] - rows[best_student]["mean"]
-    diff = rows["vlsi"]["mean"] - rows["sft_only"]["mean"]
-    spread = max(rows["vlsi"]["std"], rows["sft_only"]["std"])
-    per_seed_diff = [a - b for a, b in zip(rows["vlsi"]["per_seed"], rows["sft_only"]["per_seed"])]
+    best = max(students, key=lambda k: rows[k]["mean"])
     return {
         "rows": rows,
         "num_seeds": len(seeds),
         "seeds": [s["seed"] for s in seeds],
-        "teacher_beats_students": teacher_margin > 0,
-        "teacher_margin": teacher_margin,
-        "best_student": best_student,
-        "vlsi_minus_sft_only": diff,
-        "vlsi_minus_sft_only_per_seed": per_seed_diff,
-        "spread": spread,
-        "vlsi_beats_sft_only_beyond_spread": len(seeds) > 1 and diff > spread,
+        "best_student": best,
+        "teacher_margin": rows["teacher"]["mean"] - rows[best]["mean"],
+        "teacher_gap_to_student_before": rows["teacher"]["mean"] - rows["student_before"]["mean"],
+        "paired": {key: paired(rows["vlsi"]["per_seed"], rows[key]["per_seed"]) for key, _ in COMPARISONS},
+        "beam_minus_greedy": paired(rows["vlsi_no_sft_beam"]["per_seed"], rows["vlsi_no_sft"]["per_seed"]),
     }
-
-
-def verdicts(agg: dict[str, Any]) -> list[str]:
-    """The claims, in words, decided by the numbers."""
-    rows = agg["rows"]
-    out = []
-    best = rows[agg["best_student"]]
-    if agg["teacher_beats_students"]:
-        out.append(f"The teacher beats every student variant: {_pct(rows['teacher']['mean'])} against "
-                   f"{_pct(best['mean'])} for the best one ({best['label']}), "
-                   f"a margin of {_pts(agg['teacher_margin'])}.")
-    else:
-        out.append(f"The teacher does NOT beat every student variant: {best['label']} reaches "
-                   f"{_pct(best['mean'])} against the teacher's {_pct(rows['teacher']['mean'])}.")
-    diff, spread = agg["vlsi_minus_sft_only"], agg["spread"]
-    per_seed = ", ".join(_pts(d) for d in agg["vlsi_minus_sft_only_per_seed"])
-    if agg["num_seeds"] < 2:
-        out.append(f"VLsI minus SFT-only: {_pts(diff)} on one seed; no spread across seeds was "
-                   "measured (run with --seeds 3 to test the claim).")
-    elif agg["vlsi_beats_sft_only_beyond_spread"]:
-        out.append(f"VLsI beats the SFT-only baseline by {_pts(diff)}, more than the spread across "
-                   f"seeds ({_pts(spread)}); per seed: {per_seed}.")
-    elif diff > 0:
-        out.append(f"VLsI beats the SFT-only baseline by {_pts(diff)}, which is NOT more than the "
-                   f"spread across seeds ({_pts(spread)}); per seed: {per_seed}.")
-    else:
-        out.append(f"VLsI does NOT beat the SFT-only baseline: VLsI minus SFT-only is {_pts(diff)} "
-                   f"(spread across seeds {_pts(spread)}); per seed: {per_seed}.")
-    before = rows["student_before"]["mean"]
-    out.append(f"Change from the student before: interaction alone {_pts(rows['vlsi_no_sft']['mean'] - before)}, "
-               f"VLsI {_pts(rows['vlsi']['mean'] - before)}, SFT-only {_pts(rows['sft_only']['mean'] - before)}; "
-               f"the teacher is {_pts(rows['teacher']['mean'] - before)} above the student before.")
-    return out
 
 
 def _pct(x: float) -> str:
@@ -104,22 +79,178 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.1f} pts"
 
 
-def _acc(row: dict[str, Any], n: int) -> str:
-    return f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}" if n > 1 else f"{100 * row['mean']:.1f}"
+def verdicts(agg: dict[str, Any]) -> list[str]:
+    """The claims, in words, decided by the numbers."""
+    rows = agg["rows"]
+    best = rows[agg["best_student"]]
+    if agg["teacher_margin"] > 0:
+        out = [f"The teacher beats every student variant: {_pct(rows['teacher']['mean'])} against "
+               f"{_pct(best['mean'])} for the best one ({best['label']}); it is "
+               f"{_pts(agg['teacher_gap_to_student_before'])} above the student before."]
+    else:
+        out = [f"The teacher does NOT beat every student variant: {best['label']} reaches "
+               f"{_pct(best['mean'])} against the teacher's {_pct(rows['teacher']['mean'])}."]
+    for key, name in COMPARISONS:
+        p = agg["paired"][key]
+        per_seed = ", ".join(_pts(d) for d in p["per_seed"])
+        if not p["tested"]:
+            out.append(f"VLsI minus {name}: {_pts(p['mean'])} on one seed; the claim needs several "
+                       "seeds (--seeds 3).")
+        elif p["beats"]:
+            out.append(f"VLsI beats {name}: {_pts(p['mean'])} ± {100 * p['std']:.1f} over "
+                       f"{agg['num_seeds']} seeds, positive on every seed ({per_seed}).")
+        else:
+            why = ("not positive on every seed" if not all(d > 0 for d in p["per_seed"])
+                   else "the mean does not exceed the standard deviation")
+            out.append(f"VLsI does NOT beat {name}: VLsI minus {name} is {_pts(p['mean'])} ± "
+                       f"{100 * p['std']:.1f} ({why}; per seed: {per_seed}).")
+    beam = agg["beam_minus_greedy"]
+    before = rows["student_before"]["mean"]
+    out.append(f"Against the student before: SFT-only {_pts(rows['sft_only']['mean'] - before)}, "
+               f"last-layer KD {_pts(rows['llkd']['mean'] - before)}, interaction alone "
+               f"{_pts(rows['vlsi_no_sft']['mean'] - before)} (beam search {_pts(beam['mean'])} "
+               f"on top), VLsI {_pts(rows['vlsi']['mean'] - before)}.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Provenance
+
+
+def _git_commit() -> str:
+    here = Path(__file__).parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("+uncommitted changes" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+
+
+def provenance(setup: dict[str, Any]) -> list[tuple[str, str]]:
+    import torch
+    import transformers
+
+    pair = setup["pair"]
+    meta = pair["meta"]
+    rebuilt = ("shipped with the package (vlsi/demo/pair/); rebuild it from scratch with "
+               "`vlsi demo pretrain --out DIR` (then `vlsi demo --pair DIR`)") if pair["shipped"] \
+        else f"built by `vlsi demo pretrain` in {pair['dir']}"
+    return [
+        ("command", setup["command"]),
+        ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
+        ("vlsi", f"{__version__}, commit {_git_commit()}"),
+        ("software", f"torch {torch.__version__}, transformers {transformers.__version__}, "
+                     f"Python {platform.python_version()} on {platform.machine()}"),
+        ("pretrained pair", f"{rebuilt}; built with {meta['built_with']} in {meta['wall_seconds']:.0f} s"),
+    ]
+
+
+def recipe_rows(setup: dict[str, Any], agg: dict[str, Any]) -> list[tuple[str, str]]:
+    r = setup["recipe"]
+    meta = setup["pair"]["meta"]
+
+    def size(role: str) -> str:
+        s = r[role]
+        return (f"{s['num_layers']} layers x {s['hidden_size']} (vision {s['vision_depth']} x "
+                f"{s['vision_width']}), {meta['params'][role]:,} parameters")
+
+    def budget(name: str) -> str:
+        b = r[name]
+        return f"{b['steps']} steps of {b['batch_size']}, lr {b['learning_rate']:g} cosine to {b['min_learning_rate']:g}"
+
+    task = r["task"]
+    return [
+        ("teacher", size("teacher") + "; pretrained " + budget("teacher_pretrain")),
+        ("student", size("student") + "; pretrained " + budget("student_pretrain")
+         + ", the teacher's vision encoder copied in and frozen"),
+        ("data", f"{task['num_train']} training questions ({', '.join(task['categories'])}); "
+                 f"{setup['num_eval']} held-out questions evaluated, greedy generation"),
+        ("verbalization", budget("verbalize") + " per model; verb-FFN on every layer below the last"),
+        ("interaction", budget("interact") + f"; matching {r['strategy']}, temperature rule "
+                        f"{r['temperature_rule']}; KLD / KLD ops"),
+        ("SFT", budget("sft")),
+        ("SFT-only baseline", f"{r['interact']['steps'] + r['sft']['steps']} steps, as interaction + SFT"),
+        ("LoRA", f"r={r['lora_r']}, alpha={r['lora_alpha']}, the language model's linear layers"),
+        ("beam search", f"{r['num_beams']} beams (VLsI without SFT)"),
+        ("seeds", ", ".join(map(str, agg["seeds"])) + " (the distillation's seeds; the pair is fixed)"),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
 
 
 def results_table(agg: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    rows = agg["rows"]
+    rows, n = agg["rows"], agg["num_seeds"]
     cats = list(rows["teacher"]["by_category"])
-    forms = list(rows["teacher"]["by_form"])
-    head = ["model", "accuracy (%)"] + [f"{c} (%)" for c in cats] + [f"{f} (%)" for f in forms]
+    head = ["model"] + [f"seed {s}" for s in agg["seeds"]] + ["mean ± std (%)"] + [f"{c} (%)" for c in cats]
     body = []
     for key, _ in ROWS:
         r = rows[key]
-        body.append([r["label"], _acc(r, agg["num_seeds"])]
-                    + [f"{100 * r['by_category'][c]:.1f}" for c in cats]
-                    + [f"{100 * r['by_form'][f]:.1f}" for f in forms])
+        seeds = ["(fixed)"] * n if r["fixed"] else [f"{100 * v:.1f}" for v in r["per_seed"]]
+        summary = f"{100 * r['mean']:.1f}" + ("" if r["fixed"] or n < 2 else f" ± {100 * r['std']:.1f}")
+        body.append([r["label"]] + seeds + [summary] + [f"{100 * r['by_category'][c]:.1f}" for c in cats])
     return head, body
+
+
+def paired_table(agg: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["difference"] + [f"seed {s}" for s in agg["seeds"]] + ["mean ± std (pts)", "verdict"]
+    body = []
+    for key, name in COMPARISONS:
+        p = agg["paired"][key]
+        verdict = "not tested (one seed)" if not p["tested"] else ("VLsI beats it" if p["beats"] else "no win")
+        body.append([f"VLsI minus {name}"] + [f"{100 * d:+.1f}" for d in p["per_seed"]]
+                    + [f"{100 * p['mean']:+.1f} ± {100 * p['std']:.1f}", verdict])
+    beam = agg["beam_minus_greedy"]
+    body.append(["beam minus greedy (VLsI without SFT)"] + [f"{100 * d:+.1f}" for d in beam["per_seed"]]
+                + [f"{100 * beam['mean']:+.1f} ± {100 * beam['std']:.1f}", ""])
+    return head, body
+
+
+def time_rows(seeds: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    phases = list(seeds[0]["seconds"])
+    body = [[str(s["seed"])] + [f"{s['seconds'].get(p, 0):.0f}" for p in phases]
+            + [f"{sum(s['seconds'].values()):.0f}"] for s in seeds]
+    return ["seed"] + phases + ["total"], body
+
+
+def layer_loss_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["target layer"] + table["columns"]
+    body = [[str(layer)] + ["—" if v is None else f"{v:.4f}" for v in table["loss"][str(layer)]]
+            for layer in table["layers"]]
+    return head, body
+
+
+def heatmap_rows(hm: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The heatmap's counts as a table: one row per student layer."""
+    cols, rows, counts = hm.get("col_labels", []), hm.get("row_labels", []), hm.get("counts", [])
+    head = ["student \\ teacher"] + [str(c) for c in cols]
+    return head, [[str(r)] + [str(v) for v in counts[i]] for i, r in enumerate(rows)]
+
+
+def curve_rows(curves: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "step", "held-out accuracy (teacher-forced, %)", "train loss"]
+    body = [[name, str(p["step"]), f"{100 * p['eval_accuracy']:.1f}",
+             "—" if p.get("train_loss") is None else f"{p['train_loss']:.4f}"]
+            for name, pts in curves.items() for p in pts]
+    return head, body
+
+
+def plateau_line(curves: dict[str, list[dict[str, Any]]]) -> str:
+    """How much the last 20% of each pretraining run added (the plateau criterion)."""
+    parts = []
+    for name, pts in curves.items():
+        if len(pts) < 2:
+            continue
+        last = pts[-1]
+        cut = 0.8 * last["step"]
+        before = max((p for p in pts if p["step"] <= cut), key=lambda p: p["step"], default=pts[0])
+        parts.append(f"{name}: {_pts(last['eval_accuracy'] - before['eval_accuracy'])} from step "
+                     f"{before['step']} to {last['step']}")
+    return "Last 20% of pretraining: " + "; ".join(parts) + "."
 
 
 def _md_table(head: list[str], body: list[list[str]]) -> str:
@@ -136,46 +267,8 @@ def _html_table(head: list[str], body: list[list[str]]) -> str:
     return f"<table><tr>{h}</tr>{rows}</table>"
 
 
-def layer_loss_rows(table: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["target layer"] + table["columns"]
-    body = [[str(layer)] + ["—" if v is None else f"{v:.4f}" for v in table["loss"][str(layer)]]
-            for layer in table["layers"]]
-    return head, body
-
-
-def heatmap_rows(hm: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """The heatmap's counts as a table: one row per student layer."""
-    cols = hm.get("col_labels") or hm.get("teacher_layers") or []
-    rows = hm.get("row_labels") or hm.get("student_layers") or []
-    counts = hm.get("counts", [])
-    head = ["student \\ teacher"] + [str(c) for c in cols]
-    return head, [[str(r)] + [str(v) for v in counts[i]] for i, r in enumerate(rows)]
-
-
-def curve_svg(curves: dict[str, list[dict[str, Any]]], width: int = 520, height: int = 240) -> str:
-    """Held-out accuracy against training step, one polyline per model (inline SVG)."""
-    pad = 40
-    max_step = max((p["step"] for pts in curves.values() for p in pts), default=1) or 1
-    colours = {"teacher": "#08519c", "student": "#e6550d"}
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'role="img" aria-label="pretraining curves">',
-             f'<rect x="{pad}" y="10" width="{width - pad - 10}" height="{height - pad - 10}" '
-             'fill="none" stroke="#999"/>']
-    for frac in (0, 0.25, 0.5, 0.75, 1.0):
-        y = 10 + (height - pad - 10) * (1 - frac)
-        parts.append(f'<text x="{pad - 4}" y="{y + 4:.1f}" font-size="10" text-anchor="end">'
-                     f'{int(frac * 100)}%</text>')
-    parts.append(f'<text x="{width - 10}" y="{height - 8}" font-size="10" text-anchor="end">'
-                 f'step {max_step}</text>')
-    for i, (name, pts) in enumerate(curves.items()):
-        xy = " ".join(f"{pad + (width - pad - 10) * p['step'] / max_step:.1f},"
-                      f"{10 + (height - pad - 10) * (1 - p['eval_accuracy']):.1f}" for p in pts)
-        colour = colours.get(name, "#555")
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{xy}"/>')
-        parts.append(f'<text x="{pad + 8}" y="{24 + 14 * i}" font-size="11" fill="{colour}">'
-                     f'{html.escape(name)}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+def _kv_table(pairs: list[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
+    return ["", ""], [[k, v] for k, v in pairs]
 
 
 def _png_uri(path: str | Path) -> str | None:
@@ -189,53 +282,79 @@ def _columns(entry: dict[str, Any]) -> list[LayerResponses]:
     return [LayerResponses(**c) for c in entry["columns"]]
 
 
-def _curve_rows(curves: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "step", "held-out accuracy (teacher-forced, %)", "train loss", "seconds"]
-    body = [[name, str(p["step"]), f"{100 * p['eval_accuracy']:.1f}",
-             "—" if p.get("train_loss") is None else f"{p['train_loss']:.4f}", f"{p['seconds']:.0f}"]
-            for name, pts in curves.items() for p in pts]
-    return head, body
+def curve_svg(curves: dict[str, list[dict[str, Any]]]) -> str:
+    series = {name: [(p["step"], p["eval_accuracy"]) for p in pts] for name, pts in curves.items()}
+    return line_chart(series, x_title="optimizer step (batch 32)", y_title="held-out accuracy",
+                      title="pretraining to the plateau", y_range=(0.0, 1.0), y_percent=True)
 
 
-def write_report(out: Path, seeds: list[dict[str, Any]], setup: dict[str, Any]) -> dict[str, Any]:
+def entropy_svg(entropy: dict[str, list[list[float]]]) -> str:
+    series = {f"student layer {k}": [(s, e) for s, e in pts] for k, pts in entropy.items()}
+    return line_chart(series, x_title="interaction step", y_title="entropy (nats)",
+                      title="entropy of the matching distribution per student target layer")
+
+
+def entropy_rows(entropy: dict[str, list[list[float]]]) -> tuple[list[str], list[list[str]]]:
+    head = ["student target layer", "first logged (nats)", "last logged (nats)"]
+    return head, [[k, f"{pts[0][1]:.3f}", f"{pts[-1][1]:.3f}"] for k, pts in entropy.items() if pts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[str, Any]],
+                 setup: dict[str, Any]) -> dict[str, Any]:
     """Write ``metrics.json``, ``report.md`` and ``report.html`` into ``out``; return the metrics."""
-    import json
-
     from PIL import Image
 
-    agg = aggregate(seeds)
+    agg = aggregate(fixed, seeds)
     first = seeds[0]
+    curves = setup["pair"]["meta"]["curves"]
+    config_text = Path(first["config"]).read_text() if Path(first["config"]).is_file() else ""
     metrics = {**agg, "setup": setup, "per_seed": [
-        {k: s[k] for k in ("seed", "results", "params", "steps", "seconds", "curves")} for s in seeds]}
+        {k: s[k] for k in ("seed", "results", "steps", "seconds", "matching_entropy")} for s in seeds]}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
-    head, body = results_table(agg)
-    lines_md = ["# VLsI demo report", "",
-                f"Seeds: {', '.join(map(str, agg['seeds']))}. " + setup_line(setup, first), ""]
-    lines_md += [f"- {v}" for v in verdicts(agg)] + [""]
-    lines_md += ["## Results (held-out split; paper Table 4(b) layout)", "", _md_table(head, body)]
-    lines_md += ["## Pretraining curves (seed {})".format(first["seed"]), "",
-                 _md_table(*_curve_rows(first["curves"]))]
-    lines_md += ["## Matched layers (paper Fig. 5, seed {})".format(first["seed"]), ""]
+    prov, recipe = _kv_table(provenance(setup)), _kv_table(recipe_rows(setup, agg))
+    times = time_rows(seeds)
+    md = ["# VLsI demo report", "", _md_table(*prov), "## Verdict", ""]
+    md += [f"- {v}" for v in verdicts(agg)] + [""]
+    md += [f"## Wall time per phase (seconds; this invocation {setup['wall_seconds']:.0f} s)", "",
+           _md_table(*times)]
+    md += ["## Results (held-out split, accuracy %; paper Table 4(b) layout)", "", _md_table(*results_table(agg))]
+    md += ["## Paired differences (percentage points)", "", _md_table(*paired_table(agg))]
+    md += ["## Setup", "", _md_table(*recipe)]
+    md += ["## Pretraining curves", "", plateau_line(curves), "", _md_table(*curve_rows(curves))]
+    md += [f"## Matching entropy (seed {first['seed']})", "", _md_table(*entropy_rows(first["matching_entropy"]))]
+    md += [f"## Matched layers (paper Fig. 5, seed {first['seed']})", ""]
     for name in ("start", "end"):
         hm = first["heatmaps"][name]
-        lines_md += [f"{hm.get('title', name)} — `{first['heatmap_png'][name]}`", "",
-                     _md_table(*heatmap_rows(hm))]
-    lines_md += ["## Verbalization loss per layer (paper appendix B, seed {})".format(first["seed"]), ""]
+        md += [f"{hm.get('title', name)} — `{first['heatmap_png'][name]}` (selection counts)", "",
+               _md_table(*heatmap_rows(hm))]
+    md += [f"## Verbalization loss per layer (paper appendix B, seed {first['seed']})", ""]
     for role in ("teacher", "student"):
-        lines_md += [f"### {role}", "", _md_table(*layer_loss_rows(first["layer_loss"][role]))]
-    lines_md += ["## Layer-wise verbalized responses (paper Fig. 3, seed {})".format(first["seed"]), ""]
+        md += [f"### {role}", "", _md_table(*layer_loss_rows(first["layer_loss"][role]))]
+    md += [f"## Layer-wise verbalized responses (paper Fig. 3, seed {first['seed']})", ""]
     for entry in first["panel"]:
-        lines_md.append(markdown_panel(entry["question"], _columns(entry), entry["image"], entry["reference"]))
-    lines_md += ["## Wall time per phase (seconds)", "", _md_table(*_time_rows(seeds))]
-    (out / "report.md").write_text("\n".join(lines_md) + "\n", encoding="utf-8")
+        md.append(markdown_panel(entry["question"], _columns(entry), entry["image"], entry["reference"]))
+    md += [f"## Resolved config (seed {first['seed']}, `{first['config']}`)", "", "```yaml",
+           config_text.rstrip(), "```", ""]
+    (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
-    parts = [f"<p>Seeds: {', '.join(map(str, agg['seeds']))}. {html.escape(setup_line(setup, first))}</p>",
+    parts = [_html_table(*prov), "<h2>Verdict</h2>",
              "<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts(agg)) + "</ul>",
-             "<h2>Results (held-out split; paper Table 4(b) layout)</h2>", _html_table(head, body),
-             f"<h2>Pretraining curves (seed {first['seed']})</h2>",
-             "<p>Held-out accuracy (teacher-forced) while the tiny teacher and student are trained "
-             "from scratch.</p>", curve_svg(first["curves"]), _html_table(*_curve_rows(first["curves"])),
+             f"<h2>Wall time per phase (seconds; this invocation {setup['wall_seconds']:.0f} s)</h2>",
+             _html_table(*times),
+             "<h2>Results (held-out split, accuracy %; paper Table 4(b) layout)</h2>",
+             _html_table(*results_table(agg)),
+             "<h2>Paired differences (percentage points)</h2>", _html_table(*paired_table(agg)),
+             "<h2>Setup</h2>", _html_table(*recipe),
+             "<h2>Pretraining curves</h2>", f"<p>{html.escape(plateau_line(curves))}</p>",
+             curve_svg(curves), _html_table(*curve_rows(curves)),
+             f"<h2>Matching entropy (seed {first['seed']})</h2>",
+             entropy_svg(first["matching_entropy"]) if first["matching_entropy"] else "",
+             _html_table(*entropy_rows(first["matching_entropy"])),
              f"<h2>Matched layers (paper Fig. 5, seed {first['seed']})</h2><div>"]
     for name in ("start", "end"):
         uri = _png_uri(first["heatmap_png"][name])
@@ -254,21 +373,8 @@ def write_report(out: Path, seeds: list[dict[str, Any]], setup: dict[str, Any]) 
             with Image.open(entry["image"]) as im:
                 image = im.convert("RGB")
         parts.append(html_panel(entry["question"], image, _columns(entry), entry["reference"]))
-    parts += ["<h2>Wall time per phase (seconds)</h2>", _html_table(*_time_rows(seeds))]
+    parts += [f"<h2>Resolved config (seed {first['seed']})</h2>",
+              f"<details><summary>{html.escape(first['config'])}</summary><pre>"
+              f"{html.escape(config_text)}</pre></details>"]
     (out / "report.html").write_text(html_page("VLsI demo report", "\n".join(parts)), encoding="utf-8")
     return metrics
-
-
-def _time_rows(seeds: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    phases = list(seeds[0]["seconds"])
-    body = [[str(s["seed"])] + [f"{s['seconds'].get(p, 0):.0f}" for p in phases]
-            + [f"{sum(s['seconds'].values()):.0f}"] for s in seeds]
-    return ["seed"] + phases + ["total"], body
-
-
-def setup_line(setup: dict[str, Any], first: dict[str, Any]) -> str:
-    steps = first["steps"]
-    return (f"Teacher {setup['teacher']} ({first['params']['teacher']:,} parameters), student "
-            f"{setup['student']} ({first['params']['student']:,}); {setup['num_train']} training and "
-            f"{setup['num_eval']} held-out questions. VLsI: interaction {steps['interact']} + SFT "
-            f"{steps['sft']} steps; SFT-only: {steps['sft_only']} steps; batch {steps['batch_size']}.")

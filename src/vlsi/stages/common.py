@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -101,17 +102,53 @@ def training_arguments(
     return TrainingArguments(**kwargs)
 
 
+# Scanned datasets of this process, by what they depend on (see :func:`load_training_data`).
+_SCANNED: dict[tuple, VisualInstructionDataset] = {}
+_SCANNED_KEEP = 2
+_PREPROCESSING_FILES = ("tokenizer.json", "tokenizer_config.json",
+                        "chat_template.jinja", "preprocessor_config.json")
+
+
+def _scan_key(data: DataConfig, files: list[str], model_dir: str | Path, family: str) -> tuple:
+    """Everything a scanned dataset depends on: the files as they are now (path, size, mtime),
+    the settings, and the model's tokenizer, chat template and image-processor files."""
+    def stat(path: str | Path) -> tuple:
+        p = Path(path).resolve()
+        st = p.stat() if p.is_file() else None
+        return (str(p), st.st_size if st else None, st.st_mtime_ns if st else None)
+
+    digest = hashlib.sha256()
+    for name in _PREPROCESSING_FILES:
+        f = Path(model_dir) / name
+        if f.is_file():
+            digest.update(name.encode() + b"\0" + f.read_bytes())
+    root = str(Path(data.image_root).resolve()) if data.image_root else None
+    return (tuple(stat(f) for f in files), root, data.max_length, data.strict, data.min_pixels,
+            data.max_pixels, family, digest.hexdigest())
+
+
 def load_training_data(
     data: DataConfig, model_dir: str | Path, *, split: str = "train"
 ) -> tuple[VisualInstructionDataset, VisionLanguageCollator, Any]:
     """Dataset, collator and tokenizer for ``split`` ("train" or "eval") with ``model_dir``'s
-    tokenizer, chat template and image processor."""
+    tokenizer, chat template and image processor.
+
+    Scanning (reading, validating and encoding every record) is done once per process for the
+    same files, settings and preprocessing files: the steps of ``vlsi distill`` or ``vlsi demo``
+    that read one dataset share the scan. A changed file (size or mtime) is scanned again.
+    """
     files = data.train if split == "train" else data.eval
     tokenizer = load_tokenizer(model_dir)
     images = ImageEncoder.from_pretrained(model_dir, min_pixels=data.min_pixels, max_pixels=data.max_pixels)
-    dataset = VisualInstructionDataset.from_files(
-        files, tokenizer, images, image_root=data.image_root, max_length=data.max_length, strict=data.strict
-    )
+    key = _scan_key(data, files, model_dir, images.family)
+    dataset = _SCANNED.get(key)
+    if dataset is None:
+        dataset = VisualInstructionDataset.from_files(
+            files, tokenizer, images, image_root=data.image_root, max_length=data.max_length, strict=data.strict
+        )
+        while len(_SCANNED) >= _SCANNED_KEEP:
+            _SCANNED.pop(next(iter(_SCANNED)))
+        _SCANNED[key] = dataset
     collator = VisionLanguageCollator.for_tokenizer(images.family, tokenizer)
     return dataset, collator, tokenizer
 

@@ -32,7 +32,8 @@ Outputs in ``OUT``: ``adapter/`` (the LoRA adapter, PEFT ``save_pretrained``), `
 (:meth:`MatchRecorder.to_json`), ``matches.jsonl``, ``heatmap_start.{png,json}`` and
 ``heatmap_end.{png,json}`` (paper Fig. 5: pairs selected in the first and last 10% of steps),
 ``metrics.jsonl`` and TensorBoard logs (``loss``, ``interaction_loss``, ``last_layer_loss``,
-``mean_kld``, ``matched_kld``), ``checkpoint-N/``, and ``step_complete.json`` last.
+``mean_kld``, ``matched_kld``, ``matching_entropy/<i>``: the entropy in nats of the distribution
+student target layer ``i``'s pair was drawn from), ``checkpoint-N/``, and ``step_complete.json`` last.
 
 Run: ``run_interact(cfg, OUT, teacher_verbalizers=T_DIR, student_verbalizers=S_DIR)``.
 """
@@ -193,7 +194,8 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                 divergence=cfg.divergence,
                 chunk_size=cfg.chunk_size,
                 generator=self._matching_generator() if model.training else None,
-                matching_kwargs=dict(scale=cfg.scale, eps=cfg.eps, k=cfg.k, temperature=cfg.temperature),
+                matching_kwargs=dict(scale=cfg.scale, eps=cfg.eps, k=cfg.k, temperature=cfg.temperature,
+                                     temperature_rule=cfg.temperature_rule),
             )
         if model.training:
             self._record(result)
@@ -208,6 +210,8 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         # NaN (skipped when averaged) where nothing was scored, e.g. the `random` strategy
         self.metrics.add("mean_kld", float(kld[scored].mean()) if scored.any() else math.nan)
         self.metrics.add("matched_kld", float(kld[selected].mean()) if selected.any() else math.nan)
+        for i, entropy in enumerate(result.matching_entropy.tolist()):
+            self.metrics.add(f"matching_entropy/{i}", entropy)
         if self.match_log is not None and self.is_world_process_zero():
             # the optimizer step this micro-batch contributes to (1-based, as checkpoints count)
             self.match_log.add(weights, self.state.global_step + 1)

@@ -138,7 +138,7 @@ def run_sft(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # the student's own dtype (bf16 for the real checkpoints), on the CPU
-        merged = _with_adapter(load_model(cfg.student), out / ADAPTER_DIR)
+        merged = with_adapter(load_model(cfg.student), out / ADAPTER_DIR)
         export_student(merged, cfg.student, out / MODEL_DIR, verbalizers_dir=student_verbalizers)
         write_json_atomic(out / STEP_COMPLETE, {**summary, "completed_at": utc_now()})
     accelerator.wait_for_everyone()
@@ -169,7 +169,7 @@ def student_with_lora(
         )
         model = get_peft_model(backbone.model, lora)
     else:
-        model = _with_adapter(backbone.model, adapter, trainable=True)
+        model = with_adapter(backbone.model, adapter, trainable=True)
     _check_vision_frozen(backbone)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -178,7 +178,8 @@ def student_with_lora(
     return model
 
 
-def _with_adapter(base: torch.nn.Module, adapter: str | Path, *, trainable: bool = False) -> Any:
+def with_adapter(base: torch.nn.Module, adapter: str | Path, *, trainable: bool = False) -> Any:
+    """``base`` with the PEFT LoRA ``adapter`` loaded; one-line error if it does not fit."""
     from peft import PeftModel
 
     try:

@@ -1,0 +1,213 @@
+"""The demo's pretrained teacher/student pair: built from scratch, shipped, verified.
+
+    vlsi demo pretrain --out DIR [--quick]
+
+:func:`build_pair` writes the synthetic data, builds the random-initialised tiny pair (one
+tokenizer), trains the teacher (every parameter) and then the student, whose vision encoder is
+the trained teacher's, frozen (:func:`vlsi.demo.pretrain.share_vision_encoder`). Layout::
+
+    DIR/data/                 the synthetic dataset (regenerated identically by the demo)
+    DIR/init/{teacher,student}/   the random initialisation
+    DIR/teacher/model/        the trained teacher (curve.json beside it)
+    DIR/student/model/        the trained student ("student before")
+    DIR/pair.json             what the pair was made from, its files' SHA-256, the curves
+
+Training on the CPU is bit-exact for a fixed thread count (``pretrain_threads``), so the same
+recipe on the same kind of machine gives the same files; ``pair.json`` records the torch
+version and threads so a difference can be explained. The package ships the pair built from
+the default recipe in ``vlsi/demo/pair/`` (models and ``pair.json`` only; about 4 MB):
+:func:`shipped_pair`. :func:`load_pair` refuses a pair made from another recipe, and
+:func:`compare_pairs` lists the files where two pairs differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from vlsi.errors import VlsiError
+
+PAIR_FILE = "pair.json"
+SHIPPED_DIR = Path(__file__).parent / "pair"
+ROLES = ("teacher", "student")
+REBUILD_COMMAND = "vlsi demo pretrain --out DIR"
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A pretrained pair on disk."""
+
+    root: Path
+    meta: dict[str, Any]
+
+    @property
+    def teacher(self) -> Path:
+        return self.root / self.meta["models"]["teacher"]
+
+    @property
+    def student(self) -> Path:
+        return self.root / self.meta["models"]["student"]
+
+    def snapshot(self, step: int) -> Path:
+        return self.root / self.meta["teacher_snapshots"][str(step)]
+
+    @property
+    def shipped(self) -> bool:
+        return self.root.resolve() == SHIPPED_DIR.resolve()
+
+
+def model_files(model_dir: Path) -> dict[str, str]:
+    """SHA-256 of every file of a checkpoint directory, by relative path."""
+    return {str(p.relative_to(model_dir)): sha256(p)
+            for p in sorted(model_dir.rglob("*")) if p.is_file()}
+
+
+def data_digest(data_dir: Path) -> str:
+    """One SHA-256 over ``train.json`` and ``eval.json`` (the images follow from them)."""
+    digest = hashlib.sha256()
+    for name in ("train.json", "eval.json"):
+        digest.update((data_dir / name).read_bytes())
+    return digest.hexdigest()
+
+
+def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = print) -> Pair:
+    """Train the pair of ``recipe`` into ``out`` (resumable) and write ``pair.json``."""
+    from torch.utils.data import Subset
+    from transformers import set_seed
+
+    from vlsi.backbones import ImageEncoder, load_tokenizer
+    from vlsi.config import TrainingConfig
+    from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
+    from vlsi.data.synthetic import generate_dataset
+    from vlsi.demo.pipeline import MAX_LENGTH, training_config
+    from vlsi.demo.pretrain import SNAPSHOTS, pretrain
+    from vlsi.tiny import save_tiny_pair
+
+    out = Path(out)
+    if (out / PAIR_FILE).is_file():
+        pair = Pair(out, json.loads((out / PAIR_FILE).read_text()))
+        check_recipe(pair, recipe)
+        return pair
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(recipe.pretrain_threads)
+    try:
+        start = time.perf_counter()
+        data = out / "data"
+        if not (data / "meta.json").is_file():
+            say(f"writing the synthetic dataset to {data}")
+            generate_dataset(data, recipe.task, overwrite=True)
+        set_seed(recipe.pair_seed)
+        init = save_tiny_pair(out / "init", "qwen2_vl", teacher=recipe.teacher,
+                              student=recipe.student, seed=recipe.pair_seed)
+        tokenizer = load_tokenizer(init.student)
+        images = ImageEncoder.from_pretrained(init.student)
+        train = VisualInstructionDataset.from_files([data / "train.json"], tokenizer, images,
+                                                    max_length=MAX_LENGTH)
+        evalset = VisualInstructionDataset.from_files([data / "eval.json"], tokenizer, images,
+                                                      max_length=MAX_LENGTH)
+        curve_set = Subset(evalset, range(min(recipe.curve_samples, len(evalset))))
+        collate = VisionLanguageCollator.for_tokenizer("qwen2_vl", tokenizer)
+        done: dict[str, Any] = {}
+        for role, init_dir, budget in (("teacher", init.teacher, recipe.teacher_pretrain),
+                                       ("student", init.student, recipe.student_pretrain)):
+            say(f"training the {role} to its plateau ({budget.steps} steps of {budget.batch_size})")
+            tcfg = TrainingConfig(**training_config(budget, recipe.pair_seed))
+            done[role] = pretrain(
+                init_dir, out / role, train, curve_set, collate, tcfg,
+                eval_every=recipe.curve_every, name=f"{role} pretraining",
+                vision_from=done["teacher"].model_dir if role == "student" else None,
+                snapshot_steps=tuple(recipe.teacher_snapshots) if role == "teacher" else (),
+            )
+        shutil.rmtree(out / "init")  # the random weights are rebuilt from the seed on demand
+        snapshots = {str(step): f"teacher/{SNAPSHOTS}/step-{step}" for step in recipe.teacher_snapshots}
+        meta = {
+            "recipe": _jsonable(recipe.pretraining),
+            "models": {"teacher": "teacher/model", "student": "student/model"},
+            "teacher_snapshots": snapshots,
+            "data_sha256": data_digest(data),
+            "files": {role: model_files(done[role].model_dir) for role in ROLES},
+            "curves": {role: done[role].curve for role in ROLES},
+            "params": {role: done[role].params for role in ROLES},
+            "seconds": {role: round(done[role].seconds, 1) for role in ROLES},
+            "wall_seconds": round(time.perf_counter() - start, 1),
+            "built_with": {"torch": torch.__version__, "threads": recipe.pretrain_threads,
+                           "machine": platform.machine(), "python": platform.python_version()},
+        }
+        (out / PAIR_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    finally:
+        torch.set_num_threads(threads)
+    return Pair(out, meta)
+
+
+def check_recipe(pair: Pair, recipe: Any) -> None:
+    """A pair made from another pretraining recipe is refused (one line)."""
+    if pair.meta.get("recipe") != _jsonable(recipe.pretraining):
+        where = "the shipped pair" if pair.shipped else str(pair.root)
+        raise VlsiError(f"{where} was made from another pretraining recipe than this demo's; "
+                        f"rebuild it with `{REBUILD_COMMAND}` and pass --pair DIR")
+
+
+def shipped_pair() -> Path:
+    return SHIPPED_DIR
+
+
+def load_pair(path: str | Path, recipe: Any) -> Pair:
+    """The pair at ``path`` (``pair.json`` read, recipe checked, model files present)."""
+    root = Path(path)
+    meta_file = root / PAIR_FILE
+    if not meta_file.is_file():
+        raise VlsiError(f"{root} holds no pretrained pair ({PAIR_FILE} missing); build one with "
+                        f"`{REBUILD_COMMAND}`")
+    pair = Pair(root, json.loads(meta_file.read_text()))
+    check_recipe(pair, recipe)
+    for role in ROLES:
+        model = pair.teacher if role == "teacher" else pair.student
+        missing = [f for f in pair.meta["files"][role] if not (model / f).is_file()]
+        if missing:
+            raise VlsiError(f"{model}: pretrained {role} incomplete (missing {missing[0]})")
+    return pair
+
+
+def compare_pairs(built: Pair, reference: Pair) -> list[str]:
+    """Files whose SHA-256 differ between two pairs (empty: identical models and data)."""
+    diffs = []
+    if built.meta["data_sha256"] != reference.meta["data_sha256"]:
+        diffs.append("data (train.json / eval.json)")
+    for role in ROLES:
+        ours, theirs = built.meta["files"][role], reference.meta["files"][role]
+        diffs += [f"{role}/{name}" for name in sorted(set(ours) | set(theirs))
+                  if ours.get(name) != theirs.get(name)]
+    return diffs
+
+
+def install_pair(pair: Pair, target: Path = SHIPPED_DIR) -> None:
+    """Copy a built pair's models and ``pair.json`` to ``target`` (how the shipped one is made)."""
+    if target.exists():
+        shutil.rmtree(target)
+    for role in ROLES:
+        shutil.copytree(pair.teacher if role == "teacher" else pair.student,
+                        target / pair.meta["models"][role])
+    for step, rel in pair.meta["teacher_snapshots"].items():
+        shutil.copytree(pair.root / rel, target / rel)
+    shutil.copy2(pair.root / PAIR_FILE, target / PAIR_FILE)
