@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from vlsi.recorder import MatchRecorder
+from vlsi.recorder import MatchLog, MatchRecorder
 
 
 def _one_hot(cols: list[int], t_l: int = 5) -> torch.Tensor:
@@ -82,3 +82,14 @@ def test_errors():
     rec = MatchRecorder(2, 3)
     with pytest.raises(ValueError, match=r"\[2, 3\]"):
         rec.update(torch.zeros(3, 2), step=0)
+
+
+def test_match_log_replays_kept_lines(tmp_path):
+    path = tmp_path / "matches.jsonl"
+    log = MatchLog(path, MatchRecorder(2, 3))
+    for step in (1, 2, 3):
+        log.add(torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]), step)
+    resumed = MatchLog(path, MatchRecorder(2, 3), keep_until=2)
+    assert [s for s, _ in resumed.recorder.history] == [1, 2]
+    assert len(path.read_text().splitlines()) == 2
+    assert resumed.recorder.counts().tolist() == [[2, 0, 0], [0, 0, 2]]

@@ -51,9 +51,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-# Same value as vlsi.interaction.DEFAULT_CHUNK_SIZE (kept here so the CLI does not import torch;
-# a test checks they agree).
-DEFAULT_CHUNK_SIZE = 256
+from vlsi.cli_types import positive_float, positive_int
+from vlsi.config import DEFAULT_CHUNK_SIZE
+
 DEFAULT_TOKENS = (512, 1024, 2048, 4096)
 # glibc's default mmap threshold, made static (see the module docstring).
 _MMAP_THRESHOLD = 128 * 1024
@@ -422,24 +422,24 @@ def run_loss_benchmark(
 
 
 def _add_loss_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vocab-size", type=int, default=151936, help="shared vocabulary V")
-    parser.add_argument("--hidden-size", type=int, default=1536, help="student width")
-    parser.add_argument("--teacher-hidden-size", type=int, default=None, help="default: --hidden-size")
-    parser.add_argument("--t-s", type=int, default=7, help="student target layers")
-    parser.add_argument("--t-l", type=int, default=20, help="teacher target layers")
-    parser.add_argument("--tokens", type=int, nargs="+", default=list(DEFAULT_TOKENS),
+    parser.add_argument("--vocab-size", type=positive_int, default=151936, help="shared vocabulary V")
+    parser.add_argument("--hidden-size", type=positive_int, default=1536, help="student width")
+    parser.add_argument("--teacher-hidden-size", type=positive_int, default=None, help="default: --hidden-size")
+    parser.add_argument("--t-s", type=positive_int, default=7, help="student target layers")
+    parser.add_argument("--t-l", type=positive_int, default=20, help="teacher target layers")
+    parser.add_argument("--tokens", type=positive_int, nargs="+", default=list(DEFAULT_TOKENS),
                         help="response-token counts N to measure")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per chunk")
+    parser.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK_SIZE, help="tokens per chunk")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "float64"],
                         help="verbalizer and hidden-state dtype (losses are float32 regardless)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
-    parser.add_argument("--naive-max-tokens", type=int, default=2048,
+    parser.add_argument("--naive-max-tokens", type=positive_int, default=2048,
                         help="largest N to run the naive loss at (beyond: extrapolated)")
     parser.add_argument("--strategy", default="vlsi", help="matching strategy")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (fastest kept)")
-    parser.add_argument("--timeout", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads per worker")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="timed runs per measurement (fastest kept)")
+    parser.add_argument("--timeout", type=positive_float, default=None, help="seconds per measurement")
     parser.add_argument("--out", default=None, help="JSON report path")
 
 

@@ -18,7 +18,8 @@ config's ``output_dir``, see ``vlsi.stages.distill``):
     vlsi verbalize CONFIG --role {teacher,student} [--out DIR] [--resume]
     vlsi interact CONFIG [--teacher-verbalizers DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
     vlsi sft CONFIG [--adapter DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
-    vlsi distill CONFIG [--no-resume]           all four steps into one output directory
+    vlsi distill CONFIG [--no-resume] [--restart-changed]   all four steps into one output directory
+    vlsi config CONFIG                          the resolved config, every key with its help
 
 User errors (:class:`vlsi.errors.VlsiError`) print one line, ``error: ...``, and exit with 2.
 """
@@ -34,6 +35,8 @@ from typing import Any
 import yaml
 
 from vlsi import __version__
+from vlsi.backbones import FAMILIES
+from vlsi.cli_types import positive_int
 from vlsi.errors import VlsiError
 
 
@@ -137,7 +140,8 @@ def _cmd_verbalize(args: argparse.Namespace) -> None:
     cfg = _load_config(args)
     run = layout(cfg)
     out = Path(args.out) if args.out else run.verbalize_dir(args.role)
-    print(f"verbalize ({args.role}): {run_verbalize(cfg, args.role, out, resume=args.resume)}")
+    done = run_verbalize(cfg, args.role, out, resume=args.resume, restart=args.restart_changed)
+    print(f"verbalize ({args.role}): {done}")
 
 
 def _cmd_interact(args: argparse.Namespace) -> None:
@@ -152,7 +156,7 @@ def _cmd_interact(args: argparse.Namespace) -> None:
                            "run `vlsi verbalize CONFIG --role student` or pass --student-verbalizers")
     out = Path(args.out) if args.out else run.interact
     result = run_interact(cfg, out, teacher_verbalizers=teacher, student_verbalizers=student,
-                          resume=args.resume)
+                          resume=args.resume, restart=args.restart_changed)
     print(f"interact: {result}")
 
 
@@ -178,21 +182,32 @@ def _cmd_sft(args: argparse.Namespace) -> None:
         verbalizers = None
         print(f"sft: no student verbalizers at {run.student_verbalize}; exporting the model alone")
     out = Path(args.out) if args.out else run.sft
-    model_dir = run_sft(cfg, out, adapter=adapter, student_verbalizers=verbalizers, resume=args.resume)
+    model_dir = run_sft(cfg, out, adapter=adapter, student_verbalizers=verbalizers, resume=args.resume,
+                        restart=args.restart_changed)
     print(f"sft: exported {model_dir}")
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
     from vlsi.stages.distill import run_distill
 
-    run_distill(_load_config(args), resume=args.resume)
+    run_distill(_load_config(args), resume=args.resume, restart_changed=args.restart_changed)
 
 
-def _add_run_args(parser: argparse.ArgumentParser, *, out: bool = True) -> None:
+def _cmd_config(args: argparse.Namespace) -> None:
+    from vlsi.config import describe_config
+
+    print(describe_config(_load_config(args)))
+
+
+def _add_run_args(parser: argparse.ArgumentParser, *, out: bool = True, restart: bool = True) -> None:
     parser.add_argument("config", metavar="CONFIG", help="the run's YAML config")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                         help="override a config key (value read as YAML), e.g. training.max_steps=10; "
                              "repeatable")
+    if restart:
+        parser.add_argument("--restart-changed", action="store_true",
+                            help="redo a step whose recorded inputs differ from this config's (by "
+                                 "default that is refused); earlier steps are kept")
     if out:
         parser.add_argument("--out", metavar="DIR", help="output directory (default: the distill layout "
                                                          "under the config's output_dir)")
@@ -207,8 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny", help="build an offline tiny teacher/student pair")
     tiny.add_argument("out_dir")
-    tiny.add_argument("--family", default="qwen2_vl",
-                      choices=["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"])
+    tiny.add_argument("--family", default="qwen2_vl", choices=sorted(FAMILIES))
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=_cmd_tiny)
 
@@ -232,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run (default) or pretrain (train the teacher/student pair from scratch)")
     demo.add_argument("--out", default="runs/demo", help="output directory (a rerun resumes it)")
     demo.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
-    demo.add_argument("--seeds", type=int, default=3, help="distillation seeds (default 3): mean ± std "
+    demo.add_argument("--seeds", type=positive_int, default=3, help="distillation seeds (default 3): mean ± std "
                                                            "and the paired verdict")
     demo.add_argument("--seed", type=int, default=0, help="first seed")
     demo.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain` (default: the "
@@ -243,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--out", default="runs/ablate", help="output directory (a rerun resumes it)")
     ablate.add_argument("--only", nargs="+", choices=["b", "d", "e", "f"], help="sub-tables to run "
                                                                                 "(default: all)")
-    ablate.add_argument("--seeds", type=int, default=3, help="seeds per row (default 3)")
+    ablate.add_argument("--seeds", type=positive_int, default=3, help="seeds per row (default 3)")
     ablate.add_argument("--quick", action="store_true", help="tiny budgets (plumbing check)")
     ablate.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain`")
     ablate.set_defaults(func=_cmd_ablate)
@@ -252,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, metavar="DIR", help="a checkpoint (e.g. an exported student)")
     gen.add_argument("--image", action="append", metavar="IMG", help="an image (repeatable)")
     gen.add_argument("--prompt", required=True, help="the question; <image> tags place the images")
-    gen.add_argument("--num-beams", type=int, default=1)
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--num-beams", type=positive_int, default=1)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=128)
     gen.set_defaults(func=_cmd_generate)
 
     layers = sub.add_parser("verbalize-layers",
@@ -266,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--compare", nargs=2, action="append", metavar=("MODEL", "VERBALIZERS"),
                         help="another model and its verbalizers, shown beside (repeatable)")
     layers.add_argument("--out", required=True, metavar="FILE.html", help="also writes FILE.md")
-    layers.add_argument("--max-new-tokens", type=int, default=32)
+    layers.add_argument("--max-new-tokens", type=positive_int, default=32)
     layers.set_defaults(func=_cmd_verbalize_layers)
 
     ev = sub.add_parser("eval", help="multiple-choice / short-answer accuracy on a dataset")
@@ -274,10 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True, metavar="FILE", help="project JSON/JSONL or MMBench-style .tsv")
     ev.add_argument("--image-root", metavar="DIR", help="JSON image paths are relative to this "
                                                        "(default: the file's directory)")
-    ev.add_argument("--out", metavar="FILE.jsonl", help="predictions (default: MODEL/eval/NAME.predictions.jsonl)")
-    ev.add_argument("--batch-size", type=int, default=32)
-    ev.add_argument("--max-new-tokens", type=int, default=16)
-    ev.add_argument("--limit", type=int, help="evaluate the first N questions only")
+    ev.add_argument("--out", metavar="FILE.jsonl", help="predictions (default: "
+                                                       "runs/eval/MODEL-DATA.predictions.jsonl)")
+    ev.add_argument("--batch-size", type=positive_int, default=32)
+    ev.add_argument("--max-new-tokens", type=positive_int, default=16)
+    ev.add_argument("--limit", type=positive_int, help="evaluate the first N questions only")
     ev.set_defaults(func=_cmd_eval)
 
     verbalize = sub.add_parser("verbalize", help="step 1: train one backbone's verbalizers")
@@ -303,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "OUTPUT_DIR/2-student-verbalize if it exists)")
     sft.set_defaults(func=_cmd_sft)
 
+    config = sub.add_parser("config", help="print the resolved config, every key with its help")
+    _add_run_args(config, out=False, restart=False)
+    config.set_defaults(func=_cmd_config)
+
     distill = sub.add_parser("distill", help="the whole pipeline: both verbalizations, interaction, SFT")
     _add_run_args(distill, out=False)
     distill.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
@@ -314,7 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _offline()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # argparse printed its usage line (bad value) or the help
+        return int(stop.code or 0)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args.func(args)

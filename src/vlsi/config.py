@@ -27,6 +27,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -38,21 +39,35 @@ import yaml
 from vlsi.errors import VlsiError
 
 
+# Response tokens per chunk of the two-pass interaction loss: 256 tokens x 151,936 vocab x 4 bytes
+# = 155 MB per [chunk, V] float32 buffer; the scoring pass holds about t_s + 4 of them (1.7 GB at
+# t_s = 7). Large enough that the LM-head matmuls stay efficient, small enough to sit beside a
+# 72B teacher, and ~20x below the naive peak at 2k tokens.
+DEFAULT_CHUNK_SIZE = 256
+
+
 class ConfigError(VlsiError):
     """A configuration problem; the message names the offending key."""
 
 
+def _f(default: Any = dataclasses.MISSING, help: str = "", factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with its help text (``vlsi config CONFIG`` prints it)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    """Training (and optional evaluation) data; see :mod:`vlsi.data`."""
+    """Training data; see :mod:`vlsi.data`."""
 
-    train: list[str] = field(default_factory=list)
-    eval: list[str] = field(default_factory=list)
-    image_root: str | None = None
-    max_length: int = 4096
-    min_pixels: int | None = None
-    max_pixels: int | None = None
-    strict: bool = False
+    train: list[str] = _f(factory=list, help="training files: LLaVA or messages JSON/JSONL")
+    image_root: str | None = _f(None, "directory the records' image paths are relative to "
+                                      "(default: each file's directory)")
+    max_length: int = _f(4096, "samples longer than this many tokens (images expanded) are skipped")
+    min_pixels: int | None = _f(None, "image-processor lower bound on pixels per image")
+    max_pixels: int | None = _f(None, "image-processor upper bound on pixels per image")
+    strict: bool = _f(False, "stop at the first bad sample instead of skipping and counting it")
 
     def check(self, key: str) -> None:
         _positive(self.max_length, f"{key}.max_length")
@@ -67,9 +82,11 @@ class DataConfig:
 class VerbalizerConfig:
     """Verbalizer architecture and target layers (``None``: the SPEC's default rule)."""
 
-    architecture: str = "verb-ffn"
-    teacher_layers: list[int] | None = None
-    student_layers: list[int] | None = None
+    architecture: str = _f("verb-ffn", "verb-ffn (paper), mlp, ffn, decoder, or one of them "
+                                       "stacked twice (-x2); paper Table 4(f)")
+    teacher_layers: list[int] | None = _f(None, "teacher target layers, 0-based (default: every "
+                                                "4th from 1, the last excluded)")
+    student_layers: list[int] | None = _f(None, "student target layers, 0-based (same default)")
 
     def check(self, key: str) -> None:
         from vlsi.verbalizer import ARCHITECTURES
@@ -81,16 +98,18 @@ class VerbalizerConfig:
 class InteractionConfig:
     """Matching strategy and losses of the interaction step (paper Table 4d/4e)."""
 
-    strategy: str = "vlsi"
-    scale: float = 2.0
-    eps: float = 1e-6
-    temperature_rule: str = "paper"
-    k: int = 3
-    temperature: float = 1.0
-    intermediate_op: str = "kld"
-    last_op: str = "kld"
-    divergence: str = "forward"
-    chunk_size: int = 256
+    strategy: str = _f("vlsi", "layer matching: vlsi (Algorithm 1), random, uniform, bottom-k, "
+                               "multinomial, multinomial+range, multinomial+range+order")
+    scale: float = _f(2.0, "Algorithm 1's temperature scale")
+    eps: float = _f(1e-6, "Algorithm 1's temperature epsilon")
+    temperature_rule: str = _f("paper", "adaptive temperature: paper (T = scale / (max - min + "
+                                        "eps)) or normalized (T = (max - min + eps) / scale)")
+    k: int = _f(3, "pairs per student layer for bottom-k")
+    temperature: float = _f(1.0, "fixed temperature of the multinomial* strategies")
+    intermediate_op: str = _f("kld", "loss of matched intermediate pairs: kld, ce, l2 or none")
+    last_op: str = _f("kld", "loss between the models' own outputs: kld, ce, l2 or none")
+    divergence: str = _f("forward", "KL direction: forward KL(teacher || student) or reverse")
+    chunk_size: int = _f(DEFAULT_CHUNK_SIZE, "response tokens per chunk of the two-pass loss (memory bound)")
 
     def check(self, key: str) -> None:
         from vlsi.losses import OPS
@@ -111,9 +130,9 @@ class InteractionConfig:
 class LoraSettings:
     """LoRA on the student's language-model linear layers (interaction and SFT)."""
 
-    r: int = 64
-    alpha: int = 64
-    dropout: float = 0.05
+    r: int = _f(64, "LoRA rank (paper: 64)")
+    alpha: int = _f(64, "LoRA alpha (paper: 64)")
+    dropout: float = _f(0.05, "LoRA dropout")
 
     def check(self, key: str) -> None:
         _positive(self.r, f"{key}.r")
@@ -124,25 +143,34 @@ class LoraSettings:
 
 @dataclass
 class TrainingConfig:
-    """Optimisation settings of one stage; mapped onto ``transformers.TrainingArguments``."""
+    """Optimisation settings of one stage, mapped onto ``transformers.TrainingArguments``.
 
-    learning_rate: float = 1e-4
-    min_learning_rate: float = 1e-6
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 4
-    gradient_accumulation_steps: int = 16
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    gradient_checkpointing: bool = True
-    bf16: bool | Literal["auto"] = "auto"
-    logging_steps: int = 10
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    seed: int = 42
-    dataloader_num_workers: int = 0
-    max_consecutive_nonfinite: int = 5
+    The fields below are this project's defaults (the paper's, section 4.1c). Any other
+    ``TrainingArguments`` field may be set beside them (``training.report_to: [wandb]``,
+    ``training.optim: adamw_torch_fused``, ...): it is kept in :attr:`arguments`, passed
+    through last, and validated by transformers itself (:func:`vlsi.stages.arguments.check`).
+    """
+
+    learning_rate: float = _f(1e-4, "peak learning rate (AdamW, cosine schedule)")
+    min_learning_rate: float = _f(1e-6, "learning rate at the end of the cosine schedule")
+    num_train_epochs: float = _f(1.0, "epochs over the training data (when max_steps is -1)")
+    max_steps: int = _f(-1, "optimizer steps; -1: num_train_epochs decides")
+    per_device_train_batch_size: int = _f(4, "samples per device per micro-batch")
+    gradient_accumulation_steps: int = _f(16, "micro-batches per optimizer step")
+    warmup_ratio: float = _f(0.0, "share of the steps spent warming the learning rate up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward (memory for time)")
+    bf16: bool | Literal["auto"] = _f("auto", "bf16 mixed precision; auto: where the GPU has it")
+    logging_steps: int = _f(10, "optimizer steps between log records")
+    save_steps: int = _f(500, "optimizer steps between checkpoints (one is also saved at the end)")
+    save_total_limit: int | None = _f(2, "checkpoints kept (older ones are deleted)")
+    seed: int = _f(42, "seed of initialisation, data order and matching draws")
+    dataloader_num_workers: int = _f(0, "data-loading worker processes")
+    report_to: list[str] = _f(factory=lambda: ["tensorboard"], help="logging integrations "
+                                                                     "(TrainingArguments.report_to)")
+    max_consecutive_nonfinite: int = _f(5, "non-finite losses in a row that stop the run")
+    arguments: dict[str, Any] = _f(factory=dict, help="other TrainingArguments fields, passed through")
 
     def check(self, key: str) -> None:
         for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
@@ -163,6 +191,17 @@ class TrainingConfig:
             _positive(self.save_total_limit, f"{key}.save_total_limit")
 
 
+# TrainingArguments fields the stages set themselves: a config may not override them.
+RESERVED_ARGUMENTS = frozenset({"output_dir", "remove_unused_columns"})
+
+
+def trainer_argument_fields() -> dict[str, Any]:
+    """``TrainingArguments``' own fields (name -> dataclass field)."""
+    from transformers import TrainingArguments
+
+    return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
 STAGES = ("verbalize", "interact", "sft")
 
 
@@ -174,17 +213,17 @@ class RunConfig:
     ``sft`` hold per-stage overrides (any :class:`TrainingConfig` key); :meth:`stage` merges them.
     """
 
-    teacher: str = ""
-    student: str = ""
-    output_dir: str = ""
+    teacher: str = _f("", "the large model: a local Hugging Face checkpoint directory")
+    student: str = _f("", "the small model: a local Hugging Face checkpoint directory")
+    output_dir: str = _f("", "the run's directory (one sub-directory per step)")
     data: DataConfig = field(default_factory=DataConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     interaction: InteractionConfig = field(default_factory=InteractionConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingConfig = field(default_factory=TrainingConfig)
-    verbalize: dict[str, Any] = field(default_factory=dict)
-    interact: dict[str, Any] = field(default_factory=dict)
-    sft: dict[str, Any] = field(default_factory=dict)
+    verbalize: dict[str, Any] = _f(factory=dict, help="verbalization's overrides of training")
+    interact: dict[str, Any] = _f(factory=dict, help="interaction's overrides of training")
+    sft: dict[str, Any] = _f(factory=dict, help="SFT's overrides of training")
 
     def check(self, key: str = "") -> None:
         for name in ("teacher", "student", "output_dir"):
@@ -234,6 +273,30 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     return cfg
 
 
+def describe_config(cfg: RunConfig) -> str:
+    """Every key of ``cfg`` with its resolved value and help text, one per line (``vlsi config``);
+    the stages' merged training settings last."""
+    lines: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            elif not (obj is cfg and f.name in STAGES):
+                help_text = f.metadata.get("help", "")
+                lines.append(f"{key} = {json.dumps(value)}" + (f"    # {help_text}" if help_text else ""))
+
+    walk(cfg, "")
+    for name in STAGES:
+        merged = cfg.stage(name)
+        changed = {k: v for k, v in dataclasses.asdict(merged).items()
+                   if v != getattr(cfg.training, k)}
+        lines.append(f"{name}: training settings with {json.dumps(changed) if changed else 'no overrides'}")
+    return "\n".join(lines)
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The config as YAML (written beside every run for reproducibility)."""
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
@@ -255,6 +318,8 @@ def _build(cls: type, raw: Any, key: str) -> Any:
         raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
+    if cls is TrainingConfig:
+        raw = _collect_trainer_arguments(raw, key)
     unknown = sorted(set(raw) - known)
     if unknown:
         where = f"{key}.{unknown[0]}" if key else unknown[0]
@@ -270,6 +335,24 @@ def _build(cls: type, raw: Any, key: str) -> Any:
         else:
             values[name] = _coerce(value, hint, sub)
     return cls(**values)
+
+
+def _collect_trainer_arguments(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """Move ``TrainingArguments`` fields that are not vlsi settings into ``arguments``."""
+    own = {f.name for f in dataclasses.fields(TrainingConfig)}
+    extra = {k: v for k, v in raw.items() if k not in own}
+    if not extra:
+        return raw
+    fields = trainer_argument_fields()
+    for name in extra:
+        if name in RESERVED_ARGUMENTS:
+            raise ConfigError(f"{key}.{name}: set by vlsi itself, not configurable")
+        if name not in fields:
+            raise ConfigError(f"{key}.{name}: unknown key (neither a vlsi training setting nor a "
+                              "transformers TrainingArguments field)")
+    arguments = dict(raw.get("arguments") or {})
+    arguments.update(extra)
+    return {**{k: v for k, v in raw.items() if k in own}, "arguments": arguments}
 
 
 def _stage_overrides(value: Any, key: str) -> dict[str, Any]:

@@ -233,6 +233,7 @@ class EvalResult:
     by_form: dict[str, float] = field(default_factory=dict)
     skipped: int = 0
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
 
     def metrics(self) -> dict[str, Any]:
         return {"accuracy": self.accuracy, "count": self.count, "by_category": self.by_category,
@@ -257,20 +258,49 @@ def evaluate(generator: Generator, items: list[EvalItem], *, batch_size: int = 3
              max_new_tokens: int = 16, num_beams: int = 1, progress: bool = True,
              desc: str = "eval",
              on_prediction: Callable[[dict[str, Any]], None] | None = None) -> EvalResult:
-    """Generate (greedy; beam search with ``num_beams`` > 1) for every item and score it."""
+    """Generate (greedy; beam search with ``num_beams`` > 1) for every item and score it.
+
+    An item whose image cannot be opened or decoded is a counted skip (``EvalResult.skipped``,
+    its id and reason in ``EvalResult.skips``); the others are still evaluated.
+    """
     rows: list[dict[str, Any]] = []
+    skips: list[Skip] = []
     bar = tqdm(total=len(items), desc=desc, disable=not progress, leave=False)
     for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
+        chunk = []
+        for item in items[start:start + batch_size]:
+            problem = unreadable_image(item)
+            if problem:
+                skips.append(Skip(item.id, problem, IMAGE_UNREADABLE))
+            else:
+                chunk.append(item)
+        if not chunk:
+            bar.update(min(batch_size, len(items) - start))
+            continue
         answers = generator.generate([it.prompt for it in chunk], max_new_tokens=max_new_tokens,
                                      num_beams=num_beams, batch_size=batch_size)
         for it, answer in zip(chunk, answers):
             rows.append(score(it, answer))
             if on_prediction:
                 on_prediction(rows[-1])
-        bar.update(len(chunk))
+        bar.update(min(batch_size, len(items) - start))
     bar.close()
-    return summarize(rows)
+    result = summarize(rows, skipped=len(skips))
+    result.skips = skips
+    return result
+
+
+def unreadable_image(item: EvalItem) -> str | None:
+    """Why an item's images cannot be used (``None``: they open and decode)."""
+    for image in item.prompt.images:
+        if isinstance(image, Image.Image):
+            continue
+        try:
+            with Image.open(image) as im:
+                im.load()
+        except (OSError, ValueError) as err:
+            return f"image unreadable: {image} ({type(err).__name__})"
+    return None
 
 
 def summarize(rows: list[dict[str, Any]], skipped: int = 0) -> EvalResult:
@@ -296,6 +326,11 @@ def format_result(result: EvalResult) -> str:
     return "\n".join(lines)
 
 
+def default_predictions_path(model: str | Path, data: str | Path) -> Path:
+    """``runs/eval/<model dir>-<data file>.predictions.jsonl``: never inside the model."""
+    return Path("runs") / "eval" / f"{Path(model).resolve().name}-{Path(data).stem}.predictions.jsonl"
+
+
 def run_eval(model: str | Path, data: str | Path, *, image_root: str | Path | None = None,
              out: str | Path | None = None, batch_size: int = 32, max_new_tokens: int = 16,
              limit: int | None = None) -> EvalResult:
@@ -303,12 +338,13 @@ def run_eval(model: str | Path, data: str | Path, *, image_root: str | Path | No
     items, skips = load_items(data, image_root)
     if limit:
         items = items[:limit]
-    for skip in skips:
-        print(f"skipped {skip}", file=sys.stderr)
     generator = Generator.from_pretrained(model)
     result = evaluate(generator, items, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    skips = list(skips) + result.skips
+    for skip in skips:
+        print(f"skipped {skip}", file=sys.stderr)
     result.skipped = len(skips)
-    out = Path(out) if out else Path(model) / "eval" / f"{Path(data).stem}.predictions.jsonl"
+    out = Path(out) if out else default_predictions_path(model, data)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(r) + "\n" for r in result.predictions), encoding="utf-8")
     out.with_suffix(".metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")

@@ -20,8 +20,14 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+import math
+
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from vlsi.recorder import MatchRecorder
+
+HEATMAP_FRACTION = 0.1  # Fig. 5: the first and the last 10% of the recorded steps
 
 # A short sequential palette (light yellow -> teal -> dark blue); shares are interpolated
 # between its stops. Light for "never chosen" keeps the chosen pairs visible at a glance.
@@ -186,3 +192,25 @@ def save_heatmap(
     js = png.with_suffix(".json")
     js.write_text(json.dumps(heatmap_json(counts, row_labels, col_labels, **labels, **extra), indent=1) + "\n")
     return png, js
+
+
+def save_match_heatmaps(out: Path, recorder: MatchRecorder, fraction: float = HEATMAP_FRACTION) -> None:
+    """``heatmap_start`` and ``heatmap_end`` (PNG + JSON): pairs chosen in the first/last steps."""
+    steps = sorted({step for step, _ in recorder.history})
+    keep = max(1, math.ceil(fraction * len(steps)))
+    percent = f"{round(100 * fraction)}%"
+    parts = (("start", "first", {"first_fraction": fraction}, steps[:keep]),
+             ("end", "last", {"last_fraction": fraction}, steps[-keep:]))
+    for name, word, selection, window in parts:
+        counts = recorder.counts(**selection) if steps else torch.zeros(recorder.t_s, recorder.t_l, dtype=torch.int64)
+        span = f"steps {window[0]}-{window[-1]}" if window else "no steps"
+        save_heatmap(
+            out / f"heatmap_{name}.png", counts,
+            recorder.student_layers or list(range(recorder.t_s)),
+            recorder.teacher_layers or list(range(recorder.t_l)),
+            title=f"matched layers, {word} {percent} of steps ({span})",
+            steps=[window[0], window[-1]] if window else None,
+            strategy=recorder.strategy,
+            student_layers=recorder.student_layers,
+            teacher_layers=recorder.teacher_layers,
+        )

@@ -48,13 +48,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from vlsi.config import DEFAULT_CHUNK_SIZE
 from vlsi.losses import OPS, DIVERGENCES, compute_dtype, log_probs, pair_loss_logprobs
 from vlsi.matching import STRATEGIES, Matching, match, needed_mask
 
-# 256 tokens x 151,936 vocab x 4 bytes = 155 MB per [chunk, V] float32 buffer; the scoring pass
-# holds about t_s + 4 of them (1.7 GB at t_s = 7). Large enough that the LM-head matmuls stay
-# efficient, small enough to sit beside a 72B teacher, and ~20x below the naive peak at 2k tokens.
-DEFAULT_CHUNK_SIZE = 256
 
 LogitsFn = Callable[[int, Tensor], Tensor]
 

@@ -1,7 +1,7 @@
 """Distribution losses between teacher and student verbalized outputs (SPEC "Step 2", Table 4d).
 
-All functions take logits (or log-probabilities) already cut to the shared vocabulary ``V`` and
-return one loss per token. Softmax, log-softmax and the reductions over ``V`` run in float32
+All functions take log-probabilities (:func:`log_probs` of logits already cut to the shared
+vocabulary ``V``) and return one loss per token. Softmax, log-softmax and the reductions over ``V`` run in float32
 whatever the input dtype (bf16 logits lose too much in ``exp``/``log``), or in float64 when the
 input is float64 (used by the exactness tests). Logits are assumed finite, as model logits are.
 
@@ -11,9 +11,14 @@ With ``P = softmax(teacher)`` and ``Q = softmax(student)``, per token:
 * ``kld`` reverse: ``KL(Q || P) = sum_v Q_v (log Q_v - log P_v)``
 * ``ce``: ``-sum_v P_v log Q_v``  (= forward KL + entropy of P)
 * ``l2``: ``sum_v (P_v - Q_v)^2``
+
+:func:`chunked_head_ce` is the verbalization loss: next-token cross-entropy through a frozen LM
+head, with one chunk of ``[chunk, V]`` logits alive at a time.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -71,67 +76,53 @@ def pair_loss_logprobs(op: str, t_logp: Tensor, s_logp: Tensor, divergence: str 
     raise ValueError("op 'none' has no loss value; skip the term instead")
 
 
-def kl_forward(t_logits: Tensor, s_logits: Tensor) -> Tensor:
-    """``KL(P_t || Q_s)`` per token. Logits ``[n, V]`` (any dtype) -> float32 ``[n]``."""
-    return kl_logprobs(log_probs(t_logits), log_probs(s_logits))
+# Response tokens per block of the chunked head CE (verbalization): 1024 x 151,936 x 4 bytes =
+# 622 MB of float32 logits (plus as much for their gradient); large enough that the head matmul
+# stays efficient.
+CE_CHUNK_TOKENS = 1024
 
 
-def kl_reverse(t_logits: Tensor, s_logits: Tensor) -> Tensor:
-    """``KL(Q_s || P_t)`` per token. Logits ``[n, V]`` -> float32 ``[n]``."""
-    return kl_logprobs(log_probs(s_logits), log_probs(t_logits))
+class _ChunkedHeadCE(torch.autograd.Function):
+    """Summed CE of ``head(y)``; its gradient w.r.t. ``y`` is computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor],  # type: ignore[override]
+                chunk_size: int) -> Tensor:
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(y) if need_grad else None
+        total = torch.zeros((), dtype=torch.float32, device=y.device)
+        for a in range(0, y.shape[0], chunk_size):
+            b = min(a + chunk_size, y.shape[0])
+            with torch.enable_grad():  # Function.forward runs without grad; this chunk needs one
+                yc = y[a:b].detach().requires_grad_(need_grad)
+                ce = F.cross_entropy(head(yc).float(), targets[a:b], reduction="sum")
+                if need_grad:
+                    grad[a:b] = torch.autograd.grad(ce, yc)[0]
+            total += ce.detach()
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None
 
 
-def soft_ce(t_logits: Tensor, s_logits: Tensor) -> Tensor:
-    """``-sum_v P_t log Q_s`` per token. Logits ``[n, V]`` -> float32 ``[n]``."""
-    return ce_logprobs(log_probs(t_logits), log_probs(s_logits))
-
-
-def l2_prob(t_logits: Tensor, s_logits: Tensor) -> Tensor:
-    """``sum_v (P_t - Q_s)^2`` per token. Logits ``[n, V]`` -> float32 ``[n]``."""
-    return l2_logprobs(log_probs(t_logits), log_probs(s_logits))
-
-
-def pair_loss(op: str, t_logits: Tensor, s_logits: Tensor, divergence: str = "forward") -> Tensor:
-    """Per-token loss ``[n]`` of ``op`` in ``{"kld", "ce", "l2"}`` from logits ``[n, V]``.
-
-    ``divergence`` picks forward or reverse KL for ``op="kld"`` and is ignored otherwise.
-    """
-    _check_op(op, divergence)
-    return pair_loss_logprobs(op, log_probs(t_logits), log_probs(s_logits), divergence)
-
-
-def masked_mean(per_token: Tensor, mask: Tensor) -> Tensor:
-    """Mean of ``per_token`` over ``mask`` (same shape, ``[B, T]`` or ``[n]``); float32 scalar.
-
-    An empty mask gives exactly 0.0, not NaN, and the result stays connected to the graph of
-    ``per_token`` (masked positions get zero gradient, even when they hold inf or NaN).
-    """
-    if mask.shape != per_token.shape:
-        raise ValueError(f"mask shape {tuple(mask.shape)} != values shape {tuple(per_token.shape)}")
-    values = per_token.to(compute_dtype(per_token.dtype))
-    mask = mask.to(torch.bool)
-    total = values.masked_fill(~mask, 0.0).sum()
-    # clamp instead of a Python branch: no host sync, and 0 / 1 = 0 for an empty mask
-    return total / mask.sum().clamp(min=1).to(values.dtype)
-
-
-def next_token_ce(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean next-token cross-entropy over supervised positions; float32 scalar.
+def chunked_head_ce(
+    y: Tensor, targets: Tensor, head: Callable[[Tensor], Tensor], chunk_size: int = CE_CHUNK_TOKENS
+) -> Tensor:
+    """``sum_n CE(head(y[n]), targets[n])`` with only one chunk's ``[chunk, V]`` logits alive.
 
     Args:
-        logits: ``[B, T, V]``; position ``t`` predicts token ``t + 1``.
-        labels: ``[B, T]`` token ids, ``ignore_index`` where unsupervised.
+        y: ``[N, d]`` inputs of the head (the verbalizer outputs); may require grad.
+        targets: ``[N]`` token ids.
+        head: frozen ``[n, d] -> [n, V]`` (final norm + LM head); no gradient reaches its
+            parameters.
+        chunk_size: tokens per block.
 
     Returns:
-        ``mean over {t : labels[:, t + 1] != ignore_index} of -log softmax(logits[:, t])[labels[:, t + 1]]``;
-        0.0 (graph-connected) when no position is supervised. Only supervised rows are cast to
-        float32, so the float32 copy is ``[response tokens, V]``, not ``[B, T, V]``.
+        float32 scalar, differentiable w.r.t. ``y`` (the gradient was computed in the forward).
     """
-    if logits.shape[:2] != labels.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on [B, T]")
-    shifted_logits = logits[:, :-1]
-    shifted_labels = labels[:, 1:]
-    keep = shifted_labels != ignore_index
-    rows = shifted_logits[keep].to(compute_dtype(logits.dtype))
-    total = F.cross_entropy(rows, shifted_labels[keep], reduction="sum")
-    return total / keep.sum().clamp(min=1).to(total.dtype)
+    if y.shape[0] != targets.shape[0]:
+        raise ValueError(f"{y.shape[0]} inputs but {targets.shape[0]} targets")
+    return _ChunkedHeadCE.apply(y, targets, head, chunk_size)

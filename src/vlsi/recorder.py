@@ -2,7 +2,9 @@
 
 :class:`MatchRecorder` counts selected ``(student layer i, teacher layer j)`` pairs over the
 interaction step and keeps a per-update history, so that the matching at the start of training
-can be compared with the matching at the end. Plotting is left to the caller.
+can be compared with the matching at the end. :class:`MatchLog` also appends every update to a
+JSONL file, so that a resumed run keeps the history of the steps before its checkpoint.
+Plotting is :func:`vlsi.heatmap.save_match_heatmaps`.
 
 JSON layout (``to_json``)::
 
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from vlsi.files import read_jsonl, write_text_atomic
 
 
 class MatchRecorder:
@@ -120,3 +124,26 @@ class MatchRecorder:
         if recorder.counts().tolist() != payload.get("counts", recorder.counts().tolist()):
             raise ValueError(f"{path}: counts do not match the history")
         return recorder
+
+
+class MatchLog:
+    """A :class:`MatchRecorder` whose updates are also appended to ``matches.jsonl``.
+
+    One line per update: ``{"step": 3, "pairs": [i * t_l + j, ...]}``. Opening it keeps the lines
+    with ``step <= keep_until`` (the resumed checkpoint's step; 0 for a fresh run) and replays
+    them into the recorder.
+    """
+
+    def __init__(self, path: str | Path, recorder: MatchRecorder, *, keep_until: int = 0):
+        self.path = Path(path)
+        self.recorder = recorder
+        kept = [r for r in read_jsonl(self.path) if r["step"] <= keep_until]
+        recorder.history = [(int(r["step"]), [int(x) for x in r["pairs"]]) for r in kept]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+
+    def add(self, weights: Tensor, step: int) -> None:
+        """Record the pairs with weight > 0 in ``weights`` ``[t_s, t_l]`` at optimizer ``step``."""
+        self.recorder.update(weights, step)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "pairs": self.recorder.history[-1][1]}) + "\n")

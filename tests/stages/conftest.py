@@ -39,7 +39,6 @@ def tiny_overrides(tiny_pair, synth_dir) -> Callable[..., dict[str, Any]]:
             "student": str(pair.student),
             "output_dir": str(output_dir),
             "data.train": [str(synth_dir / "train.json")],
-            "data.eval": [],
             "data.image_root": str(synth_dir),
             "training.logging_steps": 1,
             **more,

@@ -18,7 +18,7 @@ from vlsi.data.synthetic import SyntheticConfig, generate_dataset
 from vlsi.errors import VlsiError
 from vlsi.recorder import MatchRecorder
 from vlsi.stages import interact
-from vlsi.stages.interact import MatchLog, matching_seed, run_interact
+from vlsi.stages.interact import matching_seed, run_interact
 from vlsi.tiny import build_tiny_tokenizer
 from vlsi.verbalizer import VerbalizerSet
 
@@ -105,17 +105,6 @@ def test_matching_seed_depends_on_every_part():
     assert len(seeds) == 16
     assert matching_seed(42, 3, 1) == matching_seed(42, 3, 1, 0)
     assert 0 <= matching_seed(42, 3, 1) < 2**63
-
-
-def test_match_log_replays_kept_lines(tmp_path):
-    path = tmp_path / "matches.jsonl"
-    log = MatchLog(path, MatchRecorder(2, 3))
-    for step in (1, 2, 3):
-        log.add(torch.tensor([[1.0, 0, 0], [0, 0, 1.0]]), step)
-    resumed = MatchLog(path, MatchRecorder(2, 3), keep_until=2)
-    assert [s for s, _ in resumed.recorder.history] == [1, 2]
-    assert len(path.read_text().splitlines()) == 2
-    assert resumed.recorder.counts().tolist() == [[2, 0, 0], [0, 0, 2]]
 
 
 # -- the stage ---------------------------------------------------------------------------------
@@ -206,10 +195,10 @@ def test_resume_draws_the_same_pairs_as_an_uninterrupted_run(full_run, verbalize
     cfg, out = make_config(pair, data_file), tmp_path / "interact"
 
     class CrashingAtStep4(interact.InteractTrainer):
-        def stage_loss(self, model, inputs, **kwargs):
+        def compute_loss(self, model, inputs, **kwargs):
             if self.state.global_step == 3:  # steps 1-3 done (and recorded), checkpoint-2 saved
                 raise Crash
-            return super().stage_loss(model, inputs, **kwargs)
+            return super().compute_loss(model, inputs, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(interact, "InteractTrainer", CrashingAtStep4)

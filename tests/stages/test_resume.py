@@ -1,13 +1,12 @@
-"""Fault tolerance end to end: ``vlsi sft`` killed with SIGKILL mid-run and resumed with
-``--resume`` ends with the same weights as an uninterrupted run with the same seed."""
+"""Exact resume from any kill point: ``vlsi distill`` killed (SIGKILL, by the kill points of
+:mod:`vlsi.faults`) mid-step, right after a checkpoint, after the last checkpoint, while
+writing outputs and before ``step_complete.json``, in every stage, then rerun until it ends,
+finishes with exactly ``max_steps`` steps per stage and the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,48 +15,60 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "configs" / "tiny-qwen2vl.yaml"
+STEPS = ("1-teacher-verbalize", "2-student-verbalize", "3-interact", "4-sft")
+# Each point is reached by the rerun that sets it, after the earlier kills; both verbalization
+# steps share the stage name, so the teacher's step is the one killed there.
+KILL_POINTS = (
+    "verbalize:step:3",     # mid-step: checkpoint-2 exists, step 3 is lost
+    "verbalize:saved:4",    # right after the last checkpoint
+    "verbalize:complete",   # outputs written, step_complete.json not yet
+    "interact:step:1",      # before any checkpoint
+    "interact:saved:4",     # after the last checkpoint
+    "sft:saved:2",          # after a middle checkpoint
+    "sft:outputs",          # training over, the export not written
+    "sft:complete",         # exported, step_complete.json not yet
+)
+WEIGHTS = ("1-teacher-verbalize/verbalizers.safetensors", "2-student-verbalize/verbalizers.safetensors",
+           "3-interact/adapter/adapter_model.safetensors", "4-sft/adapter/adapter_model.safetensors",
+           "4-sft/model/model.safetensors")
 
 
 @pytest.mark.slow
-def test_sft_killed_and_resumed_equals_uninterrupted(tmp_path, tiny_overrides, set_args, cli_env, run_cli):
-    # 6 optimizer steps of 2 micro-batches, a checkpoint every 2 steps; LoRA dropout is 0 in the
-    # tiny config, so the run is a deterministic function of the seed.
-    settings = set_args(tiny_overrides(tmp_path, **{
-        "sft.max_steps": 6, "sft.save_steps": 2, "sft.gradient_accumulation_steps": 2,
-        "sft.per_device_train_batch_size": 2, "sft.logging_steps": 1}))
-    reference, interrupted = tmp_path / "reference", tmp_path / "interrupted"
-
-    done = run_cli("sft", str(TINY_CONFIG), *settings, "--out", str(reference))
+def test_distill_killed_anywhere_and_rerun_equals_uninterrupted(tmp_path, tiny_overrides, set_args, run_cli,
+                                                               cli_env):
+    overrides = {"training.max_steps": 4, "training.save_steps": 2, "training.logging_steps": 1,
+                 "training.gradient_accumulation_steps": 2, "training.per_device_train_batch_size": 2}
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    done = run_cli("distill", str(TINY_CONFIG), *set_args(tiny_overrides(reference, **overrides)), timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "training a fresh LoRA" in done.stdout
 
-    proc = subprocess.Popen([sys.executable, "-m", "vlsi.cli", "sft", str(TINY_CONFIG), *settings,
-                             "--out", str(interrupted)], cwd=REPO, env=cli_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (interrupted / "checkpoint-4").is_dir():
-        assert proc.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint-4 within 120 s"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=30) == -signal.SIGKILL
-    assert not (interrupted / "step_complete.json").exists()
-    assert not (interrupted / "model").exists()
+    settings = set_args(tiny_overrides(killed, **overrides))
+    for point in KILL_POINTS:
+        cli_env["VLSI_KILL_AT"] = point
+        try:
+            proc = run_cli("distill", str(TINY_CONFIG), *settings, timeout=300)
+        finally:
+            del cli_env["VLSI_KILL_AT"]
+        assert proc.returncode == -signal.SIGKILL, f"{point}: {proc.stderr[-2000:]}"
+    assert not (killed / "4-sft" / "step_complete.json").exists()
+    final = run_cli("distill", str(TINY_CONFIG), *settings, timeout=300)
+    assert final.returncode == 0, final.stderr[-3000:]
 
-    resumed = run_cli("sft", str(TINY_CONFIG), *settings, "--out", str(interrupted), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    state = json.loads((interrupted / "checkpoint-6" / "trainer_state.json").read_text())
-    assert state["global_step"] == 6
-
-    for name in ("adapter/adapter_model.safetensors", "model/model.safetensors"):
-        want, got = load_file(str(reference / name)), load_file(str(interrupted / name))
-        assert want.keys() == got.keys()
+    for step in STEPS:
+        assert json.loads((killed / step / "step_complete.json").read_text())["global_step"] == 4, step
+        logged = [json.loads(line) for line in (killed / step / "metrics.jsonl").read_text().splitlines()]
+        steps = [r["step"] for r in logged if "loss" in r]
+        assert steps == [1, 2, 3, 4], (step, steps)  # no step twice, none past max_steps
+    matches = [json.loads(line)["step"] for line in (killed / "3-interact" / "matches.jsonl").read_text().splitlines()]
+    assert matches == [1, 1, 2, 2, 3, 3, 4, 4]  # one selection per micro-batch, none doubled
+    for name in WEIGHTS:
+        want, got = load_file(str(reference / name)), load_file(str(killed / name))
+        assert want.keys() == got.keys(), name
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
-    # the run did learn something: the merged weights are not the student's own
     base = load_file(str(tiny_overrides(tmp_path)["student"]) + "/model.safetensors")
-    merged = load_file(str(reference / "model/model.safetensors"))
-    assert any(not torch.equal(base[k], merged[k]) for k in base)
+    merged = load_file(str(reference / "4-sft/model/model.safetensors"))
+    assert any(not torch.equal(base[k], merged[k]) for k in base)  # the run did learn something
 
 
 def test_cli_user_errors_are_one_line(tmp_path, tiny_overrides, set_args, capsys):

@@ -18,8 +18,10 @@ from safetensors.torch import load_file
 from vlsi.backbones import load_backbone, load_model
 from vlsi.data import IGNORE_INDEX
 from vlsi.errors import VlsiError
-from vlsi.stages.common import load_training_data, training_arguments
-from vlsi.stages.sft import SFTTrainer, run_sft, student_with_lora
+from vlsi.lora import with_lora
+from vlsi.stages.arguments import training_arguments
+from vlsi.stages.sft import SFTTrainer, run_sft
+from vlsi.stages.training_data import load_training_data
 from vlsi.verbalizer import VerbalizerSet
 
 torch.set_num_threads(1)
@@ -38,7 +40,7 @@ def sft_run(tmp_path_factory, tiny_config, tiny_pair):
 def test_sft_loss_is_mean_over_response_tokens(tiny_config, tmp_path):
     cfg = tiny_config(tmp_path)
     dataset, collator, _ = load_training_data(cfg.data, cfg.student)
-    model = student_with_lora(cfg)
+    model = with_lora(load_backbone(cfg.student), cfg.lora)
     trainer = SFTTrainer(model=model, args=training_arguments(cfg.stage("sft"), tmp_path, report_to=[]),
                          train_dataset=dataset, data_collator=collator)
     batch = collator([dataset[i] for i in range(3)])
@@ -178,7 +180,7 @@ def test_sft_continues_an_interaction_adapter(tiny_config, tmp_path):
     peft.save_pretrained(tmp_path / "adapter")
     saved = {k: v.clone() for k, v in peft.state_dict().items() if "lora_" in k}
 
-    model = student_with_lora(cfg, tmp_path / "adapter")
+    model = with_lora(load_backbone(cfg.student), cfg.lora, tmp_path / "adapter")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n and ".language_model." in n for n in trainable)
     state = model.state_dict()
@@ -188,8 +190,8 @@ def test_sft_continues_an_interaction_adapter(tiny_config, tmp_path):
 
 
 def test_sft_refuses_to_mix_with_an_earlier_run(tiny_config, tmp_path):
-    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)
-    with pytest.raises(VlsiError, match="--resume"):
+    (tmp_path / "out" / "checkpoint-2").mkdir(parents=True)  # no fingerprint: not ours
+    with pytest.raises(VlsiError, match="holds a result of other inputs .*no fingerprint"):
         run_sft(tiny_config(tmp_path), tmp_path / "out")
 
 

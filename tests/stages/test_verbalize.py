@@ -17,14 +17,7 @@ from vlsi.config import DataConfig, RunConfig, TrainingConfig, VerbalizerConfig
 from vlsi.data.synthetic import SyntheticConfig, generate_dataset
 from vlsi.errors import VlsiError
 from vlsi.stages import verbalize
-from vlsi.stages.verbalize import (
-    MILESTONES,
-    chunked_head_ce,
-    layer_loss_table,
-    milestone_window,
-    response_targets,
-    run_verbalize,
-)
+from vlsi.stages.verbalize import response_targets, run_verbalize
 from vlsi.verbalizer import VerbalizerSet, prediction_positions
 
 torch.set_num_threads(1)  # tiny models; extra threads only spin when the CPUs are shared
@@ -75,59 +68,10 @@ def teacher_run(tiny_pair, data_file, tmp_path_factory):
 # -- the loss ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
-def test_chunked_head_ce_equals_plain_cross_entropy(chunk):
-    torch.manual_seed(0)
-    head = torch.nn.Linear(8, 11, bias=False).requires_grad_(False)
-    y1 = torch.randn(7, 8, requires_grad=True)
-    y2 = y1.detach().clone().requires_grad_(True)
-    targets = torch.randint(0, 11, (7,))
-    chunked = chunked_head_ce(y1, targets, head, chunk)
-    plain = F.cross_entropy(head(y2), targets, reduction="sum")
-    assert chunked.item() == pytest.approx(plain.item(), rel=1e-6)
-    (2 * chunked).backward()
-    (2 * plain).backward()
-    assert torch.allclose(y1.grad, y2.grad, atol=1e-6)
-
-
-def test_chunked_head_ce_without_tokens_is_a_connected_zero():
-    head = torch.nn.Linear(4, 5, bias=False).requires_grad_(False)
-    y = torch.zeros(0, 4, requires_grad=True)
-    loss = chunked_head_ce(y, torch.zeros(0, dtype=torch.long), head)
-    assert loss.item() == 0.0 and loss.requires_grad
-    loss.backward()
-    assert y.grad.shape == (0, 4)
-
-
 def test_response_targets_follow_the_next_token_shift():
     labels = torch.tensor([[-100, -100, 7, 8, -100], [-100, 4, -100, -100, -100]])
     positions = prediction_positions(labels)
     assert response_targets(labels, positions).tolist() == [7, 8, 4]
-
-
-# -- the table ---------------------------------------------------------------------------------
-
-
-def test_milestone_windows_are_inside_training_and_end_at_the_last_step():
-    assert milestone_window(0.1, 100) == (6, 15)
-    assert milestone_window(1.0, 100) == (91, 100)
-    assert milestone_window(1.0, 3) == (3, 3)
-    for total in (1, 4, 20, 1000):
-        for m in MILESTONES:
-            first, last = milestone_window(m, total)
-            assert 1 <= first <= last <= total
-
-
-def test_layer_loss_table_averages_each_window():
-    rows = [(s, [10.0 - s / 10, 5.0]) for s in range(1, 101)]
-    table = layer_loss_table(rows, [2, 6], total_steps=100)
-    assert table["columns"] == COLUMNS
-    assert table["loss"]["6"] == [5.0] * 6
-    first, last = table["steps"]["100%"]
-    assert table["loss"]["2"][-1] == pytest.approx(10.0 - (first + last) / 20)
-    assert table["loss"]["2"] == sorted(table["loss"]["2"], reverse=True)
-    partial = layer_loss_table(rows[:20], [2, 6], total_steps=100)  # a run still at step 20
-    assert partial["loss"]["2"][0] is not None and partial["loss"]["2"][1:] == [None] * 5
 
 
 # -- the stage ---------------------------------------------------------------------------------

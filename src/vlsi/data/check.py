@@ -1,13 +1,15 @@
-"""``vlsi data check``: validate a dataset against a checkpoint and report what training would see.
+"""``vlsi data check``: validate a dataset and report what training would see.
 
-    vlsi data check train.jsonl --model runs/tiny/student [--image-root DIR] [--max-length 4096]
+    vlsi data check train.jsonl [--model runs/tiny/student] [--image-root DIR] [--max-length 4096]
                                 [--min-pixels N] [--max-pixels N] [--strict]
 
-Runs the same scan as training (:func:`vlsi.data.dataset.scan`: parse, apply the checkpoint's
-chat template, decode and preprocess every image, length check) and prints counts, every
-skipped sample with its reason, and token-length statistics. Only the tokenizer, the config
-and the image processor are loaded, not the weights. ``--strict`` stops at the first bad
-sample with a one-line error; a dataset with no usable sample is an error (after the report).
+Without ``--model``: the structure only (JSON, roles, an assistant turn, ``<image>`` tags
+against images, every image file present and decodable), with counts and every skipped sample
+with its reason. With ``--model``: the same scan as training (:func:`vlsi.data.dataset.scan`:
+the checkpoint's chat template, every image preprocessed, the length check) and token-length
+statistics besides. Only the tokenizer, the config and the image processor are loaded, not the
+weights. ``--strict`` stops at the first bad sample with a one-line error; a dataset with no
+usable sample is an error (after the report).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Sequence
 from vlsi.backbones import ImageEncoder, family_for, load_tokenizer, read_model_type
 from vlsi.data.dataset import scan
 from vlsi.data.encode import DEFAULT_MAX_LENGTH, SampleEncoder
+from vlsi.cli_types import positive_int
 from vlsi.errors import DataError, VlsiError
 
 
@@ -98,12 +101,56 @@ def check_data(
     }
 
 
+def check_structure(path: str | Path | Sequence[str | Path], image_root: str | Path | None = None,
+                    strict: bool = False) -> dict[str, Any]:
+    """The model-free part of :func:`check_data`: records parsed, images opened and decoded.
+
+    Same keys as :func:`check_data` except ``length`` and ``supervised`` (``None``) and
+    ``model`` (``None``).
+    """
+    from PIL import Image
+
+    from vlsi.data.records import IMAGE_UNREADABLE, Skip, read_records
+
+    read = read_records(path, image_root, strict=strict)
+    samples, skipped = [], list(read.skips)
+    for sample in read.samples:
+        try:
+            for image in sample.images:
+                with Image.open(image) as im:
+                    im.load()
+        except (OSError, ValueError) as err:
+            skip = Skip(sample.id, f"image unreadable ({type(err).__name__})", IMAGE_UNREADABLE)
+            if strict:
+                raise DataError(str(skip)) from None
+            skipped.append(skip)
+            continue
+        samples.append(sample)
+    paths = [path] if isinstance(path, (str, Path)) else list(path)
+    n_images = [len(s.images) for s in samples]
+    counts: dict[str, int] = {}
+    for skip in skipped:
+        counts[skip.kind] = counts.get(skip.kind, 0) + 1
+    replies = [sum(t["role"] == "assistant" for t in s.turns) for s in samples]
+    return {
+        "files": [str(p) for p in paths], "model": None, "max_length": None,
+        "records": read.num_records, "kept": len(samples), "skipped": len(skipped),
+        "skipped_by_kind": counts,
+        "skipped_samples": [{"id": k.id, "reason": k.reason, "kind": k.kind} for k in skipped],
+        "images": sum(n_images), "single_image": sum(n == 1 for n in n_images),
+        "multi_image": sum(n > 1 for n in n_images), "text_only": sum(n == 0 for n in n_images),
+        "turns": sum(s.num_turns for s in samples), "replies": sum(replies),
+        "multi_turn": sum(r > 1 for r in replies), "length": None, "supervised": None,
+    }
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The report as printed by ``vlsi data check``."""
     r = report
     lines = [
         f"data: {', '.join(r['files'])}",
-        f"model: {r['model']} (max_length {r['max_length']})",
+        (f"model: {r['model']} (max_length {r['max_length']})" if r["model"] else
+         "model: none (structure and images only; --model DIR adds the chat template, lengths and tokens)"),
         f"records: {r['records']}  kept: {r['kept']}  skipped: {r['skipped']}",
         f"images: {r['images']}  (samples: {r['single_image']} single-image, "
         f"{r['multi_image']} multi-image, {r['text_only']} text-only)",
@@ -115,6 +162,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("skipped samples:")
         lines.extend(f"  {s['id']}: {s['reason']}" for s in r["skipped_samples"])
     for key, title in (("length", "tokens per sample (expanded)"), ("supervised", "supervised tokens")):
+        if r["model"] is None:
+            break
         stats = r[key]
         if stats is None:
             lines.append(f"{title}: no samples kept")
@@ -126,19 +175,19 @@ def format_report(report: dict[str, Any]) -> str:
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``check`` sub-command; its handler is stored as ``args.func``."""
     parser = subparsers.add_parser(
-        "check", help="validate a dataset against a checkpoint and print statistics",
-        description="Parse FILE (LLaVA-style or messages-style JSON/JSONL) with the chat template "
-                    "and image processor of --model, then print counts, every skipped sample "
-                    "with its reason, and token-length statistics.")
+        "check", help="validate a dataset (structure; with --model also tokens) and print statistics",
+        description="Parse FILE (LLaVA-style or messages-style JSON/JSONL) and open every image, "
+                    "then print counts and every skipped sample with its reason; with --model, "
+                    "apply its chat template and image processor too and print token statistics.")
     parser.add_argument("files", metavar="FILE", nargs="+", type=Path, help="JSON or JSONL data file(s)")
-    parser.add_argument("--model", required=True, type=Path, metavar="DIR",
+    parser.add_argument("--model", type=Path, metavar="DIR",
                         help="checkpoint directory (tokenizer, chat template, image processor)")
     parser.add_argument("--image-root", type=Path, metavar="DIR",
                         help="directory relative image paths start from (default: the data file's)")
-    parser.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
+    parser.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH,
                         help=f"longest sample in tokens after image expansion (default {DEFAULT_MAX_LENGTH})")
-    parser.add_argument("--min-pixels", type=int, help="lower bound on image height*width")
-    parser.add_argument("--max-pixels", type=int, help="upper bound on image height*width")
+    parser.add_argument("--min-pixels", type=positive_int, help="lower bound on image height*width")
+    parser.add_argument("--max-pixels", type=positive_int, help="upper bound on image height*width")
     parser.add_argument("--strict", action="store_true", help="stop at the first bad sample")
     parser.set_defaults(func=run_check)
     return parser
@@ -146,10 +195,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def run_check(args: argparse.Namespace) -> int:
     """Handler of ``vlsi data check``: print the report; no usable sample is a DataError."""
-    report = check_data(
-        args.files, args.model, image_root=args.image_root, max_length=args.max_length,
-        strict=args.strict, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-    )
+    if args.model is None:
+        report = check_structure(args.files, image_root=args.image_root, strict=args.strict)
+    else:
+        report = check_data(
+            args.files, args.model, image_root=args.image_root, max_length=args.max_length,
+            strict=args.strict, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+        )
     print(format_report(report))
     if report["kept"] == 0:
         raise DataError(f"no usable samples in {', '.join(report['files'])} "

@@ -65,6 +65,21 @@ class DataSummary:
     def skipped_by_kind(self) -> dict[str, int]:
         return dict(Counter(s.kind for s in self.skipped))
 
+    def record(self, first: int = 5) -> dict[str, Any]:
+        """The counts as a JSON record: kept, skipped by reason, the first skipped ids."""
+        return {"data_records": self.num_records, "data_kept": self.kept,
+                "data_skipped": len(self.skipped), "data_skipped_by_reason": self.skipped_by_kind,
+                "data_first_skipped": [s.id for s in self.skipped[:first]]}
+
+    def headline(self, first: int = 3) -> str:
+        """One line: ``kept 98 of 100 records; skipped 2 (image_not_found: 2; first: a, b)``."""
+        line = f"kept {self.kept:,} of {self.num_records:,} records"
+        if not self.skipped:
+            return line + ", none skipped"
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.skipped_by_kind.items()))
+        ids = ", ".join(s.id for s in self.skipped[:first])
+        return f"{line}; skipped {len(self.skipped):,} ({kinds}; first: {ids})"
+
     def format(self) -> str:
         """Printable summary: counts, then one line per skipped sample."""
         lines = [f"kept {self.kept} of {self.num_records} records from {', '.join(self.files)}"]

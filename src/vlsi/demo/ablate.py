@@ -164,7 +164,7 @@ class Ablation:
 
     def result(self, row: Row, seed: int) -> dict[str, Any]:
         from vlsi.demo.pipeline import evaluate_model, export_merged
-        from vlsi.stages.common import read_json, write_json_atomic
+        from vlsi.files import read_json, write_json_atomic
         from vlsi.stages.distill import layout, run_distill
 
         done = self.out / "results" / row.key / f"seed-{seed}.json"

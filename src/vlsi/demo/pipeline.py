@@ -37,10 +37,11 @@ from vlsi.evaluate import EvalItem, evaluate
 from vlsi.export import export_student
 from vlsi.inference import Generator
 from vlsi.layer_view import layer_responses
-from vlsi.stages.common import read_json, read_jsonl, write_json_atomic
+from vlsi.files import read_json, read_jsonl, write_json_atomic
 from vlsi.stages.distill import layout, run_distill
 from vlsi.stages.interact import run_interact
-from vlsi.stages.sft import run_sft, with_adapter
+from vlsi.lora import with_adapter
+from vlsi.stages.sft import run_sft
 from vlsi.verbalizer import VerbalizerSet
 
 # Table 4(b) rows, in order: (key, label). The first two are fixed models (one evaluation).

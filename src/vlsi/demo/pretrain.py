@@ -31,26 +31,26 @@ from vlsi.backbones import Backbone, load_backbone
 from vlsi.config import TrainingConfig
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.export import export_student
-from vlsi.stages.common import (
-    STEP_COMPLETE,
-    VlsiTrainerMixin,
-    read_json,
-    resume_checkpoint,
-    stage_callbacks,
-    stage_complete,
-    use_loss_progress_bar,
-    training_arguments,
-    utc_now,
-    write_json_atomic,
-)
+from vlsi.files import read_json, utc_now, write_json_atomic
+from vlsi.stages.arguments import training_arguments
+from vlsi.stages.callbacks import stage_callbacks, use_loss_progress_bar
+from vlsi.stages.checkpoints import latest_checkpoint, remove_incomplete, training_finished
+from vlsi.stages.run import STEP_COMPLETE, VlsiTrainerMixin, stage_complete
 
 MODEL_DIR = "model"
 SNAPSHOTS = "snapshots"
 CURVE = "curve.json"
+CURVE_PARTIAL = "curve.partial.json"  # the points so far, for a resumed run
 
 
 class PretrainTrainer(VlsiTrainerMixin, Trainer):
-    """Full-parameter next-token training (the mixin's default loss; all weights trainable)."""
+    """Full-parameter next-token training (the model's own loss; all weights trainable)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                   num_items_in_batch=num_items_in_batch)
+        loss = self.finite_or_skipped(model, out[0] if return_outputs else out)
+        return (loss, out[1]) if return_outputs else loss
 
 
 @torch.no_grad()
@@ -76,9 +76,10 @@ class CurveCallback(TrainerCallback):
     """Every ``eval_every`` optimizer steps (and at the end): held-out accuracy and train loss."""
 
     def __init__(self, backbone: Backbone, eval_set: VisualInstructionDataset,
-                 collate: VisionLanguageCollator, eval_every: int, points: list[dict[str, Any]]):
+                 collate: VisionLanguageCollator, eval_every: int, points: list[dict[str, Any]],
+                 partial: Path | None = None):
         self.backbone, self.eval_set, self.collate = backbone, eval_set, collate
-        self.eval_every, self.points = eval_every, points
+        self.eval_every, self.points, self.partial = eval_every, points, partial
         self._last_loss: float | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -93,6 +94,8 @@ class CurveCallback(TrainerCallback):
             acc = teacher_forced_accuracy(self.backbone, self.eval_set, self.collate)
             self.points.append({"step": step, "eval_accuracy": acc, "train_loss": self._last_loss,
                                 "seconds": time.perf_counter() - self._start})
+            if self.partial is not None:
+                write_json_atomic(self.partial, {"points": self.points})
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._start = time.perf_counter()
@@ -157,30 +160,39 @@ def pretrain(checkpoint: str | Path, out_dir: str | Path, train: VisualInstructi
         return PretrainResult(out / MODEL_DIR, read_json(out / CURVE)["points"], done["seconds"],
                               done["params"])
     out.mkdir(parents=True, exist_ok=True)
-    resume_from = resume_checkpoint(out, True)
+    remove_incomplete(out)
+    resume_from = latest_checkpoint(out)
     set_seed(training.seed)
     backbone = load_backbone(checkpoint)
     backbone.model.requires_grad_(True)
     if vision_from is not None:
         share_vision_encoder(backbone, vision_from)
     args = training_arguments(training, out, gradient_checkpointing=False, report_to=[])
-    points: list[dict[str, Any]] = []
+    resumed = int(Path(resume_from).name.rsplit("-", 1)[1]) if resume_from else 0
+    earlier = read_json(out / CURVE_PARTIAL)["points"] if (out / CURVE_PARTIAL).is_file() else []
+    points: list[dict[str, Any]] = [p for p in earlier if p["step"] <= resumed]
     trainer = PretrainTrainer(
         model=backbone.model, args=args, train_dataset=train, data_collator=collate,
         callbacks=[*stage_callbacks(out, name),
-                   CurveCallback(backbone, eval_subset, collate, eval_every, points),
+                   CurveCallback(backbone, eval_subset, collate, eval_every, points, out / CURVE_PARTIAL),
                    SnapshotCallback(backbone, checkpoint, out / SNAPSHOTS, snapshot_steps)],
     )
     use_loss_progress_bar(trainer)
     start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=resume_from)
+    if training_finished(resume_from):  # killed after the last checkpoint: nothing to train
+        from safetensors.torch import load_file
+
+        backbone.model.load_state_dict(load_file(str(Path(resume_from) / "model.safetensors")))
+    else:
+        trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - start
     params = sum(p.numel() for p in backbone.model.parameters())
     export_student(backbone.model, checkpoint, out / MODEL_DIR)
     write_json_atomic(out / CURVE, {"name": name, "eval_samples": len(eval_subset), "points": points})
     write_json_atomic(out / STEP_COMPLETE, {"stage": name, "seconds": seconds, "params": params,
-                                            "global_step": trainer.state.global_step,
+                                            "global_step": trainer.state.global_step or resumed,
                                             "completed_at": utc_now()})
     for ckpt in out.glob("checkpoint-*"):
         shutil.rmtree(ckpt, ignore_errors=True)
+    (out / CURVE_PARTIAL).unlink(missing_ok=True)
     return PretrainResult(out / MODEL_DIR, points, seconds, params)

@@ -10,10 +10,14 @@ Four steps, one sub-directory each, under the config's ``output_dir``::
     3-interact/                adapter/ (the student's LoRA), matches.json, heatmaps
     4-sft/                     adapter/, model/ (the exported student, model/verbalizers/)
 
-Every step writes ``step_complete.json`` when it has finished. A finished step is never run
-again (delete its directory to rerun it); an unfinished one with checkpoints continues from
-the newest (``resume=False``: its directory is removed and the step starts over). One status
-line per step is printed, by the main process only.
+Before anything trains, every check of :mod:`vlsi.preflight` runs and a short plan is printed.
+Every step directory records what its result depends on (``fingerprint.json``,
+:mod:`vlsi.fingerprint`); a directory that holds a result of other inputs stops the run with one
+line naming what differs, unless ``--restart-changed``, which redoes the first changed step and
+every step after it. ``config.yaml`` is written only then, so it always describes what is on
+disk. A finished step with the same inputs is never run again; an unfinished one continues
+from its newest complete checkpoint (``--no-resume``: it starts over). One status line per
+step is printed, by the main process only.
 
 Launch it like any stage (``accelerate launch -m vlsi.cli distill CONFIG``): every process runs
 the same steps, and each step's Trainer shares the work.
@@ -21,15 +25,18 @@ the same steps, and each step's Trainer shares the work.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
+from vlsi import fingerprint
 from vlsi.config import RunConfig, dump_config
+from vlsi.distributed import is_main_process
 from vlsi.errors import VlsiError
-from vlsi.stages.common import STEP_COMPLETE, latest_checkpoint, stage_complete
+from vlsi.preflight import check_run, plan_lines
+from vlsi.stages.checkpoints import latest_checkpoint
+from vlsi.stages.run import STEP_COMPLETE, stage_complete
 
 CONFIG_FILE = "config.yaml"
 
@@ -75,17 +82,67 @@ def layout(cfg: RunConfig) -> RunLayout:
     return RunLayout(Path(cfg.output_dir))
 
 
-def run_distill(cfg: RunConfig, *, resume: bool = True) -> Path:
-    """Run the unfinished steps of the pipeline in order; returns the exported student's path."""
+def step_plan(cfg: RunConfig) -> list[tuple[str, Path, dict[str, Any]]]:
+    """``(step, directory, inputs)`` of the four steps; each step's inputs name the earlier
+    steps it reads by the digest their fingerprint will have, so all are known up front."""
+    run = layout(cfg)
+    teacher = fingerprint.step_inputs(cfg, "teacher-verbalize")
+    student = fingerprint.step_inputs(cfg, "student-verbalize")
+    verbalizers = {"teacher_verbalizers": "step:" + fingerprint.digest(teacher),
+                   "student_verbalizers": "step:" + fingerprint.digest(student)}
+    interact = fingerprint.step_inputs(cfg, "interact", verbalizers)
+    sft = fingerprint.step_inputs(cfg, "sft", {"adapter": "step:" + fingerprint.digest(interact),
+                                               "student_verbalizers": verbalizers["student_verbalizers"]})
+    return [("teacher-verbalize", run.teacher_verbalize, teacher),
+            ("student-verbalize", run.student_verbalize, student),
+            ("interact", run.interact, interact), ("sft", run.sft, sft)]
+
+
+def first_changed(plan: list[tuple[str, Path, dict[str, Any]]]) -> tuple[int, list[str]] | None:
+    """Index of the first step whose directory holds a result of other inputs, and the diffs."""
+    for k, (_, step_dir, inputs) in enumerate(plan):
+        diffs = fingerprint.changed(step_dir, inputs)
+        if diffs is None and step_dir.is_dir() and any(step_dir.iterdir()):
+            diffs = ["no fingerprint.json (made before run identities were recorded)"]
+        if diffs:
+            return k, diffs
+    return None
+
+
+def run_distill(cfg: RunConfig, *, resume: bool = True, restart_changed: bool = False) -> Path:
+    """Check everything, then run the unfinished steps in order; returns the exported student.
+
+    A step directory that holds a result of other inputs stops the run before anything trains
+    (one line naming what differs), unless ``restart_changed``: then that step and every later
+    one are removed and run again, the earlier ones kept.
+    """
     from vlsi.stages.interact import run_interact
     from vlsi.stages.sft import run_sft
     from vlsi.stages.verbalize import run_verbalize
 
     run = layout(cfg)
-    main = _is_main_process()
+    main = is_main_process()
+    pre = check_run(cfg, ("teacher-verbalize", "student-verbalize", "interact", "sft"), out=run.root)
+    plan = step_plan(cfg)
+    changed = first_changed(plan)
+    if changed is not None:
+        k, diffs = changed
+        if not restart_changed:
+            kept = ", ".join(d.name for _, d, _ in plan[:k]) or "none"
+            raise fingerprint.refusal(plan[k][1], diffs, f"rerun with --restart-changed to redo it "
+                                      f"and the steps after it (keeping {kept})")
+        if main:
+            print(f"inputs changed at {plan[k][1].name} ({'; '.join(diffs[:2])}); redoing it and "
+                  "the steps after it", flush=True)
+            for _, step_dir, _ in plan[k:]:
+                shutil.rmtree(step_dir, ignore_errors=True)
     if main:
-        _write_config(cfg, run.root)
+        for line in plan_lines(cfg, pre, [(step, d) for step, d, _ in plan]):
+            print(line, flush=True)
+        run.root.mkdir(parents=True, exist_ok=True)
+        (run.root / CONFIG_FILE).write_text(dump_config(cfg))
 
+    upstream = {name: inputs for name, _, inputs in plan}
     steps: list[tuple[str, Path, Callable[[bool], object]]] = [
         ("teacher verbalization", run.teacher_verbalize,
          lambda r: run_verbalize(cfg, "teacher", run.teacher_verbalize, resume=r)),
@@ -93,21 +150,24 @@ def run_distill(cfg: RunConfig, *, resume: bool = True) -> Path:
          lambda r: run_verbalize(cfg, "student", run.student_verbalize, resume=r)),
         ("interaction", run.interact,
          lambda r: run_interact(cfg, run.interact, teacher_verbalizers=run.teacher_verbalize,
-                                student_verbalizers=run.student_verbalize, resume=r)),
+                                student_verbalizers=run.student_verbalize, resume=r, preflight=pre,
+                                upstream={k: upstream["interact"][k] for k in
+                                          ("teacher_verbalizers", "student_verbalizers")})),
         ("SFT and export", run.sft,
          lambda r: run_sft(cfg, run.sft, adapter=run.interact_adapter,
-                           student_verbalizers=run.student_verbalize, resume=r)),
+                           student_verbalizers=run.student_verbalize, resume=r, preflight=pre,
+                           upstream={k: upstream["sft"][k] for k in ("adapter", "student_verbalizers")})),
     ]
     # Decide every step's fate before running any, so all processes take the same decisions.
     plans = [_plan(step_dir, resume) for _, step_dir, _ in steps]
-    for k, ((name, step_dir, run_step), plan) in enumerate(zip(steps, plans), start=1):
+    for k, ((name, step_dir, run_step), decision) in enumerate(zip(steps, plans), start=1):
         if main:
-            print(f"[{k}/{len(steps)}] {name}: {plan.describe(step_dir)}", flush=True)
-        if plan.action == "skip":
+            print(f"[{k}/{len(steps)}] {name}: {decision.describe(step_dir)}", flush=True)
+        if decision.action == "skip":
             continue
-        if plan.action == "restart" and main:
+        if decision.action == "restart" and main:
             shutil.rmtree(step_dir)
-        run_step(plan.action == "resume")
+        run_step(decision.action == "resume")
         if main and not stage_complete(step_dir):
             raise VlsiError(f"{name} returned without writing {step_dir / STEP_COMPLETE}")
     if main:
@@ -136,22 +196,6 @@ def _plan(step_dir: Path, resume: bool) -> _Plan:
     checkpoint = latest_checkpoint(step_dir)
     if checkpoint is not None and resume:
         return _Plan("resume", checkpoint)
-    if step_dir.exists() and any(step_dir.iterdir()) and not resume:
+    if step_dir.exists() and any(p.name != fingerprint.FINGERPRINT for p in step_dir.iterdir()) and not resume:
         return _Plan("restart")
     return _Plan("start")
-
-
-def _write_config(cfg: RunConfig, root: Path) -> None:
-    """Write the resolved config; say so when it differs from the one already there."""
-    root.mkdir(parents=True, exist_ok=True)
-    path = root / CONFIG_FILE
-    text = dump_config(cfg)
-    if path.is_file() and path.read_text() != text:
-        print(f"note: the config differs from the one in {path} (finished steps keep their "
-              "results); overwriting it", flush=True)
-    path.write_text(text)
-
-
-def _is_main_process() -> bool:
-    """Global rank 0 (``accelerate launch``/``torchrun`` set ``RANK``), before any Trainer."""
-    return int(os.environ.get("RANK", "0")) == 0

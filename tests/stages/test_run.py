@@ -1,5 +1,6 @@
-"""What every stage's Trainer inherits (vlsi.stages.common): atomic checkpoints, the non-finite
-loss guard, metrics.jsonl, TensorBoard logs and the loss progress bar, on a 5-parameter model."""
+"""What every stage's Trainer shares (vlsi.stages.run, .checkpoints, .callbacks): complete
+checkpoints told from trainer_state.json, the non-finite loss guard, metrics.jsonl, the final
+checkpoint, TensorBoard logs and the loss progress bar, on a 5-parameter model."""
 
 from __future__ import annotations
 
@@ -10,18 +11,13 @@ import pytest
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import TrainerState
 
 from vlsi.config import TrainingConfig
-from vlsi.stages.common import (
-    PARTIAL_DIR,
-    LossProgressCallback,
-    NonFiniteLossError,
-    VlsiTrainerMixin,
-    latest_checkpoint,
-    stage_callbacks,
-    training_arguments,
-    use_loss_progress_bar,
-)
+from vlsi.stages.arguments import training_arguments
+from vlsi.stages.callbacks import LossProgressCallback, stage_callbacks, use_loss_progress_bar
+from vlsi.stages.checkpoints import latest_checkpoint, remove_incomplete, training_finished
+from vlsi.stages.run import NonFiniteLossError, VlsiTrainerMixin
 
 torch.set_num_threads(1)
 
@@ -46,10 +42,10 @@ class ToyTrainer(VlsiTrainerMixin, Trainer):
         self.nan_calls = set(nan_calls)
         self.calls = 0
 
-    def stage_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = super().stage_loss(model, inputs, return_outputs, num_items_in_batch)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs)
         self.calls += 1
-        return loss * float("nan") if self.calls in self.nan_calls else loss
+        return self.finite_or_skipped(model, loss * float("nan") if self.calls in self.nan_calls else loss)
 
 
 class WeightsAtStep(TrainerCallback):
@@ -84,27 +80,27 @@ def _records(out: Path) -> list[dict]:
 
 def test_checkpoint_killed_while_written_is_never_picked(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, max_steps=3)
-    save_rng = trainer._save_rng_state
+    save_state = TrainerState.save_to_json
 
-    def crash_at_step_3(output_dir):
-        if trainer.state.global_step == 3:  # model and optimizer written, RNG state not yet
+    def crash_at_step_3(state, path):
+        if state.global_step == 3:  # model, optimizer and RNG written, trainer state not yet
             raise RuntimeError("simulated crash while saving")
-        save_rng(output_dir)
+        save_state(state, path)
 
-    monkeypatch.setattr(trainer, "_save_rng_state", crash_at_step_3)
+    monkeypatch.setattr(TrainerState, "save_to_json", crash_at_step_3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         trainer.train()
-    assert not (tmp_path / "checkpoint-3").exists()
-    assert (tmp_path / PARTIAL_DIR / "checkpoint-3" / "optimizer.pt").is_file()  # half-written
+    monkeypatch.setattr(TrainerState, "save_to_json", save_state)
+    assert (tmp_path / "checkpoint-3" / "optimizer.pt").is_file()  # half-written
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
-    assert (tmp_path / "checkpoint-2" / "rng_state.pth").is_file()
+    assert remove_incomplete(tmp_path) == ["checkpoint-3"] and not (tmp_path / "checkpoint-3").exists()
+    assert not training_finished(latest_checkpoint(tmp_path))
 
-    # A resumed run continues from checkpoint-2 and replaces the half-written one whole.
     resumed = _trainer(tmp_path, max_steps=3)
     resumed.train(resume_from_checkpoint=latest_checkpoint(tmp_path))
     assert resumed.state.global_step == 3
-    assert (tmp_path / "checkpoint-3" / "rng_state.pth").is_file()
-    assert not (tmp_path / PARTIAL_DIR / "checkpoint-3").exists()
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    assert training_finished(latest_checkpoint(tmp_path))
 
 
 def test_nonfinite_losses_are_skipped_counted_and_logged(tmp_path):
@@ -153,29 +149,9 @@ def test_metrics_jsonl_tensorboard_and_progress_bar(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
 
 
-def test_training_data_is_scanned_once_per_process(tiny_pair, synth_dir, monkeypatch):
-    from vlsi.config import DataConfig
-    from vlsi.data.dataset import VisualInstructionDataset
-    from vlsi.stages import common
-
-    scans = []
-    original = VisualInstructionDataset.from_files.__func__
-    monkeypatch.setattr(VisualInstructionDataset, "from_files",
-                        classmethod(lambda cls, *a, **k: scans.append(a[0]) or original(cls, *a, **k)))
-    monkeypatch.setattr(common, "_SCANNED", {})
-    train = synth_dir / "train.json"
-    data = DataConfig(train=[str(train)], image_root=str(synth_dir), max_length=256)
-    pair = tiny_pair("qwen2_vl")
-    first, _, _ = common.load_training_data(data, pair.student)
-    again, _, _ = common.load_training_data(data, pair.teacher)  # same tokenizer and processor files
-    assert again is first and len(scans) == 1
-    other, _, _ = common.load_training_data(DataConfig(train=[str(train)], image_root=str(synth_dir),
-                                                       max_length=128), pair.student)
-    assert other is not first and len(scans) == 2
-    text = train.read_text()
-    train.write_text(text.replace("]", " ]", 1))  # same records, another size: scanned again
-    try:
-        changed, _, _ = common.load_training_data(data, pair.student)
-        assert changed is not first and len(scans) == 3
-    finally:
-        train.write_text(text)
+def test_the_last_step_is_always_checkpointed(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=5, save_steps=2)
+    trainer.train()
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4",
+                                                                      "checkpoint-5"]
+    assert training_finished(latest_checkpoint(tmp_path))

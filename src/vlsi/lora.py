@@ -1,0 +1,67 @@
+"""LoRA on the student's language model: the one place it is set up (interaction and SFT).
+
+SPEC: r=64, alpha=64 on the language model's linear layers only
+(:data:`vlsi.backbones.LORA_TARGET_PATTERN`); the vision encoder, projector, norms and LM
+head stay frozen. :func:`with_lora` adds a fresh adapter or continues a saved one;
+:func:`with_adapter` loads a saved one onto a model (for merging and export).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import set_seed
+
+from vlsi.backbones import Backbone
+from vlsi.config import LoraSettings
+from vlsi.errors import VlsiError
+
+
+def with_adapter(base: nn.Module, adapter: str | Path, *, trainable: bool = False) -> Any:
+    """``base`` with the PEFT LoRA ``adapter`` loaded; one-line error if it does not fit."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, str(adapter), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise VlsiError(f"{adapter}: cannot load this LoRA adapter onto the student ({first})") from None
+
+
+def with_lora(backbone: Backbone, settings: LoraSettings, adapter: str | Path | None = None, *,
+              seed: int = 0) -> Any:
+    """The student as a ``PeftModel`` whose only trainable parameters are LoRA weights.
+
+    Args:
+        backbone: the loaded student; all its own parameters are frozen here.
+        settings: rank, alpha and dropout of a fresh adapter.
+        adapter: a saved adapter to continue (trainable; its own rank and targets), or ``None``.
+        seed: seeds the fresh adapter's A matrices.
+
+    Raises:
+        VlsiError: an adapter that does not fit, or one that would train the vision encoder.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    backbone.model.requires_grad_(False)
+    set_seed(seed)
+    if adapter is None:
+        config = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                            target_modules=backbone.lora_target_modules, bias="none")
+        model = get_peft_model(backbone.model, config)
+    else:
+        model = with_adapter(backbone.model, adapter, trainable=True)
+    # backbone.model now holds the injected LoRA layers too, so LoRA on vision would show here
+    if any(p.requires_grad for p in backbone.vision_parameters()):
+        raise VlsiError("the LoRA adapter trains vision-encoder parameters; VLsI trains the "
+                        "language model only (check the adapter's target_modules)")
+    return model
+
+
+def trainable_summary(model: nn.Module) -> str:
+    """"12,288 trainable of 170,656 parameters"."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return f"{trainable:,} trainable of {total:,} parameters"

@@ -1,0 +1,246 @@
+"""Checks that run before any training, each failure one line, and the plan of a valid run.
+
+:func:`check_run` reads only configs, tokenizers, safetensors headers, verbalizer files and a
+sample of the data, so a mistake costs seconds, not a verbalized teacher:
+
+* model paths, ``model_type`` in the supported list, the same family for teacher and student;
+* sizes: parameter counts from the safetensors headers (no weights loaded); a student larger
+  than its teacher is refused (swapped paths);
+* target layers of both models (explicit lists or the default rule) and ``t_s <= t_l``;
+* the tokenizers agree on every id of the shared vocabulary;
+* verbalizers read by a step fit their backbone and were trained on the configured layers;
+* the training data: files present, a sample of records read and encoded with the student's
+  tokenizer and image processor (a sample that is all bad stops the run);
+* the training settings, validated by transformers (``TrainingArguments``);
+* the output directory is not inside a model directory.
+
+The run identity of each step directory is checked by the stages themselves
+(:mod:`vlsi.fingerprint`). :func:`plan_lines` describes the run in a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlsi.backbones import checkpoint_dir, family_for, load_tokenizer, read_model_type
+from vlsi.config import STAGES, RunConfig
+from vlsi.errors import VlsiError
+from vlsi.verbalizer import CONFIG_NAME, WEIGHTS_NAME, validate_target_layers
+from vlsi.vocab import check_tokenizers, shared_vocab_size
+
+DATA_SAMPLE = 32  # records read and encoded before training
+
+
+@dataclass
+class ModelFacts:
+    """What pre-flight learns of a checkpoint without loading its weights."""
+
+    path: Path
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int  # LM-head rows
+    parameters: int
+    target_layers: list[int] = field(default_factory=list)
+
+
+def text_config(path: Path) -> dict[str, Any]:
+    config = json.loads((path / "config.json").read_text())
+    return config.get("text_config") or config
+
+
+def safetensors_parameters(path: Path) -> int:
+    """Parameters of a checkpoint, summed from its safetensors headers (8-byte length + JSON)."""
+    total = 0
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise VlsiError(f"{path}: no *.safetensors weights (VLsI loads safetensors checkpoints)")
+    for file in files:
+        with file.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for dim in entry["shape"]:
+                    count *= int(dim)
+                total += count
+    return total
+
+
+def model_facts(path: str | Path, role: str, layers: list[int] | None) -> ModelFacts:
+    root = checkpoint_dir(path)
+    model_type = read_model_type(root)
+    family_for(model_type)  # the supported list
+    text = text_config(root)
+    try:
+        facts = ModelFacts(root, model_type, int(text["num_hidden_layers"]), int(text["hidden_size"]),
+                           int(text["vocab_size"]), safetensors_parameters(root))
+    except (KeyError, TypeError, ValueError) as err:
+        raise VlsiError(f"{root / 'config.json'}: cannot read the text model's shape ({err})") from None
+    try:
+        facts.target_layers = validate_target_layers(layers, facts.num_layers)
+    except VlsiError as err:
+        raise VlsiError(f"verbalizer.{role}_layers: {err}") from None
+    return facts
+
+
+def check_pair(teacher: ModelFacts, student: ModelFacts) -> None:
+    if teacher.model_type != student.model_type:
+        raise VlsiError(f"teacher ({teacher.model_type}) and student ({student.model_type}) are different "
+                        "model families; the interaction step feeds both the same inputs")
+    if student.parameters > teacher.parameters:
+        raise VlsiError(f"the student ({student.parameters:,} parameters) is larger than the teacher "
+                        f"({teacher.parameters:,}); are teacher and student swapped?")
+    check_layer_counts(student.target_layers, teacher.target_layers)
+
+
+def check_layer_counts(student_layers: list[int], teacher_layers: list[int]) -> None:
+    """``t_s <= t_l``: every student target layer needs its own teacher layer."""
+    if len(student_layers) > len(teacher_layers):
+        raise VlsiError(
+            f"the student has more target layers than the teacher (t_s={len(student_layers)} "
+            f"{student_layers} > t_l={len(teacher_layers)} {teacher_layers}); matching needs t_s <= t_l")
+
+
+def check_verbalizers(path: str | Path, facts: ModelFacts, role: str, configured: list[int] | None) -> list[int]:
+    """Saved verbalizers fit ``facts``'s backbone (and explicitly ``configured`` target layers,
+    if any); returns their layers."""
+    d = Path(path)
+    if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
+        raise VlsiError(f"{role} verbalizers not found: {d} has no {CONFIG_NAME} + {WEIGHTS_NAME} "
+                        f"(run `vlsi verbalize CONFIG --role {role}` first)")
+    try:
+        saved = json.loads((d / CONFIG_NAME).read_text())
+        layers = [int(i) for i in saved["layers"]]
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise VlsiError(f"{d / CONFIG_NAME}: cannot read the target layers ({err})") from None
+    want = {"model_type": facts.model_type, "hidden_size": facts.hidden_size,
+            "num_layers": facts.num_layers, "vocab_size": facts.vocab_size}
+    have = saved.get("backbone", {})
+    diffs = [f"{k}: verbalizers {have[k]!r} vs {role} {v!r}" for k, v in want.items() if k in have and have[k] != v]
+    if diffs:
+        raise VlsiError(f"{d}: these verbalizers do not fit the {role} ({'; '.join(diffs)})")
+    if configured is not None and sorted(layers) != sorted(configured):
+        raise VlsiError(f"{d}: trained on {role} layers {layers}, but verbalizer.{role}_layers is "
+                        f"{sorted(configured)}; retrain them or fix the config")
+    bad = [i for i in layers if not 0 <= i < facts.num_layers - 1]
+    if bad:
+        raise VlsiError(f"{d}: target layers {bad} do not exist below the last layer of the "
+                        f"{facts.num_layers}-layer {role}")
+    return layers
+
+
+def check_data(cfg: RunConfig, model: Path) -> str:
+    """Data files present; a sample read and encoded. Returns a one-line description."""
+    from itertools import islice
+
+    from vlsi.backbones import ImageEncoder
+    from vlsi.data.encode import SampleEncoder
+    from vlsi.data.records import Rejected, iter_parsed
+
+    for f in cfg.data.train:
+        if not Path(f).is_file():
+            raise VlsiError(f"data.train: {f} not found")
+    if cfg.data.image_root and not Path(cfg.data.image_root).is_dir():
+        raise VlsiError(f"data.image_root: {cfg.data.image_root} is not a directory")
+    encoder = SampleEncoder(load_tokenizer(model), ImageEncoder.from_pretrained(
+        model, min_pixels=cfg.data.min_pixels, max_pixels=cfg.data.max_pixels), cfg.data.max_length)
+    good, bad, seen = 0, [], 0
+    for path in cfg.data.train:
+        for sample_id, _record, parsed in islice(iter_parsed(path, cfg.data.image_root), DATA_SAMPLE - seen):
+            seen += 1
+            try:
+                if isinstance(parsed, Rejected):
+                    raise parsed
+                encoder.encode(parsed)
+                good += 1
+            except Rejected as err:
+                bad.append(f"{sample_id}: {err.reason}")
+        if seen >= DATA_SAMPLE:
+            break
+    if not good:
+        raise VlsiError(f"data.train: none of the first {seen} records is usable "
+                        f"(first: {bad[0] if bad else 'the files hold no record'})")
+    return f"a sample of {seen} records: {good} usable"
+
+
+def check_output_dir(out: Path, models: list[Path]) -> None:
+    resolved = out.resolve()
+    for model in models:
+        m = model.resolve()
+        if resolved == m or m in resolved.parents:
+            raise VlsiError(f"output_dir {out} is inside the model directory {model}; choose a "
+                            "directory of its own")
+
+
+@dataclass
+class Preflight:
+    teacher: ModelFacts | None
+    student: ModelFacts
+    vocab: int | None
+    data: str
+
+
+def check_run(cfg: RunConfig, steps: tuple[str, ...], *, out: Path | None = None,
+              teacher_verbalizers: Path | None = None, student_verbalizers: Path | None = None) -> Preflight:
+    """Every check of the module docstring that applies to ``steps``
+    (``teacher-verbalize``, ``student-verbalize``, ``interact``, ``sft``)."""
+    from vlsi.stages.arguments import check_arguments
+
+    needs_teacher = any(s in steps for s in ("teacher-verbalize", "interact"))
+    student = model_facts(cfg.student, "student", cfg.verbalizer.student_layers)
+    teacher = model_facts(cfg.teacher, "teacher", cfg.verbalizer.teacher_layers) if needs_teacher else None
+    vocab = None
+    if teacher is not None:
+        check_pair(teacher, student)
+        vocab = shared_vocab_size(teacher.vocab_size, student.vocab_size)
+        check_tokenizers(load_tokenizer(teacher.path), load_tokenizer(student.path), vocab)
+    if teacher_verbalizers is not None and teacher is not None:
+        teacher.target_layers = check_verbalizers(teacher_verbalizers, teacher, "teacher",
+                                                  cfg.verbalizer.teacher_layers)
+    if student_verbalizers is not None:
+        student.target_layers = check_verbalizers(student_verbalizers, student, "student",
+                                                  cfg.verbalizer.student_layers)
+    if teacher is not None and (teacher_verbalizers or student_verbalizers):
+        check_layer_counts(student.target_layers, teacher.target_layers)
+    for name in STAGES:
+        if name == "interact" and "interact" not in steps:
+            continue
+        check_arguments(cfg.stage(name), name)
+    data = check_data(cfg, student.path)
+    if out is not None:
+        check_output_dir(out, [student.path] + ([teacher.path] if teacher else []))
+    return Preflight(teacher, student, vocab, data)
+
+
+def plan_lines(cfg: RunConfig, pre: Preflight, steps: list[tuple[str, Path]]) -> list[str]:
+    """A short plan: models, layers, matching, data, and each step's budget."""
+    def model(f: ModelFacts) -> str:
+        return (f"{f.path} ({f.model_type}, {f.parameters / 1e9:.2f}B parameters, {f.num_layers} "
+                f"layers x {f.hidden_size}; target layers {f.target_layers})")
+
+    def budget(name: str) -> str:
+        t = cfg.stage(name)
+        length = f"{t.max_steps} steps" if t.max_steps > 0 else f"{t.num_train_epochs:g} epochs"
+        return (f"{length}, batch {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} "
+                f"accumulation per device, lr {t.learning_rate:g} -> {t.min_learning_rate:g}")
+
+    lines = []
+    if pre.teacher is not None:
+        lines.append(f"teacher: {model(pre.teacher)}")
+    lines.append(f"student: {model(pre.student)}")
+    if pre.vocab is not None:
+        i = cfg.interaction
+        lines.append(f"shared vocabulary {pre.vocab:,}; matching {i.strategy} (temperature "
+                     f"{i.temperature_rule}), ops {i.intermediate_op}/{i.last_op}; LoRA r={cfg.lora.r}")
+    lines.append(f"data: {', '.join(cfg.data.train)} ({pre.data})")
+    stage_of = {"teacher-verbalize": "verbalize", "student-verbalize": "verbalize",
+                "interact": "interact", "sft": "sft"}
+    for step, path in steps:
+        lines.append(f"  {step}: {budget(stage_of[step])} -> {path}")
+    return lines

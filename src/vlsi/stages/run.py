@@ -1,0 +1,188 @@
+"""The skeleton every stage runs in, and what every stage's Trainer shares.
+
+:func:`run_stage` does, in order, for a :class:`Stage` (the stage file supplies only its
+trainer, its loss and its outputs):
+
+1. the run identity (:mod:`vlsi.fingerprint`): a finished directory with the same inputs is
+   returned as is; a directory holding a result of other inputs is refused (or, with
+   ``restart``, removed);
+2. the checkpoint to resume from (:mod:`vlsi.stages.checkpoints`); half-written ones removed;
+3. ``fingerprint.json``, the ``TrainingArguments``, the data (skips reported), the trainer;
+4. training, or, when the newest checkpoint is the last step, restoring its weights;
+5. the stage's outputs, then ``step_complete.json`` (with the data counts and the fingerprint
+   digest), then a barrier so no process leaves before the files exist.
+
+:class:`VlsiTrainerMixin` gives every stage's Trainer the non-finite loss guard: a training
+loss that is not finite skips its micro-batch (a zero that touches every trainable parameter,
+so DDP still reduces) and is counted; ``max_consecutive_nonfinite`` in a row stop the run.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from vlsi import fingerprint
+from vlsi.config import RunConfig
+from vlsi.distributed import is_main_process
+from vlsi.errors import VlsiError
+from vlsi.faults import kill_if_asked
+from vlsi.files import truncate_jsonl, utc_now, write_json_atomic
+from vlsi.stages.arguments import training_arguments
+from vlsi.stages.callbacks import METRICS, stage_callbacks, use_loss_progress_bar
+from vlsi.stages.checkpoints import (
+    checkpoint_state,
+    checkpoint_step,
+    latest_checkpoint,
+    remove_incomplete,
+    training_finished,
+)
+from vlsi.stages.training_data import load_training_data, report_skips
+
+STEP_COMPLETE = "step_complete.json"  # written last by every stage: the step has finished
+
+
+class NonFiniteLossError(VlsiError):
+    """Too many non-finite losses in a row."""
+
+
+class VlsiTrainerMixin:
+    """Put first in the bases (``class MyTrainer(VlsiTrainerMixin, Trainer)``); the stage's
+    ``compute_loss`` returns ``self.finite_or_skipped(model, loss)`` for its training loss."""
+
+    def __init__(self, *args: Any, max_consecutive_nonfinite: int = 5, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.nonfinite_skipped = 0
+        self._nonfinite_in_a_row = 0
+
+    def finite_or_skipped(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        """``loss``, or a graph-connected zero when it is not finite on any process."""
+        if not model.training:
+            return loss
+        finite = torch.isfinite(loss.detach()).all().float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
+        if finite.item() == 1.0:
+            self._nonfinite_in_a_row = 0
+            return loss
+        self.nonfinite_skipped += 1
+        self._nonfinite_in_a_row += 1
+        self.log({"nonfinite_skipped": float(self.nonfinite_skipped)})
+        if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_in_a_row} non-finite losses in a row at step "
+                f"{self.state.global_step}; stopping (last good checkpoint kept in "
+                f"{self.args.output_dir}). Lower the learning rate or check the data.")
+        zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
+        return zero if isinstance(zero, torch.Tensor) else torch.zeros((), device=loss.device)
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline as :func:`run_stage` drives it.
+
+    Attributes:
+        name: ``verbalize``, ``interact`` or ``sft`` (its training settings and kill points).
+        step: the fingerprint step (``teacher-verbalize``, ``student-verbalize``, ...).
+        out: the step directory.
+        inputs: :func:`vlsi.fingerprint.step_inputs` of this run.
+        data_model: the checkpoint whose tokenizer and image processor read the data.
+        build: ``(args, dataset, collator, resumed_step) -> Trainer`` (callbacks included).
+        restore: loads the final weights of a finished checkpoint into the trainer's model.
+        outputs: writes the stage's files; returns fields for ``step_complete.json``.
+        gradient_checkpointing: overrides the config's (``None``: keep it).
+    """
+
+    name: str
+    step: str
+    out: Path
+    inputs: dict[str, Any]
+    data_model: Path
+    build: Callable[[TrainingArguments, Any, Any, int], Trainer]
+    restore: Callable[[Trainer, Path], None]
+    outputs: Callable[[Trainer], dict[str, Any]]
+    gradient_checkpointing: bool | None = None
+
+
+def stage_complete(out_dir: Path) -> bool:
+    return (Path(out_dir) / STEP_COMPLETE).is_file()
+
+
+def check_identity(out: Path, inputs: dict[str, Any], *, restart: bool, hint: str) -> None:
+    """Refuse (or with ``restart`` remove) a directory whose recorded inputs differ.
+
+    A directory with content but no fingerprint (made by an older version) counts as different.
+    """
+    diffs = fingerprint.changed(out, inputs)
+    if diffs is None and out.is_dir() and any(out.iterdir()):
+        diffs = ["no fingerprint.json (made before run identities were recorded)"]
+    if not diffs:
+        return
+    if not restart:
+        raise fingerprint.refusal(out, diffs, hint)
+    if is_main_process():
+        print(f"restarting {out}: its inputs changed ({'; '.join(diffs[:2])})", flush=True)
+        shutil.rmtree(out)
+
+
+def run_stage(stage: Stage, cfg: RunConfig, *, resume: bool = True, restart: bool = False,
+              hint: str = "pass --restart-changed to redo this step") -> Path:
+    """Run ``stage`` into ``stage.out`` (see the module docstring); returns ``stage.out``."""
+    out = stage.out
+    check_identity(out, stage.inputs, restart=restart, hint=hint)
+    checkpoint = latest_checkpoint(out) if out.is_dir() else None
+    if not resume and (checkpoint or stage_complete(out)):
+        found = Path(checkpoint).name if checkpoint else STEP_COMPLETE
+        raise VlsiError(f"{out} already holds a run ({found}); pass --resume to continue it, or "
+                        "choose another output directory")
+    if stage_complete(out):
+        return out
+    tcfg = cfg.stage(stage.name)
+    # TrainingArguments before the models: under ZeRO-3 they make from_pretrained shard them
+    args = training_arguments(tcfg, out, gradient_checkpointing=stage.gradient_checkpointing,
+                              stage=stage.name)
+    if args.should_save:
+        removed = remove_incomplete(out) if out.is_dir() else []
+        if removed:
+            print(f"{stage.name}: removed half-written {', '.join(removed)}", flush=True)
+        digest = fingerprint.write(out, stage.inputs)
+        truncate_jsonl(out / METRICS, checkpoint_step(checkpoint))
+    else:
+        digest = fingerprint.digest(stage.inputs)
+    dataset, collator, _ = load_training_data(cfg.data, stage.data_model)
+    data = report_skips(dataset, stage.name, out / METRICS if args.should_save else None)
+    trainer = stage.build(args, dataset, collator, checkpoint_step(checkpoint))
+    for callback in stage_callbacks(out, stage.name):
+        trainer.add_callback(callback)
+    use_loss_progress_bar(trainer)
+    if training_finished(checkpoint):
+        print(f"{stage.name}: {Path(checkpoint).name} is the last step; restoring it", flush=True)
+        stage.restore(trainer, Path(checkpoint))
+        state = checkpoint_state(Path(checkpoint)) or {}
+        trainer.state.global_step, trainer.state.max_steps = state["global_step"], state["max_steps"]
+        global_step, train_loss = state["global_step"], _last_loss(state)
+    else:
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+        global_step, train_loss = trainer.state.global_step, result.training_loss
+    kill_if_asked(f"{stage.name}:outputs")
+    summary = stage.outputs(trainer)
+    kill_if_asked(f"{stage.name}:complete")
+    if trainer.is_world_process_zero():
+        write_json_atomic(out / STEP_COMPLETE, {
+            "stage": stage.name, "step": stage.step, "global_step": global_step,
+            "train_loss": train_loss, "nonfinite_skipped": getattr(trainer, "nonfinite_skipped", 0),
+            "data": data, "fingerprint": digest, **summary, "completed_at": utc_now()})
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def _last_loss(state: dict[str, Any]) -> float | None:
+    losses = [r["train_loss"] for r in state.get("log_history", []) if "train_loss" in r]
+    losses = losses or [r["loss"] for r in state.get("log_history", []) if "loss" in r]
+    return losses[-1] if losses else None
