@@ -6,16 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsi.backbones import (
-    FAMILIES,
-    LORA_TARGET_PATTERN,
-    Backbone,
-    ImageEncoder,
-    family_for,
-    load_backbone,
-    load_tokenizer,
-)
+from vlsi.backbones import LORA_TARGET_PATTERN, Backbone, ImageEncoder, load_backbone, load_tokenizer
 from vlsi.errors import VlsiError
+from vlsi.families import FAMILIES, family_for
 from vlsi.tiny import TEACHER, save_tiny_pair
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -47,7 +40,7 @@ def test_adapter_exposes_the_language_model(pairs, family):
     assert bb.vocab_size == bb.model.lm_head.weight.shape[0]
     assert bb.final_norm is bb.model.model.language_model.norm
     ids = torch.randint(20, 300, (1, 7))
-    extra = {"mm_token_type_ids": torch.zeros_like(ids)} if bb.family.is_qwen else {}
+    extra = {"mm_token_type_ids": torch.zeros_like(ids)} if bb.family.uses_mm_token_type_ids else {}
     out = bb.model(input_ids=ids, output_hidden_states=True, **extra)
     # SPEC: L + 1 hidden states; the last one is already final-normed.
     assert len(out.hidden_states) == bb.num_layers + 1
@@ -77,13 +70,21 @@ def test_lora_pattern_skips_qwen25_vision_mlp_names(pairs):
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
-def test_freeze_vision(pairs, family):
+def test_vision_parameters_are_exactly_the_vision_tower_and_projector(pairs, family):
     bb = load_backbone(pairs[family].student)
-    bb.freeze_vision()
-    frozen = {id(p) for p in bb.vision_parameters()}
-    assert frozen
+    vision = {id(p) for p in bb.vision_parameters()}
     for name, p in bb.model.named_parameters():
-        assert p.requires_grad == (id(p) not in frozen), name
+        in_vision = any(name.startswith(f"model.{attr}") for attr in bb.family.vision_attrs)
+        assert (id(p) in vision) == in_vision, name
+
+
+def test_a_vision_attribute_missing_from_the_model_is_an_error(pairs):
+    import dataclasses
+
+    bb = load_backbone(pairs["qwen2_vl"].student)
+    bb.family = dataclasses.replace(bb.family, vision_attrs=("visual", "visaul"))  # a typo
+    with pytest.raises(VlsiError, match="has no 'visaul'"):
+        bb.vision_parameters()
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
@@ -98,14 +99,14 @@ def test_image_encoder_counts_match_the_model(pairs, family):
     text_ids = tok("colour?", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([[bb.image_token_id] * n + text_ids])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **batch.tensors}
-    if bb.family.is_qwen:
+    if bb.family.uses_mm_token_type_ids:
         inputs["mm_token_type_ids"] = (ids == bb.image_token_id).long()
     else:
         inputs["batch_num_images"] = torch.tensor([1])
     assert bb.model(**bb.model_inputs(inputs)).logits.shape[1] == ids.shape[1]
     ids_wrong = torch.tensor([[bb.image_token_id] * (n + 1) + text_ids])
     inputs.update(input_ids=ids_wrong, attention_mask=torch.ones_like(ids_wrong))
-    if bb.family.is_qwen:
+    if bb.family.uses_mm_token_type_ids:
         inputs["mm_token_type_ids"] = (ids_wrong == bb.image_token_id).long()
     with pytest.raises(Exception):
         bb.model(**bb.model_inputs(inputs))

@@ -1,14 +1,8 @@
 """The shipped loss benchmark, at a tiny size."""
 
 import json
-import time
 
 from vlsi import bench
-from vlsi.interaction import DEFAULT_CHUNK_SIZE
-
-
-def test_chunk_size_default_agrees_with_interaction():
-    assert bench.DEFAULT_CHUNK_SIZE == DEFAULT_CHUNK_SIZE
 
 
 def test_linear_fit():
@@ -19,12 +13,10 @@ def test_linear_fit():
 
 def test_tiny_benchmark_writes_report(tmp_path):
     out = tmp_path / "bench.json"
-    start = time.perf_counter()
     report = bench.run_loss_benchmark(
         vocab_size=2048, hidden_size=32, t_s=3, t_l=6, tokens=[64, 128, 256], chunk_size=32,
         dtype="float32", naive_max_tokens=128, out_json=out, threads=1, verbose=False,
     )
-    assert time.perf_counter() - start < 30
     on_disk = json.loads(out.read_text())
     assert on_disk["config"] == report["config"] and on_disk["config"]["vocab_size"] == 2048
     assert "clear_refs" in on_disk["method"]

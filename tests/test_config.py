@@ -73,3 +73,39 @@ def test_dotted_overrides_and_dump_roundtrip(tmp_path):
     again = load_config(_write(tmp_path, dump_config(cfg)))
     assert again == cfg
     assert isinstance(again, RunConfig)
+
+
+def test_any_trainer_argument_passes_through_and_others_are_refused(tmp_path):
+    data = {**BASE, "training": {"report_to": ["wandb"], "optim": "adafactor", "torch_compile": True},
+            "sft": {"lr_scheduler_type": "linear"}}
+    cfg = load_config(_write(tmp_path, data))
+    assert cfg.training.report_to == ["wandb"]
+    assert cfg.training.arguments == {"optim": "adafactor", "torch_compile": True}
+    assert cfg.stage("sft").arguments == {"optim": "adafactor", "torch_compile": True, "lr_scheduler_type": "linear"}
+    assert cfg.stage("interact").arguments == {"optim": "adafactor", "torch_compile": True}
+    with pytest.raises(ConfigError, match="^training.nonsense: unknown key .*TrainingArguments"):
+        load_config(_write(tmp_path, {**BASE, "training": {"nonsense": 1}}))
+    with pytest.raises(ConfigError, match="^sft.output_dir: set by vlsi itself"):
+        load_config(_write(tmp_path, {**BASE, "sft": {"output_dir": "x"}}))
+    with pytest.raises(ConfigError, match="^data.eval: unknown key"):
+        load_config(_write(tmp_path, {**BASE, "data": {"train": ["t.json"], "eval": ["e.json"]}}))
+
+
+def test_transformers_validates_passed_through_arguments(tmp_path):
+    from vlsi.errors import VlsiError
+    from vlsi.stages.arguments import check_arguments
+
+    cfg = load_config(_write(tmp_path, {**BASE, "training": {"optim": "no_such_optimizer"}}))
+    with pytest.raises(VlsiError, match="^interact: transformers refuses these training arguments"):
+        check_arguments(cfg.stage("interact"), "interact")
+
+
+def test_every_field_has_help_text():
+    import dataclasses
+
+    from vlsi.config import DataConfig, InteractionConfig, LoraSettings, TrainingConfig, VerbalizerConfig
+
+    for cls in (RunConfig, DataConfig, VerbalizerConfig, InteractionConfig, LoraSettings, TrainingConfig):
+        for f in dataclasses.fields(cls):
+            assert dataclasses.is_dataclass(f.type) or f.metadata.get("help") or f.name in (
+                "data", "verbalizer", "interaction", "lora", "training"), (cls.__name__, f.name)

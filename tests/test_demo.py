@@ -15,8 +15,9 @@ from vlsi.demo import run_demo, run_pretrain
 from vlsi.demo.pair import compare_pairs, load_pair, shipped_pair
 from vlsi.demo.pipeline import ROWS, SEED_ROWS
 from vlsi.demo.recipe import DemoRecipe
-from vlsi.demo.report import paired
 from vlsi.errors import VlsiError
+
+pytestmark = pytest.mark.slow  # the quick demo runs end to end
 
 
 @pytest.fixture(scope="module")
@@ -115,10 +116,10 @@ def test_report_renders_in_headless_chromium(quick_demo, tmp_path):
     assert "VLsI demo report" in dom and "Student, SFT only" in dom
 
 
-def test_rerun_reuses_finished_seeds(quick_demo, capsys):
+def test_rerun_reuses_finished_seeds(quick_demo, capfd):
     before = json.loads((quick_demo / "metrics.json").read_text())
     assert main(["demo", "--quick", "--seeds", "2", "--out", str(quick_demo)]) == 0
-    assert capsys.readouterr().out.count("done earlier") == 2
+    assert capfd.readouterr().out.count("done earlier") == 2  # printed by the worker processes
     after = json.loads((quick_demo / "metrics.json").read_text())
     assert after["rows"] == before["rows"]
 
@@ -127,14 +128,6 @@ def test_other_recipe_in_same_out_is_refused(quick_demo, capsys):
     assert main(["demo", "--out", str(quick_demo)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "different recipe" in err and err.count("\n") == 1
-
-
-def test_paired_verdict_rule():
-    assert paired([0.6, 0.62, 0.61], [0.5, 0.52, 0.5])["beats"]
-    assert not paired([0.6, 0.62, 0.49], [0.5, 0.52, 0.5])["beats"]  # one seed negative
-    noisy = paired([0.51, 0.60, 0.502], [0.5, 0.5, 0.5])  # all positive, mean < std
-    assert all(d > 0 for d in noisy["per_seed"]) and noisy["mean"] < noisy["std"] and not noisy["beats"]
-    assert not paired([0.9], [0.1])["tested"] and not paired([0.9], [0.1])["beats"]
 
 
 def test_pair_rebuild_is_bit_exact_and_checked(tmp_path, capsys):
@@ -157,7 +150,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert main(["demo", "--seeds", "0", "--out", str(tmp_path / "d")]) == 2
-    assert "--seeds must be at least 1" in capsys.readouterr().err
+    assert "argument --seeds: must be at least 1, got 0" in capsys.readouterr().err
     assert main(["demo", "--pair", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
     assert "holds no pretrained pair" in capsys.readouterr().err
 

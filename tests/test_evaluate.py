@@ -166,3 +166,22 @@ def test_mc_question_layout():
     text = mc_question("Q?", ["a", "b", "c"], hint="H")
     assert text.splitlines() == ["H", "Q?", "A. a", "B. b", "C. c",
                                  "Answer with the option's letter from the given choices directly."]
+
+
+def test_an_unreadable_image_is_a_counted_skip_and_the_rest_is_scored(tiny_pair, tmp_path, capsys):
+    from vlsi.evaluate import default_predictions_path, run_eval
+
+    Image.new("RGB", (56, 56), (220, 20, 20)).save(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    records = [{"id": f"q{i}", "image": image, "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
+        for i, image in enumerate(["red.png", "broken.png", "red.png"])]
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(records))
+    model = tiny_pair("qwen2_vl").student
+    result = run_eval(model, data, out=tmp_path / "p.jsonl", max_new_tokens=2)
+    assert result.count == 2 and result.skipped == 1
+    assert [json.loads(line)["id"] for line in (tmp_path / "p.jsonl").read_text().splitlines()] == ["q0", "q2"]
+    assert "skipped q1: image unreadable" in capsys.readouterr().err
+    default = default_predictions_path(model, data)
+    assert model.resolve() not in default.resolve().parents and default.name.endswith(".predictions.jsonl")

@@ -1,18 +1,10 @@
 """One small interface to the vision-language models VLsI distils between.
 
 Everything else in the package reaches a model through :class:`Backbone`: its decoder layers,
-final norm, LM head, sizes, the vision parts to freeze, the LoRA target pattern and the image
-preprocessing that decides how many placeholder tokens an image takes. The family is chosen
-from the config's ``model_type``:
-
-==================  =====================================  ==========================
-``model_type``      Hugging Face class                     image placeholder
-==================  =====================================  ==========================
-``qwen2_vl``        Qwen2VLForConditionalGeneration        ``<|image_pad|>`` x N
-``qwen2_5_vl``      Qwen2_5_VLForConditionalGeneration     ``<|image_pad|>`` x N
-``qwen3_vl``        Qwen3VLForConditionalGeneration        ``<|image_pad|>`` x N
-``llava_onevision`` LlavaOnevisionForConditionalGeneration ``<image>`` x N
-==================  =====================================  ==========================
+final norm, LM head, sizes, the vision parts to freeze, the LoRA target pattern; and an image
+through :class:`ImageEncoder`, which decides how many placeholder tokens it takes. What differs
+between families is in their entry (:mod:`vlsi.families`), chosen by the config's
+``model_type``.
 
 Models, tokenizers and image processors load from local directories only
 (``local_files_only=True``); nothing is fetched from a hub.
@@ -20,12 +12,8 @@ Models, tokenizers and image processors load from local directories only
 
 from __future__ import annotations
 
-import functools
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -33,6 +21,7 @@ from PIL import Image
 from torch import nn
 
 from vlsi.errors import VlsiError
+from vlsi.families import Family, ImageBatch, family_for
 
 # The language model's linear layers, and only those: Qwen2.5-VL's vision blocks also have
 # `mlp.gate_proj/up_proj/down_proj`, so a plain name list would put LoRA on the vision tower.
@@ -41,56 +30,6 @@ LORA_TARGET_PATTERN = (
     r"(.*\.)?language_model\.layers\.\d+\."
     r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))"
 )
-
-
-@dataclass(frozen=True)
-class Family:
-    """What differs between the supported model families.
-
-    Attributes:
-        model_type: the config's ``model_type``.
-        image_token: placeholder token the chat template writes once per image; the collator
-            repeats it to the number of vision tokens the image needs.
-        vision_attrs: attributes of ``model.model`` that form the vision encoder + projector.
-        uses_mm_token_type_ids: Qwen models need ``mm_token_type_ids`` (0 text, 1 image).
-        image_keys: image tensors the model's forward takes beside ``input_ids``.
-    """
-
-    model_type: str
-    image_token: str
-    vision_attrs: tuple[str, ...]
-    uses_mm_token_type_ids: bool
-    image_keys: tuple[str, ...]
-
-    @property
-    def is_qwen(self) -> bool:
-        return self.uses_mm_token_type_ids
-
-
-_QWEN_IMAGE_KEYS = ("pixel_values", "image_grid_thw")
-FAMILIES: dict[str, Family] = {
-    "qwen2_vl": Family("qwen2_vl", "<|image_pad|>", ("visual",), True, _QWEN_IMAGE_KEYS),
-    "qwen2_5_vl": Family("qwen2_5_vl", "<|image_pad|>", ("visual",), True, _QWEN_IMAGE_KEYS),
-    "qwen3_vl": Family("qwen3_vl", "<|image_pad|>", ("visual",), True, _QWEN_IMAGE_KEYS),
-    "llava_onevision": Family(
-        "llava_onevision",
-        "<image>",
-        ("vision_tower", "multi_modal_projector", "image_newline"),
-        False,
-        # batch_num_images: per sample; more than one image switches LLaVA-OneVision from
-        # anyres tiling to base features only, which changes the placeholder count.
-        ("pixel_values", "image_sizes", "batch_num_images"),
-    ),
-}
-
-
-def family_for(model_type: str) -> Family:
-    """The :class:`Family` of a config ``model_type``; unknown types are a clear error."""
-    try:
-        return FAMILIES[model_type]
-    except KeyError:
-        supported = ", ".join(sorted(FAMILIES))
-        raise VlsiError(f"unsupported model_type {model_type!r}; supported: {supported}") from None
 
 
 def read_model_type(path: str | Path) -> str:
@@ -179,19 +118,19 @@ class Backbone:
 
     # -- vision -----------------------------------------------------------------------------
     def vision_parameters(self) -> list[nn.Parameter]:
-        """Parameters of the vision encoder and projector (frozen in every VLsI step)."""
+        """Parameters of the vision encoder and projector (frozen in every VLsI step).
+
+        Every attribute of the family entry's ``vision_attrs`` must exist: a missing one is an
+        error, not a silently unfrozen part.
+        """
         params: list[nn.Parameter] = []
         for attr in self.family.vision_attrs:
-            part = getattr(self.model.model, attr, None)
-            if isinstance(part, nn.Parameter):
-                params.append(part)
-            elif isinstance(part, nn.Module):
-                params.extend(part.parameters())
+            if not hasattr(self.model.model, attr):
+                raise VlsiError(f"{self.family.model_type}: the model has no {attr!r} (the family "
+                                "entry's vision_attrs)")
+            part = getattr(self.model.model, attr)
+            params.extend([part] if isinstance(part, nn.Parameter) else part.parameters())
         return params
-
-    def freeze_vision(self) -> None:
-        for p in self.vision_parameters():
-            p.requires_grad_(False)
 
     @property
     def lora_target_modules(self) -> str:
@@ -201,8 +140,7 @@ class Backbone:
     # -- inputs -----------------------------------------------------------------------------
     @property
     def image_token_id(self) -> int:
-        cfg = self.config
-        return int(cfg.image_token_id if self.family.is_qwen else cfg.image_token_index)
+        return self.family.image_token_id(self.config)
 
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The subset of a collated batch this model's ``forward`` takes (labels excluded)."""
@@ -244,19 +182,6 @@ def load_tokenizer(path: str | Path):
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass
-class ImageBatch:
-    """Preprocessed images of one sample and the number of placeholder tokens each needs.
-
-    ``tensors`` holds the family's image inputs: Qwen ``pixel_values`` [sum(t*h*w), C*T*P*P]
-    and ``image_grid_thw`` [n, 3]; LLaVA-OneVision ``pixel_values`` [n, tiles, 3, H, W] and
-    ``image_sizes`` [n, 2].
-    """
-
-    tensors: dict[str, torch.Tensor]
-    num_tokens: list[int]
-
-
 class ImageEncoder:
     """A family's image processor (PIL backend: no torchvision) bounded by min/max pixels."""
 
@@ -289,77 +214,12 @@ class ImageEncoder:
         config = AutoConfig.from_pretrained(d, local_files_only=True)
         family = family_for(config.model_type)
         processor = AutoImageProcessor.from_pretrained(d, backend="pil", local_files_only=True)
-        if family.is_qwen:
-            size = dict(processor.size)
-            lo = min_pixels or size.get("shortest_edge", 56 * 56)
-            hi = max_pixels or size.get("longest_edge", 28 * 28 * 1280)
-            processor.size = {"shortest_edge": lo, "longest_edge": hi}
-        else:
-            lo = min_pixels or 1
-            hi = max_pixels or max(h * w for h, w in processor.image_grid_pinpoints)
+        lo, hi = family.images.bounds(processor, min_pixels, max_pixels)
         return cls(family, processor, config, lo, hi)
 
     def bound(self, image: Image.Image) -> Image.Image:
-        """Resize (keeping the aspect ratio) so that height*width lies in [min, max] pixels.
-
-        Qwen processors enforce the bounds themselves (``smart_resize``); LLaVA-OneVision's
-        anyres tiling does not, so its images are resized here.
-        """
-        image = image.convert("RGB")
-        if self.family.is_qwen:
-            return image
-        w, h = image.size
-        area = w * h
-        if self.min_pixels <= area <= self.max_pixels:
-            return image
-        shrink = area > self.max_pixels
-        scale = math.sqrt((self.max_pixels if shrink else self.min_pixels) / area)
-        # floor when shrinking and ceil when growing, so the bound holds after rounding
-        size_of = math.floor if shrink else math.ceil
-        return image.resize((max(1, size_of(w * scale)), max(1, size_of(h * scale))), Image.BICUBIC)
+        """RGB, within [min, max] pixels (the family's rule; Qwen processors bound it themselves)."""
+        return self.family.images.bound(image.convert("RGB"), self.min_pixels, self.max_pixels)
 
     def __call__(self, images: list[Image.Image]) -> ImageBatch:
-        images = [self.bound(im) for im in images]
-        out = self.processor(images=images, return_tensors="pt")
-        if self.family.is_qwen:
-            merge = self.processor.merge_size**2
-            grid = out["image_grid_thw"]
-            counts = [int(g.prod()) // merge for g in grid]
-            return ImageBatch({"pixel_values": out["pixel_values"], "image_grid_thw": grid}, counts)
-        return ImageBatch(
-            {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]},
-            self._llava_counts(out, multi_image=len(images) > 1),
-        )
-
-    def _llava_counts(self, out: dict, multi_image: bool) -> list[int]:
-        """Vision tokens per image, by the formulas of transformers' LlavaOnevisionProcessor.
-
-        The processor class itself cannot be instantiated without torchvision (it needs a video
-        processor), so its two counting methods are called on a stand-in object.
-        """
-        from transformers.models.llava_onevision import processing_llava_onevision as plo
-
-        cfg = self.config
-        vcfg = cfg.vision_config
-        base = (vcfg.image_size // vcfg.patch_size) ** 2
-        stand_in = SimpleNamespace(
-            image_processor=self.processor,
-            num_image_tokens=base,
-            vision_aspect_ratio=cfg.vision_aspect_ratio,
-        )
-        stand_in._get_unpadded_features = functools.partial(
-            plo.LlavaOnevisionProcessor._get_unpadded_features, stand_in
-        )
-        height, width = out["pixel_values"][0][0].shape[-2:]
-        counts = []
-        for orig_h, orig_w in out["image_sizes"].tolist():
-            if multi_image:  # several images in one sample: base features + 1 newline each
-                n = base + 1
-            else:
-                n = plo.LlavaOnevisionProcessor._get_number_of_features(
-                    stand_in, orig_h, orig_w, height, width
-                )
-            if cfg.vision_feature_select_strategy == "default":
-                n -= 1
-            counts.append(n)
-        return counts
+        return self.family.images.encode(self.processor, self.config, [self.bound(im) for im in images])

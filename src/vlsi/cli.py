@@ -35,7 +35,7 @@ from typing import Any
 import yaml
 
 from vlsi import __version__
-from vlsi.backbones import FAMILIES
+from vlsi.families import FAMILIES
 from vlsi.cli_types import positive_int
 from vlsi.errors import VlsiError
 
@@ -62,7 +62,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         run_pretrain(args.out, quick=args.quick)
         return
     run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, pair_dir=args.pair,
-             command=" ".join(["vlsi", *args.argv]))
+             command=" ".join(["vlsi", *args.argv]), teacher_map=args.teacher_map)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
@@ -215,6 +215,15 @@ def _add_run_args(parser: argparse.ArgumentParser, *, out: bool = True, restart:
                             help="continue from the newest checkpoint in the output directory")
 
 
+def _add_demo_args(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--out", default=out, help="output directory (a rerun resumes it)")
+    parser.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
+    parser.add_argument("--seeds", type=positive_int, default=3,
+                        help="distillation seeds (default 3): mean ± std and the paired verdict")
+    parser.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain` (default: "
+                                                      "the shipped one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlsi", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"vlsi {__version__}")
@@ -244,22 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
                                       "and report; `vlsi demo pretrain --out DIR`: rebuild the pair.")
     demo.add_argument("action", nargs="?", default="run", choices=["run", "pretrain"],
                       help="run (default) or pretrain (train the teacher/student pair from scratch)")
-    demo.add_argument("--out", default="runs/demo", help="output directory (a rerun resumes it)")
-    demo.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
-    demo.add_argument("--seeds", type=positive_int, default=3, help="distillation seeds (default 3): mean ± std "
-                                                           "and the paired verdict")
+    _add_demo_args(demo, "runs/demo")
     demo.add_argument("--seed", type=int, default=0, help="first seed")
-    demo.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain` (default: the "
-                                                    "shipped one)")
+    demo.add_argument("--teacher-map", action="store_true",
+                      help="also distil from the weaker teacher snapshots: VLsI minus SFT-only "
+                           "against the teacher-student gap")
     demo.set_defaults(func=_cmd_demo)
 
     ablate = sub.add_parser("ablate", help="the paper's Table 4 (b, d, e, f) at tiny scale, on the demo's pair")
-    ablate.add_argument("--out", default="runs/ablate", help="output directory (a rerun resumes it)")
+    _add_demo_args(ablate, "runs/ablate")
     ablate.add_argument("--only", nargs="+", choices=["b", "d", "e", "f"], help="sub-tables to run "
                                                                                 "(default: all)")
-    ablate.add_argument("--seeds", type=positive_int, default=3, help="seeds per row (default 3)")
-    ablate.add_argument("--quick", action="store_true", help="tiny budgets (plumbing check)")
-    ablate.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain`")
     ablate.set_defaults(func=_cmd_ablate)
 
     gen = sub.add_parser("generate", help="answer a prompt (greedy; --num-beams for beam search)")

@@ -112,14 +112,14 @@ class InteractionConfig:
     chunk_size: int = _f(DEFAULT_CHUNK_SIZE, "response tokens per chunk of the two-pass loss (memory bound)")
 
     def check(self, key: str) -> None:
-        from vlsi.losses import OPS
+        from vlsi.losses import DIVERGENCES, OPS
         from vlsi.matching import STRATEGIES, TEMPERATURE_RULES
 
         _choice(self.strategy, STRATEGIES, f"{key}.strategy")
         _choice(self.temperature_rule, TEMPERATURE_RULES, f"{key}.temperature_rule")
         _choice(self.intermediate_op, OPS, f"{key}.intermediate_op")
         _choice(self.last_op, OPS, f"{key}.last_op")
-        _choice(self.divergence, ("forward", "reverse"), f"{key}.divergence")
+        _choice(self.divergence, DIVERGENCES, f"{key}.divergence")
         for name in ("scale", "eps", "temperature", "k", "chunk_size"):
             _positive(getattr(self, name), f"{key}.{name}")
         if self.intermediate_op == "none" and self.last_op == "none":

@@ -45,8 +45,8 @@ def place_frozen_model(trainer: Trainer, model: nn.Module) -> nn.Module:
       only (the others hold meta tensors until FSDP's wrapping broadcasts them); a model that
       is not wrapped gets them by :func:`_broadcast_from_first_process`.
 
-    UNTESTED under DeepSpeed (not installed where this was written) and FSDP (no multi-GPU
-    machine); written against deepspeed's ``initialize`` and accelerate's ``prepare_model``.
+    Written against deepspeed's ``initialize`` and accelerate's ``prepare_model``; what has run
+    under which engine is in the README's multi-GPU section.
     """
     model.requires_grad_(False).eval()
     if trainer.is_deepspeed_enabled:
@@ -109,7 +109,6 @@ def whole_parameters(trainer: Trainer, modules: list[nn.Module], fsdp_root: nn.M
       (embeddings, final norm, LM head), never the decoder layers.
     * otherwise nothing to do.
 
-    UNTESTED under DeepSpeed and FSDP (see :func:`place_frozen_model`).
     """
     with contextlib.ExitStack() as stack:
         if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
@@ -162,7 +161,7 @@ def load_verbalizers(path: str | Path, backbone: Backbone) -> VerbalizerSet:
 
     Under FSDP with RAM-efficient loading, all processes but the first hold the backbone on the
     meta device until FSDP broadcasts it, and a new verbalizer set follows the LM head there; the
-    verbalizers are then read again from their file (UNTESTED: no multi-GPU machine here).
+    verbalizers are then read again from their file.
     """
     from safetensors.torch import load_file
 

@@ -45,8 +45,12 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and ``os.replace``: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write via a temporary file and ``os.replace``: readers never see a partial file.
+
+    The parent directory is created; the temporary name is per process, so two processes
+    writing the same file never remove each other's temporary file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 

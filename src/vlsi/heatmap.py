@@ -149,15 +149,9 @@ def render_heatmap(
     return image
 
 
-def heatmap_json(
-    counts: torch.Tensor | Sequence[Sequence[int]],
-    row_labels: Sequence[int | str],
-    col_labels: Sequence[int | str],
-    *,
-    title: str = "",
-    row_axis: str = "student layer",
-    col_axis: str = "teacher layer",
-    **extra,
+def heatmap_json(counts: torch.Tensor | Sequence[Sequence[int]], row_labels: Sequence[int | str],
+                 col_labels: Sequence[int | str], *, title: str = "", row_axis: str = "student layer",
+                 col_axis: str = "teacher layer", **extra,
 ) -> dict:
     """The numbers behind a heatmap: counts, row shares, labels, plus any ``extra`` fields."""
     counts = torch.as_tensor(counts, dtype=torch.int64)
@@ -173,17 +167,9 @@ def heatmap_json(
     }
 
 
-def save_heatmap(
-    png_path: str | Path,
-    counts: torch.Tensor | Sequence[Sequence[int]],
-    row_labels: Sequence[int | str],
-    col_labels: Sequence[int | str],
-    *,
-    title: str = "",
-    row_axis: str = "student layer",
-    col_axis: str = "teacher layer",
-    **extra,
-) -> tuple[Path, Path]:
+def save_heatmap(png_path: str | Path, counts: torch.Tensor | Sequence[Sequence[int]],
+                 row_labels: Sequence[int | str], col_labels: Sequence[int | str], *, title: str = "",
+                 row_axis: str = "student layer", col_axis: str = "teacher layer", **extra) -> tuple[Path, Path]:
     """Write ``png_path`` and the same name with ``.json``; returns both paths."""
     png = Path(png_path)
     png.parent.mkdir(parents=True, exist_ok=True)

@@ -444,10 +444,8 @@ def interaction_loss(
         :class:`InteractionResult`.
     """
     _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, chunk_size)
-    problem = _Problem(
-        student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
-        vocab_size, intermediate_op, last_op, divergence,
-    )
+    problem = _Problem(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
+                       vocab_size, intermediate_op, last_op, divergence)
     if problem.n_tokens == 0:
         return _empty_result(problem)
     needed = _needed(problem, strategy)
@@ -466,22 +464,11 @@ def interaction_loss(
     return _result(problem, loss, kld, matching, sums)
 
 
-def naive_interaction_loss(
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    student_logits_fn: LogitsFn,
-    teacher_logits_fn: LogitsFn,
-    *,
-    vocab_size: int,
-    strategy: str = "vlsi",
-    intermediate_op: str = "kld",
-    last_op: str = "kld",
-    divergence: str = "forward",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    generator: torch.Generator | None = None,
-    matching_kwargs: dict | None = None,
-    weights: Tensor | None = None,
-) -> InteractionResult:
+def naive_interaction_loss(student_hidden: Tensor, teacher_hidden: Tensor, student_logits_fn: LogitsFn,
+                           teacher_logits_fn: LogitsFn, *, vocab_size: int, strategy: str = "vlsi",
+                           intermediate_op: str = "kld", last_op: str = "kld", divergence: str = "forward",
+                           chunk_size: int = DEFAULT_CHUNK_SIZE, generator: torch.Generator | None = None,
+                           matching_kwargs: dict | None = None, weights: Tensor | None = None) -> InteractionResult:
     """Reference implementation with plain autograd over full ``[N, V]`` tensors.
 
     Same arguments and result as :func:`interaction_loss` (``chunk_size`` is ignored). It
@@ -493,10 +480,8 @@ def naive_interaction_loss(
     """
     del chunk_size
     _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, 1)
-    problem = _Problem(
-        student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
-        vocab_size, intermediate_op, last_op, divergence,
-    )
+    problem = _Problem(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
+                       vocab_size, intermediate_op, last_op, divergence)
     if problem.n_tokens == 0:
         return _empty_result(problem)
     needed = _needed(problem, strategy)

@@ -256,17 +256,9 @@ def select_pairs(
                  temperature_rule=temperature_rule, generator=generator).weights
 
 
-def match(
-    kld: Tensor,
-    strategy: str = "vlsi",
-    *,
-    scale: float = 2.0,
-    eps: float = 1e-6,
-    k: int = 3,
-    temperature: float = 1.0,
-    temperature_rule: str = "paper",
-    generator: torch.Generator | None = None,
-) -> Matching:
+def match(kld: Tensor, strategy: str = "vlsi", *, scale: float = 2.0, eps: float = 1e-6, k: int = 3,
+          temperature: float = 1.0, temperature_rule: str = "paper",
+          generator: torch.Generator | None = None) -> Matching:
     """:func:`select_pairs` (same arguments, same draws), with the sampling distributions.
 
     Returns:

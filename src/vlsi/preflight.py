@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlsi.backbones import checkpoint_dir, family_for, load_tokenizer, read_model_type
+from vlsi.backbones import checkpoint_dir, load_tokenizer, read_model_type
+from vlsi.families import family_for
 from vlsi.config import STAGES, RunConfig
 from vlsi.errors import VlsiError
 from vlsi.verbalizer import CONFIG_NAME, WEIGHTS_NAME, validate_target_layers

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlsi.backbones import FAMILIES, Backbone, family_for
+from vlsi.backbones import Backbone
+from vlsi.families import family_for
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -56,17 +57,9 @@ _TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\n' -}}{%- endif -%}"
 )
-IMAGE_MARKUP = {
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "llava_onevision": "<image>\n",
-}
-
-
 def chat_template(family: str) -> str:
     """The tiny checkpoints' chat template for ``family``."""
-    return _TEMPLATE.replace("__IMAGE__", IMAGE_MARKUP[family])
+    return _TEMPLATE.replace("__IMAGE__", family_for(family).chat_image_markup)
 
 
 # Text the tokenizer is trained on: the words of the synthetic visual-instruction data and
@@ -146,13 +139,6 @@ TEACHER = TinySize(num_layers=8, hidden_size=96, intermediate_size=192, num_head
 STUDENT = TinySize(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4,
                    num_kv_heads=2, vision_depth=2, vision_width=32, extra_vocab=8)
 
-# Vision geometry of the tiny checkpoints. Qwen2-VL/2.5-VL: 14-px patches merged 2x2, so a
-# 56x56 image is 4 vision tokens; Qwen3-VL uses 16-px patches; LLaVA-OneVision tiles of 28 px.
-QWEN_MIN_PIXELS = 28 * 28
-QWEN_MAX_PIXELS = 112 * 112
-LLAVA_TILE = 28
-
-
 def _mrope_section(head_dim: int) -> list[int]:
     """Split head_dim/2 rotary frequencies over (temporal, height, width) like Qwen's 16/24/24."""
     half = head_dim // 2
@@ -166,15 +152,8 @@ def _token_ids(tokenizer) -> dict[str, int]:
 
 
 def tiny_config(family: str, size: TinySize, tokenizer) -> Any:
-    """A transformers config of ``family`` with the shapes of ``size``."""
-    from transformers import (
-        LlavaOnevisionConfig,
-        Qwen2_5_VLConfig,
-        Qwen2VLConfig,
-        Qwen3VLConfig,
-    )
-
-    family_for(family)
+    """A transformers config of ``family`` with the shapes of ``size`` (the entry's builder)."""
+    entry = family_for(family)
     ids = _token_ids(tokenizer)
     head_dim = size.hidden_size // size.num_heads
     text = dict(
@@ -191,76 +170,12 @@ def tiny_config(family: str, size: TinySize, tokenizer) -> Any:
         tie_word_embeddings=False,
     )
     rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
-    qwen_ids = dict(
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False,
-    )
-    if family == "qwen2_vl":
-        vision = dict(depth=size.vision_depth, embed_dim=size.vision_width,
-                      hidden_size=size.hidden_size, num_heads=2, mlp_ratio=2, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2)
-        return Qwen2VLConfig(text_config={**text, "rope_parameters": rope},
-                             vision_config=vision, **qwen_ids)
-    if family == "qwen2_5_vl":
-        vision = dict(depth=size.vision_depth, hidden_size=size.vision_width,
-                      intermediate_size=2 * size.vision_width, num_heads=2,
-                      out_hidden_size=size.hidden_size, patch_size=14, spatial_merge_size=2,
-                      temporal_patch_size=2, window_size=56,
-                      fullatt_block_indexes=[size.vision_depth - 1])
-        return Qwen2_5_VLConfig(text_config={**text, "rope_parameters": rope},
-                                vision_config=vision, **qwen_ids)
-    if family == "qwen3_vl":
-        vision = dict(depth=size.vision_depth, hidden_size=size.vision_width,
-                      intermediate_size=2 * size.vision_width, num_heads=2,
-                      out_hidden_size=size.hidden_size, patch_size=16, spatial_merge_size=2,
-                      temporal_patch_size=2, num_position_embeddings=64,
-                      deepstack_visual_indexes=[0])
-        rope3 = {**rope, "mrope_interleaved": True}
-        return Qwen3VLConfig(text_config={**text, "head_dim": head_dim, "rope_parameters": rope3},
-                             vision_config=vision, **qwen_ids)
-    # llava_onevision
-    vision = dict(model_type="siglip_vision_model", hidden_size=size.vision_width,
-                  intermediate_size=2 * size.vision_width, num_hidden_layers=size.vision_depth,
-                  num_attention_heads=2, image_size=LLAVA_TILE, patch_size=14)
-    return LlavaOnevisionConfig(
-        text_config={**text, "model_type": "qwen2"},
-        vision_config=vision,
-        image_token_index=ids["<image>"],
-        video_token_index=ids["<video>"],
-        image_grid_pinpoints=_llava_pinpoints(),
-        tie_word_embeddings=False,
-    )
-
-
-def _llava_pinpoints() -> list[list[int]]:
-    s = LLAVA_TILE
-    return [[h * s, w * s] for h in (1, 2) for w in (1, 2)]
+    return entry.tiny_config(size, text, rope, ids)
 
 
 def tiny_image_processor(family: str) -> Any:
     """The family's PIL image processor with the tiny checkpoints' geometry."""
-    if family == "llava_onevision":
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil,
-        )
-
-        s = LLAVA_TILE
-        return LlavaOnevisionImageProcessorPil(
-            size={"height": s, "width": s},
-            crop_size={"height": s, "width": s},
-            image_grid_pinpoints=_llava_pinpoints(),
-        )
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    return Qwen2VLImageProcessorPil(
-        patch_size=16 if family == "qwen3_vl" else 14,
-        merge_size=2,
-        temporal_patch_size=2,
-        size={"shortest_edge": QWEN_MIN_PIXELS, "longest_edge": QWEN_MAX_PIXELS},
-    )
+    return family_for(family).tiny_image_processor()
 
 
 VISION_INIT_STD = 0.1
@@ -272,11 +187,8 @@ def widen_vision_init(parameters: list[nn.Parameter], std: float = VISION_INIT_S
     HF draws every weight from N(0, 0.02) (the text config's ``initializer_range``; the vision
     config's own value is not used), which suits widths in the thousands. At the tiny widths
     here (32-48) the vision tower's output then barely depends on the image, and a tiny VLM
-    trained from scratch does not learn to look at it. Measured with the 4x64 student on the
-    synthetic "What colour is the triangle?" question (one object, 56 px, batch 32, lr 2e-3,
-    200 steps; ``benchmarks/calibrate_task.py --vision-init {hf,fanin,tiny}``): 13.7% with HF's
-    init and with a fan-in (LeCun) init (chance: 16.7%), 98.0% with N(0, 0.1). Only the vision
-    tower and projector are re-drawn.
+    trained from scratch does not learn to look at it (the measurement is in ``docs/demo.md``).
+    Only the vision tower and projector are re-drawn.
     """
     with torch.no_grad():
         for param in parameters:
@@ -330,8 +242,7 @@ def save_tiny_pair(
 
     Both share one tokenizer. An already saved pair (both ``config.json`` present) is reused.
     """
-    if family not in FAMILIES:
-        family_for(family)  # raises with the supported list
+    family_for(family)  # raises with the supported list
     out = Path(out_dir)
     pair = TinyPair(out / "teacher", out / "student", family, {"teacher": teacher, "student": student})
     if (pair.teacher / "config.json").is_file() and (pair.student / "config.json").is_file():

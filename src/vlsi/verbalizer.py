@@ -201,14 +201,11 @@ class VerbalizerSet(nn.Module):
         self.layers = validate_target_layers(layers, backbone.num_layers)
         self.architecture = architecture
         self.verbalizers = nn.ModuleList(Verbalizer(architecture, backbone, i) for i in self.layers)
-        self._backbone = [backbone]  # a list, so the backbone is not registered as a submodule
+        # a Backbone is not an nn.Module: held, not registered (its weights stay the backbone's)
+        self.backbone = backbone
         self.backbone_identity = backbone.identity()
         ref = backbone.lm_head.weight
         self.to(device=ref.device, dtype=ref.dtype)
-
-    @property
-    def backbone(self) -> Backbone:
-        return self._backbone[0]
 
     @property
     def num_targets(self) -> int:

@@ -90,3 +90,28 @@ def test_pixel_bounds_change_the_token_counts(tiny_pair, data_file):
 def test_length_stats():
     assert length_stats([]) is None
     assert length_stats([5, 1, 3, 2, 4]) == {"min": 1, "mean": 3.0, "p50": 3, "p95": 5, "max": 5}
+
+
+def test_structure_check_needs_no_model(data_file, image_dir, capsys):
+    (image_dir / "broken.png").write_bytes(b"not a png")
+    from vlsi.data.check import check_structure
+
+    report = check_structure(data_file)
+    assert (report["records"], report["kept"], report["model"], report["length"]) == (6, 4, None, None)
+    assert report["skipped_by_kind"] == {"image_not_found": 1, "malformed_json": 1}  # no length check
+    run_cli(["check", str(data_file)])
+    out = capsys.readouterr().out
+    assert "records: 6  kept: 4  skipped: 2" in out and "model: none" in out
+    assert "tokens per sample" not in out
+
+
+def test_structure_check_opens_every_image(image_dir, write_jsonl, llava_record):
+    from vlsi.data.check import check_structure
+
+    (image_dir / "broken.png").write_bytes(b"not a png")
+    path = write_jsonl(image_dir / "b.jsonl", [llava_record("bad", "<image>\nQ", "A", image="broken.png"),
+                                               llava_record("good", "<image>\nQ", "A", image="red.png")])
+    report = check_structure(path)
+    assert report["kept"] == 1 and report["skipped_by_kind"] == {"image_unreadable": 1}
+    with pytest.raises(DataError, match="bad: image unreadable"):
+        check_structure(path, strict=True)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vlsi.backbones import FAMILIES, ImageEncoder, load_backbone, load_tokenizer
+from vlsi.backbones import ImageEncoder, load_backbone, load_tokenizer
+from vlsi.families import FAMILIES
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.data.encode import IGNORE_INDEX
 from vlsi.errors import DataError
@@ -45,7 +46,7 @@ def test_teacher_and_student_run_on_a_mixed_batch(tiny_pair, image_dir, write_js
     assert image_tokens.tolist() == [int(it["num_image_tokens"].sum()) for it in items]
     assert batch["attention_mask"].sum(1).tolist() == ds.lengths
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
-    if ds.encoder.image_encoder.family.is_qwen:
+    if ds.encoder.image_encoder.family.uses_mm_token_type_ids:
         assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == ds.encoder.image_token_id).long())
         assert batch["image_grid_thw"].shape == (3, 3)
     else:  # several images in one sample: LLaVA-OneVision uses base features only

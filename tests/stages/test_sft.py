@@ -223,3 +223,11 @@ def test_llava_onevision_student_exports(tmp_path, tiny_config, tiny_pair):
     with torch.no_grad():
         torch.testing.assert_close(exported(**inputs).logits, with_adapter(**inputs).logits,
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_sft_refuses_verbalizers_of_another_model_before_training(tiny_config, tiny_pair, tmp_path):
+    teacher = load_backbone(tiny_pair("qwen2_vl").teacher)
+    foreign = VerbalizerSet(teacher, [1, 3]).save(tmp_path / "teacher-verbalizers")
+    with pytest.raises(VlsiError, match="these verbalizers do not fit the student .*hidden_size"):
+        run_sft(tiny_config(tmp_path), tmp_path / "out", student_verbalizers=foreign)
+    assert not (tmp_path / "out").exists()

@@ -31,9 +31,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 
-from vlsi.backbones import Family, family_for
+from vlsi.families import Family, family_for
 from vlsi.data.encode import IGNORE_INDEX
 
 
@@ -130,21 +129,4 @@ class VisionLanguageCollator:
         return out
 
     def _images(self, items: list[dict[str, Any]], with_images: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        if self.family.is_qwen:
-            return {
-                "pixel_values": torch.cat([it["pixel_values"] for it in with_images]),
-                "image_grid_thw": torch.cat([it["image_grid_thw"] for it in with_images]),
-            }
-        # LLaVA-OneVision: [n_i, tiles_i, 3, H, W] per sample -> [n, max_tiles, 3, H, W]; the
-        # model keeps the first image_size_to_num_patches(...) tiles of each image (1 tile, the
-        # base image, when its sample has several images: see batch_num_images).
-        max_tiles = max(it["pixel_values"].shape[1] for it in with_images)
-        pixel_values = [
-            F.pad(it["pixel_values"], (0, 0, 0, 0, 0, 0, 0, max_tiles - it["pixel_values"].shape[1]))
-            for it in with_images
-        ]
-        return {
-            "pixel_values": torch.cat(pixel_values),
-            "image_sizes": torch.cat([it["image_sizes"] for it in with_images]),
-            "batch_num_images": torch.tensor([len(it.get("num_image_tokens", ())) for it in items]),
-        }
+        return self.family.images.collate(items, with_images)

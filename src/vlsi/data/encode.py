@@ -32,7 +32,8 @@ from typing import Any
 
 from PIL import Image
 
-from vlsi.backbones import ImageBatch, ImageEncoder
+from vlsi.backbones import ImageEncoder
+from vlsi.families import ImageBatch
 from vlsi.data.records import (
     BAD_RECORD,
     IMAGE_COUNT,
@@ -82,9 +83,8 @@ class EncodedSample:
 
 def image_token_id_for(image_encoder: ImageEncoder, tokenizer: Any) -> int:
     """The placeholder id from the model config, checked against the tokenizer."""
-    cfg = image_encoder.config
     family = image_encoder.family
-    config_id = int(cfg.image_token_id if family.is_qwen else cfg.image_token_index)
+    config_id = family.image_token_id(image_encoder.config)
     tokenizer_id = tokenizer.convert_tokens_to_ids(family.image_token)
     if tokenizer_id != config_id:
         raise VlsiError(

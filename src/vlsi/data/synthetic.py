@@ -407,6 +407,9 @@ def _others(values: list[str], answer: str) -> tuple[str, ...]:
 # Questions about a scene: each returns None when the scene cannot support the question
 
 
+SceneQuestion = Callable[[random.Random, list[_Object], SyntheticConfig], "_QA | None"]
+
+
 def _alone_in_quadrant(objects: list[_Object], grid_size: int) -> list[tuple[str, _Object]]:
     by_quadrant: dict[str, list[_Object]] = {}
     for obj in objects:
@@ -414,22 +417,21 @@ def _alone_in_quadrant(objects: list[_Object], grid_size: int) -> list[tuple[str
     return [(q, objs[0]) for q, objs in sorted(by_quadrant.items()) if len(objs) == 1]
 
 
-def _ask_shape_at(rng: random.Random, objects: list[_Object], cfg: SyntheticConfig) -> _QA | None:
-    candidates = _alone_in_quadrant(objects, cfg.grid_size)
-    if not candidates:
-        return None
-    quadrant, obj = rng.choice(candidates)
-    return _QA(f"What shape is in the {quadrant} quadrant?", obj.shape, cfg.shapes,
-               _others([o.shape for o in objects], obj.shape))
+def _ask_at(attribute: str, question: str) -> SceneQuestion:
+    """``What <attribute> ... the <quadrant> quadrant?`` about the object alone in a quadrant."""
+    def ask(rng: random.Random, objects: list[_Object], cfg: SyntheticConfig) -> _QA | None:
+        candidates = _alone_in_quadrant(objects, cfg.grid_size)
+        if not candidates:
+            return None
+        quadrant, obj = rng.choice(candidates)
+        value = getattr(obj, attribute)
+        return _QA(question.format(quadrant=quadrant), value, getattr(cfg, attribute + "s"),
+                   _others([getattr(o, attribute) for o in objects], value))
+    return ask
 
 
-def _ask_color_at(rng: random.Random, objects: list[_Object], cfg: SyntheticConfig) -> _QA | None:
-    candidates = _alone_in_quadrant(objects, cfg.grid_size)
-    if not candidates:
-        return None
-    quadrant, obj = rng.choice(candidates)
-    return _QA(f"What colour is the shape in the {quadrant} quadrant?", obj.color, cfg.colors,
-               _others([o.color for o in objects], obj.color))
+_ask_shape_at = _ask_at("shape", "What shape is in the {quadrant} quadrant?")
+_ask_color_at = _ask_at("color", "What colour is the shape in the {quadrant} quadrant?")
 
 
 def _ask_shape_of(rng: random.Random, objects: list[_Object], cfg: SyntheticConfig) -> _QA | None:
@@ -578,7 +580,6 @@ _REASONING_QUESTIONS = {
 }
 
 
-SceneQuestion = Callable[[random.Random, list[_Object], SyntheticConfig], "_QA | None"]
 _SCENE_QUESTIONS: dict[str, SceneQuestion] = {
     "shape_at": _ask_shape_at,
     "shape_of": _ask_shape_of,

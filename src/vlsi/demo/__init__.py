@@ -1,12 +1,13 @@
 """``vlsi demo``: the method's claim, measured on an embedded default, offline, on a CPU.
 
-    vlsi demo [--out runs/demo] [--seeds 3] [--quick] [--pair DIR]
+    vlsi demo [--out runs/demo] [--seeds 3] [--quick] [--pair DIR] [--teacher-map]
     vlsi demo pretrain --out DIR [--quick]
 
 1. writes the synthetic visual-instruction dataset (``OUT/data``; :mod:`vlsi.demo.recipe`) and
    checks it is the one the pretrained pair was trained on;
-2. takes the pretrained tiny Qwen2-VL pair, each model trained to its plateau on that data
-   (:mod:`vlsi.demo.pair`: shipped with the package; ``vlsi demo pretrain`` rebuilds it);
+2. takes the pretrained tiny Qwen2-VL pair trained on that data, the student with the
+   teacher's frozen vision encoder (:mod:`vlsi.demo.pair`: shipped with the package;
+   ``vlsi demo pretrain`` rebuilds it; the report shows both pretraining curves);
 3. per seed, distils the student three ways with the same optimizer steps, batch and samples:
    SFT only, last-layer KD + SFT, and VLsI (verbalize both, interaction with adaptive layer
    matching, SFT) (:mod:`vlsi.demo.pipeline`);
@@ -16,7 +17,9 @@
    (:mod:`vlsi.demo.report`), with the paired per-seed differences and the verdict.
 
 The seeds vary the distillation (LoRA initialisation, data order, matching draws), not the
-pretrained pair. ``--quick`` runs the same pipeline on a fraction of the budget (a plumbing
+pretrained pair. ``--teacher-map`` also runs VLsI from the weaker teachers saved during the
+teacher's pretraining (``pair.json``'s snapshots) and maps VLsI minus SFT-only against the
+teacher-student gap. ``--quick`` runs the same pipeline on a fraction of the budget (a plumbing
 check, used by the test suite; its numbers mean little). A rerun into the same ``OUT`` reuses
 finished seeds and stages and resumes unfinished ones; a different recipe needs a fresh ``OUT``.
 """
@@ -70,15 +73,14 @@ def prepare_data(out: Path, recipe: DemoRecipe, pair: Any) -> Path:
     return data_dir
 
 
-def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int = 3, seed: int = 0,
-             recipe: DemoRecipe | None = None, pair_dir: str | Path | None = None,
-             command: str | None = None) -> dict[str, Any]:
-    """Run the demo into ``out`` and return its metrics (see the module docstring)."""
+def prepare_run(out: Path, recipe: DemoRecipe | None, *, quick: bool, seeds: int,
+                pair_dir: str | Path | None) -> tuple[DemoRecipe, Any, Path, list[Any]]:
+    """What ``vlsi demo`` and ``vlsi ablate`` start with: the recipe (``--quick`` applied), the
+    pretrained pair, ``OUT/data`` checked against it, and the held-out questions."""
     from transformers.utils import logging as hf_logging
 
     from vlsi.demo.pair import load_pair, shipped_pair
-    from vlsi.demo.pipeline import FIXED_ROWS, evaluate_model, run_seed
-    from vlsi.demo.report import verdicts, write_report
+    from vlsi.demo.pipeline import distillation_data
     from vlsi.evaluate import load_items
 
     if seeds < 1:
@@ -89,23 +91,45 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     pair = load_pair(pair_dir or shipped_pair(), recipe)
     if quick:
         recipe = recipe.quick()
-    out = Path(out)
     _check_recipe(out, recipe, quick, pair.root)
-    start = time.perf_counter()
     data_dir = prepare_data(out, recipe, pair)
+    distillation_data(data_dir, recipe.distill_samples)  # here, before any worker reads it
     items, _ = load_items(data_dir / "eval.json")
-    items = items[: recipe.eval_samples] if recipe.eval_samples else items
+    return recipe, pair, data_dir, items[: recipe.eval_samples] if recipe.eval_samples else items
+
+
+def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int = 3, seed: int = 0,
+             recipe: DemoRecipe | None = None, pair_dir: str | Path | None = None,
+             command: str | None = None, teacher_map: bool = False) -> dict[str, Any]:
+    """Run the demo into ``out`` and return its metrics (see the module docstring)."""
+    from vlsi.demo.pipeline import FIXED_ROWS, evaluate_model, run_map_point, run_seed
+    from vlsi.demo.report import verdicts, write_report
+    from vlsi.demo.workers import run_all, threads_per_worker, torch_threads
+
+    start = time.perf_counter()
+    out = Path(out)
+    recipe, pair, data_dir, items = prepare_run(out, recipe, quick=quick, seeds=seeds, pair_dir=pair_dir)
     fixed = {}
     for key, label in FIXED_ROWS:
         _say(f"evaluating the {label.lower()} on {len(items)} held-out questions")
         fixed[key] = evaluate_model(key, pair.teacher if key == "teacher" else pair.student, items,
                                     out / "eval", recipe)
-    results = [run_seed(recipe, out, data_dir, pair, items, s, _say) for s in range(seed, seed + seeds)]
+    seed_list = list(range(seed, seed + seeds))
+    results = run_all(run_seed, [(recipe, out, data_dir, pair, items, s, _say) for s in seed_list],
+                      recipe.workers)
+    strengths = []
+    if teacher_map:
+        steps = sorted(int(k) for k in pair.meta["teacher_snapshots"])
+        points = run_all(run_map_point, [(recipe, out, data_dir, pair, items, step, s, _say)
+                                         for step in steps for s in seed_list], recipe.workers)
+        strengths = [points[k * seeds:(k + 1) * seeds] for k in range(len(steps))]
     setup = {"recipe": json.loads(json.dumps(asdict(recipe))), "quick": quick,
+             "workers": min(recipe.workers, seeds),
+             "threads_per_worker": threads_per_worker(recipe.workers) if seeds > 1 else torch_threads(),
              "pair": {"dir": str(pair.root), "shipped": pair.shipped, "meta": pair.meta},
              "command": command or " ".join(["vlsi", *sys.argv[1:]]),
              "num_eval": len(items), "wall_seconds": round(time.perf_counter() - start, 1)}
-    metrics = write_report(out, fixed, results, setup)
+    metrics = write_report(out, fixed, results, setup, strengths)
     _say("")
     for line in _summary(metrics):
         _say(line)

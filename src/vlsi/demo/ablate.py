@@ -35,6 +35,7 @@ from vlsi.demo.recipe import DemoRecipe
 from vlsi.errors import VlsiError
 
 PAPER_METRICS = ("MMB", "BLINK", "MM-Vet", "MMMU")
+NO_SFT_MODEL = "no-sft-model"  # a run's student with the interaction adapter merged
 
 
 @dataclass(frozen=True)
@@ -158,33 +159,57 @@ class Ablation:
         run.root.mkdir(parents=True, exist_ok=True)
         for step in (run.teacher_verbalize, run.student_verbalize):
             target = shared / step.name
-            target.mkdir(parents=True, exist_ok=True)
+            if not target.is_dir():
+                raise VlsiError(f"{target}: the shared verbalizers were not trained")
             if not step.exists():
                 os.symlink(os.path.relpath(target, step.parent), step)
 
-    def result(self, row: Row, seed: int) -> dict[str, Any]:
-        from vlsi.demo.pipeline import evaluate_model, export_merged
-        from vlsi.files import read_json, write_json_atomic
+    def verbalizers(self, architecture: str, seed: int) -> None:
+        """Train the shared verbalizers of (``architecture``, ``seed``) for both models, into
+        ``verbalizers/<architecture>/seed-S/`` (the runs link their verbalization steps there)."""
+        from vlsi.config import load_config
+        from vlsi.stages.distill import layout
+        from vlsi.stages.verbalize import run_verbalize
+
+        base = self._config(Row("default", ""), seed)  # writes runs/vlsi/seed-S/vlsi.yaml
+        root = self.out / "verbalizers" / architecture / f"seed-{seed}"
+        cfg = load_config(Path(base.output_dir).parent / "vlsi.yaml",
+                          {"verbalizer.architecture": architecture, "output_dir": str(root)})
+        run = layout(cfg)
+        for role in ("teacher", "student"):
+            run_verbalize(cfg, role, run.verbalize_dir(role), resume=True)
+
+    def train(self, row: Row, seed: int, merged_without_sft: bool) -> None:
+        """The run of ``row`` for ``seed`` (``vlsi distill``), and its interaction-only export."""
+        from vlsi.demo.pipeline import export_merged
         from vlsi.stages.distill import layout, run_distill
+
+        cfg = self._config(row, seed)
+        run = layout(cfg)
+        self.say(f"[{row.run} seed {seed}] training")
+        self._shared_verbalizers(cfg, seed)
+        run_distill(cfg)
+        if merged_without_sft:
+            export_merged(Path(cfg.student), run.interact_adapter, run.student_verbalize,
+                          run.root / NO_SFT_MODEL)
+
+    def result(self, row: Row, seed: int) -> dict[str, Any]:
+        """The held-out accuracy of ``row`` for ``seed`` (its run trained by :meth:`train`)."""
+        from vlsi.demo.pipeline import evaluate_model
+        from vlsi.files import read_json, write_json_atomic
+        from vlsi.stages.distill import layout
 
         done = self.out / "results" / row.key / f"seed-{seed}.json"
         if done.is_file():
             return read_json(done)
-        cfg = self._config(row, seed)
-        run = layout(cfg)
-        self.say(f"[{row.key} seed {seed}] run {row.run}")
+        run = layout(self._config(row, seed))
+        model = run.model if row.sft else run.root / NO_SFT_MODEL
         start = time.perf_counter()
-        self._shared_verbalizers(cfg, seed)
-        run_distill(cfg)
-        model = run.model
-        if not row.sft:
-            model = export_merged(Path(cfg.student), run.interact_adapter, run.student_verbalize,
-                                  run.root / "no-sft-model")
         metrics = evaluate_model(f"{row.key.replace('/', '_')}-beams{row.beams}", model, self.items,
                                  run.root / "eval", self.recipe, row.beams)
         result = {"row": row.key, "seed": seed, "run": row.run, "accuracy": metrics["accuracy"],
                   "by_category": metrics["by_category"], "count": metrics["count"],
-                  "seconds": round(time.perf_counter() - start, 1)}
+                  "eval_seconds": round(time.perf_counter() - start, 1)}
         write_json_atomic(done, result)
         return result
 
@@ -219,35 +244,31 @@ def run_ablate(out: str | Path = "runs/ablate", *, only: list[str] | None = None
                quick: bool = False, pair_dir: str | Path | None = None, command: str | None = None,
                recipe: DemoRecipe | None = None, say: Callable[[str], None] = _say) -> dict[str, Any]:
     """Run the chosen sub-tables into ``out`` and write the tables and charts."""
-    from transformers.utils import logging as hf_logging
-
-    from vlsi.demo import _check_recipe, prepare_data
-    from vlsi.demo.pair import load_pair, shipped_pair
-    from vlsi.evaluate import load_items
+    from vlsi.demo import prepare_run
+    from vlsi.demo.workers import run_all
     from vlsi.layer_view import html_page
 
-    if seeds < 1:
-        raise VlsiError(f"--seeds must be at least 1, got {seeds}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    hf_logging.set_verbosity_error()
-    recipe = recipe or DemoRecipe()
-    pair = load_pair(pair_dir or shipped_pair(), recipe)
-    if quick:
-        recipe = recipe.quick()
-    out = Path(out)
-    _check_recipe(out, recipe, quick, pair.root)
     start = time.perf_counter()
-    data_dir = prepare_data(out, recipe, pair)
-    items, _ = load_items(data_dir / "eval.json")
-    items = items[: recipe.eval_samples] if recipe.eval_samples else items
+    out = Path(out)
+    recipe, pair, data_dir, items = prepare_run(out, recipe, quick=quick, seeds=seeds, pair_dir=pair_dir)
     ablation = Ablation(out, recipe, pair, data_dir, items, say)
     tables = subtables(recipe.num_beams)
     chosen = only or list(tables)
+    rows = [row for name in chosen for row in tables[name][1]]
+    architectures = sorted({row.overrides.get("verbalizer.architecture", "verb-ffn") for row in rows})
+    # verbalizers first (shared by the rows of one architecture), then each distinct run once,
+    # then every (row, seed)'s evaluation
+    run_all(ablation.verbalizers, [(a, s) for a in architectures for s in range(seeds)], recipe.workers)
+    runs = {}
+    for row in rows:
+        first, without_sft = runs.get(row.run, (row, False))
+        runs[row.run] = (first, without_sft or not row.sft)
+    run_all(ablation.train, [(first, s, without_sft) for first, without_sft in runs.values()
+                             for s in range(seeds)], recipe.workers)
+    results = run_all(ablation.result, [(row, s) for row in rows for s in range(seeds)], recipe.workers)
     summary: dict[str, dict[str, Any]] = {}
-    for name in chosen:
-        for row in tables[name][1]:
-            results = [ablation.result(row, s) for s in range(seeds)]
-            summary[row.key] = summarize_row(results)
+    for k, row in enumerate(rows):
+        summary[row.key] = summarize_row(results[k * seeds:(k + 1) * seeds])
     wall = round(time.perf_counter() - start, 1)
     header = (f"Command: `{command or ' '.join(['vlsi', *sys.argv[1:]])}`; {seeds} seed(s); "
               f"{len(items)} held-out questions; this invocation {wall:.0f} s (finished rows are reused). "

@@ -74,7 +74,7 @@ def run_config(recipe: DemoRecipe, root: Path, data_dir: Path, teacher: Path, st
     """The ``vlsi distill`` config of this seed (written to ``vlsi.yaml``)."""
     return {
         "teacher": str(teacher), "student": str(student), "output_dir": str(root / "vlsi"),
-        "data": {"train": [str(data_dir / "train.json")], "image_root": str(data_dir),
+        "data": {"train": [str(distillation_data(data_dir, recipe.distill_samples))], "image_root": str(data_dir),
                  "max_length": MAX_LENGTH},
         # every layer below the last is a target layer: t_s x t_l matching at this size
         "verbalizer": {"architecture": "verb-ffn",
@@ -88,6 +88,18 @@ def run_config(recipe: DemoRecipe, root: Path, data_dir: Path, teacher: Path, st
         "interact": training_config(recipe.interact, seed),
         "sft": training_config(recipe.sft, seed),
     }
+
+
+def distillation_data(data_dir: Path, samples: int | None) -> Path:
+    """The training file the distillation steps read: ``train.json``, or its first ``samples``
+    records (``distill-N.json``, written once)."""
+    if samples is None:
+        return data_dir / "train.json"
+    subset = data_dir / f"distill-{samples}.json"
+    if not subset.is_file():
+        records = json.loads((data_dir / "train.json").read_text())
+        write_json_atomic(subset, records[:samples])
+    return subset
 
 
 class Clock:
@@ -168,6 +180,32 @@ def matching_entropy(interact_dir: Path) -> dict[str, list[list[float]]]:
             if key.startswith("matching_entropy/") and "step" in record:
                 curves.setdefault(key.split("/", 1)[1], []).append([record["step"], value])
     return curves
+
+
+def run_map_point(recipe: DemoRecipe, out: Path, data_dir: Path, pair: Pair, items: list[EvalItem],
+                  step: int, seed: int, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """VLsI from the teacher snapshot of pretraining step ``step`` (a weaker teacher), one seed:
+    ``OUT/map/teacher-step-N/seed-S/``. Returns the teacher's and VLsI's held-out results."""
+    root = out / "map" / f"teacher-step-{step}"
+    done = root / f"seed-{seed}" / SEED_RESULT
+    if done.is_file():
+        return read_json(done)
+    teacher = pair.snapshot(step)
+    teacher_result = evaluate_model("teacher", teacher, items, root / "eval", recipe)
+    seed_root = root / f"seed-{seed}"
+    seed_root.mkdir(parents=True, exist_ok=True)
+    cfg_file = seed_root / "vlsi.yaml"
+    cfg_file.write_text(yaml.safe_dump(run_config(recipe, seed_root, data_dir, teacher, pair.student, seed),
+                                       sort_keys=False))
+    cfg = load_config(cfg_file)
+    say(f"[map: teacher of step {step}, seed {seed}] VLsI")
+    start = time.perf_counter()
+    run_distill(cfg)
+    vlsi = evaluate_model("vlsi", layout(cfg).model, items, seed_root / "eval", recipe)
+    result = {"step": step, "seed": seed, "teacher": teacher_result, "vlsi": vlsi,
+              "seconds": round(time.perf_counter() - start, 1)}
+    write_json_atomic(done, result)
+    return result
 
 
 def run_seed(recipe: DemoRecipe, out: Path, data_dir: Path, pair: Pair, items: list[EvalItem],

@@ -29,6 +29,7 @@ from vlsi.demo.pipeline import FIXED_ROWS, ROWS, SEED_ROWS
 from vlsi.layer_view import LayerResponses, html_page, html_panel, markdown_panel
 
 COMPARISONS = (("sft_only", "SFT-only"), ("llkd", "last-layer KD"))
+PLATEAU_GAIN = 0.01  # a model is at its plateau when its last 20% of steps add less
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -144,7 +145,8 @@ def provenance(setup: dict[str, Any]) -> list[tuple[str, str]]:
         ("vlsi", f"{__version__}, commit {_git_commit()}"),
         ("software", f"torch {torch.__version__}, transformers {transformers.__version__}, "
                      f"Python {platform.python_version()} on {platform.machine()}"),
-        ("pretrained pair", f"{rebuilt}; built with {meta['built_with']} in {meta['wall_seconds']:.0f} s"),
+        ("pretrained pair", f"{rebuilt}; built with {meta['built_with']}, training time teacher "
+                            f"{meta['seconds']['teacher']:.0f} s + student {meta['seconds']['student']:.0f} s"),
     ]
 
 
@@ -166,8 +168,11 @@ def recipe_rows(setup: dict[str, Any], agg: dict[str, Any]) -> list[tuple[str, s
         ("teacher", size("teacher") + "; pretrained " + budget("teacher_pretrain")),
         ("student", size("student") + "; pretrained " + budget("student_pretrain")
          + ", the teacher's vision encoder copied in and frozen"),
-        ("data", f"{task['num_train']} training questions ({', '.join(task['categories'])}); "
+        ("data", f"{task['num_train']} training questions ({', '.join(task['categories'])}), "
+                 f"distillation on {r['distill_samples'] or task['num_train']} of them; "
                  f"{setup['num_eval']} held-out questions evaluated, greedy generation"),
+        ("processes", f"{setup.get('workers', r['workers'])} seed(s) side by side, "
+                      f"{setup.get('threads_per_worker', 'all')} torch thread(s) each"),
         ("verbalization", budget("verbalize") + " per model; verb-FFN on every layer below the last"),
         ("interaction", budget("interact") + f"; matching {r['strategy']}, temperature rule "
                         f"{r['temperature_rule']}; KLD / KLD ops"),
@@ -248,9 +253,11 @@ def plateau_line(curves: dict[str, list[dict[str, Any]]]) -> str:
         last = pts[-1]
         cut = 0.8 * last["step"]
         before = max((p for p in pts if p["step"] <= cut), key=lambda p: p["step"], default=pts[0])
-        parts.append(f"{name}: {_pts(last['eval_accuracy'] - before['eval_accuracy'])} from step "
-                     f"{before['step']} to {last['step']}")
-    return "Last 20% of pretraining: " + "; ".join(parts) + "."
+        gain = last["eval_accuracy"] - before["eval_accuracy"]
+        verdict = "at its plateau" if gain < PLATEAU_GAIN else "not at its plateau"
+        parts.append(f"{name}: {_pts(gain)} from step {before['step']} to {last['step']} ({verdict})")
+    return (f"Last 20% of pretraining (a model is at its plateau when it adds less than "
+            f"{100 * PLATEAU_GAIN:.0f} point): " + "; ".join(parts) + ".")
 
 
 def _md_table(head: list[str], body: list[list[str]]) -> str:
@@ -285,7 +292,7 @@ def _columns(entry: dict[str, Any]) -> list[LayerResponses]:
 def curve_svg(curves: dict[str, list[dict[str, Any]]]) -> str:
     series = {name: [(p["step"], p["eval_accuracy"]) for p in pts] for name, pts in curves.items()}
     return line_chart(series, x_title="optimizer step (batch 32)", y_title="held-out accuracy",
-                      title="pretraining to the plateau", y_range=(0.0, 1.0), y_percent=True)
+                      title="pretraining curves", y_range=(0.0, 1.0), y_percent=True)
 
 
 def entropy_svg(entropy: dict[str, list[list[float]]]) -> str:
@@ -303,12 +310,48 @@ def entropy_rows(entropy: dict[str, list[list[float]]]) -> tuple[list[str], list
 # Writing
 
 
+def teacher_map(agg: dict[str, Any], strengths: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per teacher strength: its accuracy, its gap to the student before, and VLsI minus SFT-only
+    paired by seed (the final teacher is the main result's)."""
+    rows = agg["rows"]
+    before, sft = rows["student_before"]["mean"], rows["sft_only"]["per_seed"]
+    points = []
+    for runs in strengths:
+        teacher = runs[0]["teacher"]["accuracy"]
+        points.append({"teacher_step": runs[0]["step"], "teacher": teacher, "gap": teacher - before,
+                       **paired([r["vlsi"]["accuracy"] for r in runs], sft[:len(runs)])})
+    points.append({"teacher_step": "final", "teacher": rows["teacher"]["mean"],
+                   "gap": rows["teacher"]["mean"] - before, **agg["paired"]["sft_only"]})
+    return points
+
+
+def map_rows(points: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["teacher (pretraining step)", "teacher accuracy (%)", "gap to student before (pts)",
+            "VLsI minus SFT-only per seed (pts)", "mean ± std (pts)", "verdict"]
+    body = [[str(p["teacher_step"]), f"{100 * p['teacher']:.1f}", f"{100 * p['gap']:+.1f}",
+             ", ".join(f"{100 * d:+.1f}" for d in p["per_seed"]),
+             f"{100 * p['mean']:+.1f} ± {100 * p['std']:.1f}",
+             "VLsI beats it" if p["beats"] else ("not tested" if not p["tested"] else "no win")] for p in points]
+    return head, body
+
+
+def map_svg(points: list[dict[str, Any]]) -> str:
+    series = {"VLsI minus SFT-only (mean)": [(100 * p["gap"], 100 * p["mean"]) for p in points],
+              "mean - std": [(100 * p["gap"], 100 * (p["mean"] - p["std"])) for p in points],
+              "mean + std": [(100 * p["gap"], 100 * (p["mean"] + p["std"])) for p in points]}
+    return line_chart(series, x_title="teacher minus student before (accuracy points)",
+                      y_title="VLsI minus SFT-only (points)", title="where VLsI's gain stops: teacher strength")
+
+
 def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[str, Any]],
-                 setup: dict[str, Any]) -> dict[str, Any]:
+                 setup: dict[str, Any], strengths: list[list[dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Write ``metrics.json``, ``report.md`` and ``report.html`` into ``out``; return the metrics."""
     from PIL import Image
 
     agg = aggregate(fixed, seeds)
+    points = teacher_map(agg, strengths) if strengths else None
+    if points:
+        agg["teacher_map"] = points
     first = seeds[0]
     curves = setup["pair"]["meta"]["curves"]
     config_text = Path(first["config"]).read_text() if Path(first["config"]).is_file() else ""
@@ -324,6 +367,9 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
            _md_table(*times)]
     md += ["## Results (held-out split, accuracy %; paper Table 4(b) layout)", "", _md_table(*results_table(agg))]
     md += ["## Paired differences (percentage points)", "", _md_table(*paired_table(agg))]
+    if points:
+        md += ["## Teacher strength map (VLsI minus SFT-only against the teacher-student gap)", "",
+               _md_table(*map_rows(points))]
     md += ["## Setup", "", _md_table(*recipe)]
     md += ["## Pretraining curves", "", plateau_line(curves), "", _md_table(*curve_rows(curves))]
     md += [f"## Matching entropy (seed {first['seed']})", "", _md_table(*entropy_rows(first["matching_entropy"]))]
@@ -349,6 +395,8 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
              "<h2>Results (held-out split, accuracy %; paper Table 4(b) layout)</h2>",
              _html_table(*results_table(agg)),
              "<h2>Paired differences (percentage points)</h2>", _html_table(*paired_table(agg)),
+             *(["<h2>Teacher strength map (VLsI minus SFT-only against the teacher-student gap)</h2>",
+                map_svg(points), _html_table(*map_rows(points))] if points else []),
              "<h2>Setup</h2>", _html_table(*recipe),
              "<h2>Pretraining curves</h2>", f"<p>{html.escape(plateau_line(curves))}</p>",
              curve_svg(curves), _html_table(*curve_rows(curves)),

@@ -218,8 +218,7 @@ def save_trained_verbalizers(trainer: Trainer, verbalizers: VerbalizerSet, out: 
 
     Under ZeRO-3 or FSDP the parameters are sharded: accelerate gathers a full state dict (a
     collective; ZeRO-3 needs ``stage3_gather_16bit_weights_on_model_save: true`` in the
-    DeepSpeed config), which the main process loads into an unsharded copy and saves. Untested
-    under DeepSpeed and FSDP.
+    DeepSpeed config), which the main process loads into an unsharded copy and saves.
     """
     state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not trainer.is_world_process_zero():

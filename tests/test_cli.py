@@ -1,0 +1,40 @@
+"""The command line: every value a user can type gets a one-line answer, never a traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlsi.cli import main
+
+REPO_CONFIG = "configs/tiny-qwen2vl.yaml"
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "m", "--data", "d.json", "--batch-size", "0"],
+    ["eval", "--model", "m", "--data", "d.json", "--limit", "-3"],
+    ["eval", "--model", "m", "--data", "d.json", "--max-new-tokens", "two"],
+    ["generate", "--model", "m", "--prompt", "hi", "--num-beams", "0"],
+    ["verbalize-layers", "--model", "m", "--verbalizers", "v", "--prompt", "p", "--out", "o.html",
+     "--max-new-tokens", "0"],
+    ["bench", "loss", "--tokens", "0"],
+    ["bench", "loss", "--vocab-size", "-1"],
+    ["bench", "loss", "--timeout", "0"],
+    ["data", "check", "f.json", "--max-length", "0"],
+    ["demo", "--seeds", "0"],
+    ["ablate", "--seeds", "-1"],
+    ["tiny", "out", "--family", "gpt2"],
+])
+def test_bad_values_are_usage_errors(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("vlsi ") or "error:" in err.strip().splitlines()[-1]
+
+
+def test_config_prints_every_key_with_its_help(capsys):
+    assert main(["config", REPO_CONFIG, "--set", "training.optim=adamw_torch_fused"]) == 0
+    out = capsys.readouterr().out
+    assert 'interaction.strategy = "vlsi"    # layer matching' in out
+    assert 'training.arguments = {"optim": "adamw_torch_fused"}' in out
+    lines = [line for line in out.splitlines() if " = " in line]
+    assert all("    # " in line for line in lines), [line for line in lines if "    # " not in line]
