@@ -159,3 +159,23 @@ def test_tiny_command_builds_a_pair(tmp_path, capsys):
     assert main(["tiny", str(tmp_path), "--family", "qwen3_vl"]) == 0
     assert (tmp_path / "teacher" / "config.json").is_file()
     assert (tmp_path / "student" / "model.safetensors").is_file()
+
+
+def test_teacher_map_distils_from_every_snapshot(quick_demo):
+    before = json.loads((quick_demo / "metrics.json").read_text())
+    assert main(["demo", "--quick", "--seeds", "2", "--teacher-map", "--out", str(quick_demo)]) == 0
+    metrics = json.loads((quick_demo / "metrics.json").read_text())
+    assert metrics["rows"] == before["rows"]  # the seeds are reused, not retrained
+    steps = sorted(int(k) for k in shipped_pair_meta()["teacher_snapshots"])
+    points = metrics["teacher_map"]
+    assert [p["teacher_step"] for p in points] == [*steps, "final"]
+    sft = metrics["rows"]["sft_only"]["per_seed"]
+    for point, step in zip(points, steps):
+        vlsi = [json.loads((quick_demo / "map" / f"teacher-step-{step}" / f"seed-{s}" / "seed.json")
+                           .read_text())["vlsi"]["accuracy"] for s in (0, 1)]
+        assert point["per_seed"] == [a - b for a, b in zip(vlsi, sft)]
+    assert "Teacher strength map" in (quick_demo / "report.md").read_text()
+
+
+def shipped_pair_meta():
+    return load_pair(shipped_pair(), DemoRecipe()).meta

@@ -339,8 +339,11 @@ def map_svg(points: list[dict[str, Any]]) -> str:
     series = {"VLsI minus SFT-only (mean)": [(100 * p["gap"], 100 * p["mean"]) for p in points],
               "mean - std": [(100 * p["gap"], 100 * (p["mean"] - p["std"])) for p in points],
               "mean + std": [(100 * p["gap"], 100 * (p["mean"] + p["std"])) for p in points]}
+    ys = [y for pts in series.values() for _, y in pts]
+    span = (min(0.0, min(ys)), max(0.0, max(ys)))  # zero (no gain) is always on the chart
     return line_chart(series, x_title="teacher minus student before (accuracy points)",
-                      y_title="VLsI minus SFT-only (points)", title="where VLsI's gain stops: teacher strength")
+                      y_title="VLsI minus SFT-only (points)", y_range=span,
+                      title="VLsI minus SFT-only against teacher strength")
 
 
 def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[str, Any]],
