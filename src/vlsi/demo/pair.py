@@ -131,7 +131,7 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
         done: dict[str, Any] = {}
         for role, init_dir, budget in (("teacher", init.teacher, recipe.teacher_pretrain),
                                        ("student", init.student, recipe.student_pretrain)):
-            say(f"training the {role} to its plateau ({budget.steps} steps of {budget.batch_size})")
+            say(f"training the {role} ({budget.steps} steps of {budget.batch_size})")
             tcfg = TrainingConfig(**training_config(budget, recipe.pair_seed))
             done[role] = pretrain(
                 init_dir, out / role, train, curve_set, collate, tcfg,
