@@ -5,7 +5,9 @@ that one thread handles as fast as two: on a 2-core machine two single-threaded 
 side finish in about the time of one two-threaded run. :func:`run_all` runs ``fn(*args)`` for
 each argument tuple, in ``workers`` spawned processes of ``threads`` torch threads each (or in
 this process when ``workers`` is 1), and returns the results in order. Results depend on the
-thread count (float reductions), so a run records its ``workers`` and ``threads``.
+thread count (float reductions), so a run records its ``workers`` and ``threads``. Workers are
+spawned, so a script that calls :func:`vlsi.demo.run_demo` or ``run_ablate`` must guard its
+entry point with ``if __name__ == "__main__":`` (each worker imports the script again).
 """
 
 from __future__ import annotations
