@@ -12,8 +12,8 @@ docs/demo.md:
     python benchmarks/regime_search.py --out runs/regime/r3 --num-train 16000 --t-steps 4000 \
         --s-steps 3000 --share-vision --seeds 0 1 --threads 1
 """
-import argparse, json, os, sys, time
-from dataclasses import replace, asdict
+import argparse, json, os, time
+from dataclasses import replace
 from pathlib import Path
 import torch, yaml
 from torch.utils.data import Subset
@@ -98,7 +98,6 @@ def main():
     train, s_train, evalset = mk(data / "train.json"), mk(s_train_file), mk(data / "eval.json")
     collate = VisionLanguageCollator.for_tokenizer("qwen2_vl", tok)
     curve = Subset(evalset, range(min(200, len(evalset))))
-    t0 = time.perf_counter()
     tp = pretrain(pair.teacher, out / "teacher", train, curve, collate,
                   TrainingConfig(**training_config(StageBudget(a.t_steps, a.lr, a.min_lr), a.pair_seed)),
                   eval_every=max(100, a.t_steps // 10), name="teacher",

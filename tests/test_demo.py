@@ -12,7 +12,7 @@ import pytest
 
 from vlsi.cli import main
 from vlsi.demo import run_demo, run_pretrain
-from vlsi.demo.pair import compare_pairs, load_pair, shipped_pair
+from vlsi.demo.pair import compare_pairs, install_pair, load_pair, model_files, shipped_pair
 from vlsi.demo.pipeline import ROWS, SEED_ROWS
 from vlsi.demo.recipe import DemoRecipe
 from vlsi.errors import VlsiError
@@ -137,6 +137,11 @@ def test_pair_rebuild_is_bit_exact_and_checked(tmp_path, capsys):
     a, b = load_pair(tmp_path / "a", quick), load_pair(tmp_path / "b", quick)
     assert compare_pairs(a, b) == []
     assert set(a.meta["files"]["teacher"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
+    install_pair(a, tmp_path / "installed")  # how the shipped pair is made: models, snapshots, pair.json
+    installed = load_pair(tmp_path / "installed", quick)
+    assert model_files(installed.teacher) == a.meta["files"]["teacher"]
+    assert model_files(installed.student) == a.meta["files"]["student"]
+    assert model_files(installed.snapshot(6)) == model_files(a.snapshot(6))
     with pytest.raises(VlsiError, match="another pretraining recipe"):
         load_pair(tmp_path / "a", DemoRecipe())
     # a pair whose data differs from the demo's data is refused before any training

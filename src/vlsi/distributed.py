@@ -151,11 +151,6 @@ def _unsharded(unit: nn.Module) -> Iterator[None]:
         unit.reshard()
 
 
-def parameter_count(model: nn.Module) -> int:
-    """Number of parameters; under ZeRO-3 a partitioned parameter's full size is ``ds_numel``."""
-    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
-
-
 def load_verbalizers(path: str | Path, backbone: Backbone) -> VerbalizerSet:
     """:meth:`VerbalizerSet.load` (fit check included), with real weights on every process.
 

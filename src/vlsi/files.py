@@ -63,18 +63,6 @@ def utc_now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable (best effort; some file systems refuse)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sha256_file(path: Path, *, sample_bytes: int | None = None) -> str:
     """SHA-256 of a file; with ``sample_bytes``, of its size, first and last ``sample_bytes``
     only (for checkpoints of many GB, whose header already names every tensor)."""

@@ -16,7 +16,6 @@ from vlsi.backbones import load_backbone
 from vlsi.config import DataConfig, InteractionConfig, RunConfig, TrainingConfig, VerbalizerConfig
 from vlsi.data.synthetic import SyntheticConfig, generate_dataset
 from vlsi.errors import VlsiError
-from vlsi.recorder import MatchRecorder
 from vlsi.stages import interact
 from vlsi.stages.interact import matching_seed, run_interact
 from vlsi.tiny import build_tiny_tokenizer

@@ -18,10 +18,6 @@ from multiprocessing import get_context
 from typing import Any, Callable, Sequence
 
 
-def default_workers() -> int:
-    return max(1, min(2, os.cpu_count() or 1))
-
-
 def torch_threads() -> int:
     import torch
 
