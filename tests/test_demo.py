@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from dataclasses import replace
 
 import pytest
 
@@ -144,6 +145,20 @@ def test_pair_rebuild_is_bit_exact_and_checked(tmp_path, capsys):
     assert model_files(installed.snapshot(6)) == model_files(a.snapshot(6))
     with pytest.raises(VlsiError, match="another pretraining recipe"):
         load_pair(tmp_path / "a", DemoRecipe())
+    # another student for the same teacher: the teacher is reused, not retrained
+    other = replace(quick, student=replace(quick.student, num_layers=2))
+    assert main(["demo", "pretrain", "--quick", "--out", str(tmp_path / "c"),
+                 "--teacher-from", str(tmp_path / "a")]) == 0
+    assert compare_pairs(load_pair(tmp_path / "c", quick), a) == []  # same recipe: same files
+    assert run_pretrain(tmp_path / "d", recipe=other, teacher_from=tmp_path / "a") == 0
+    d = load_pair(tmp_path / "d", other)
+    assert d.meta["files"]["teacher"] == a.meta["files"]["teacher"]
+    assert model_files(d.snapshot(6)) == model_files(a.snapshot(6))
+    assert d.meta["curves"]["teacher"] == a.meta["curves"]["teacher"]
+    assert d.meta["files"]["student"]["model.safetensors"] != a.meta["files"]["student"]["model.safetensors"]
+    longer = replace(other, teacher_pretrain=replace(other.teacher_pretrain, steps=13))
+    with pytest.raises(VlsiError, match="teacher_pretrain differ"):
+        run_pretrain(tmp_path / "e", recipe=longer, teacher_from=tmp_path / "a")
     # a pair whose data differs from the demo's data is refused before any training
     (tmp_path / "a" / "data" / "train.json").write_text("[]")
     with pytest.raises(VlsiError, match="differs from the data"):

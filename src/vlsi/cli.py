@@ -59,8 +59,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if args.action == "pretrain":
         if args.pair:
             raise VlsiError("--pair is for `vlsi demo`; `vlsi demo pretrain` builds a pair into --out")
-        run_pretrain(args.out, quick=args.quick)
+        run_pretrain(args.out, quick=args.quick, teacher_from=args.teacher_from)
         return
+    if args.teacher_from:
+        raise VlsiError("--teacher-from is for `vlsi demo pretrain`")
     run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, pair_dir=args.pair,
              command=" ".join(["vlsi", *args.argv]), teacher_map=args.teacher_map)
 
@@ -255,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run (default) or pretrain (train the teacher/student pair from scratch)")
     _add_demo_args(demo, "runs/demo")
     demo.add_argument("--seed", type=int, default=0, help="first seed")
+    demo.add_argument("--teacher-from", metavar="PAIR",
+                      help="pretrain: reuse this pair's teacher (a directory, or `shipped`) and "
+                           "train only the student")
     demo.add_argument("--teacher-map", action="store_true",
                       help="also distil from the weaker teacher snapshots: VLsI minus SFT-only "
                            "against the teacher-student gap")

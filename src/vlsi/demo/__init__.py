@@ -140,14 +140,20 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     return metrics
 
 
-def run_pretrain(out: str | Path, *, quick: bool = False, recipe: DemoRecipe | None = None) -> int:
-    """``vlsi demo pretrain``: build the pair; compare it with the shipped one when comparable."""
-    from vlsi.demo.pair import Pair, build_pair, compare_pairs, shipped_pair
+def run_pretrain(out: str | Path, *, quick: bool = False, recipe: DemoRecipe | None = None,
+                 teacher_from: str | Path | None = None) -> int:
+    """``vlsi demo pretrain``: build the pair; compare it with the shipped one when comparable.
+
+    ``teacher_from``: a pair directory (or ``shipped``) whose teacher is reused, so that only
+    the student trains.
+    """
+    from vlsi.demo.pair import Pair, build_pair, compare_pairs, load_teacher_source, shipped_pair
 
     recipe = recipe or DemoRecipe()
     if quick:
         recipe = recipe.quick_pretraining()
-    pair = build_pair(out, recipe, say=_say)
+    source = None if teacher_from is None else load_teacher_source(teacher_from)
+    pair = build_pair(out, recipe, say=_say, teacher_from=source)
     _say(f"pair written to {pair.root} ({pair.meta['wall_seconds']:.0f} s): teacher {pair.teacher}, "
          f"student {pair.student}")
     shipped = shipped_pair() / "pair.json"

@@ -90,8 +90,13 @@ def data_digest(data_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = print) -> Pair:
-    """Train the pair of ``recipe`` into ``out`` (resumable) and write ``pair.json``."""
+def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = print,
+               teacher_from: Pair | None = None) -> Pair:
+    """Train the pair of ``recipe`` into ``out`` (resumable) and write ``pair.json``.
+
+    With ``teacher_from``, that pair's teacher is reused (:func:`reuse_teacher`) and only the
+    student trains.
+    """
     from torch.utils.data import Subset
     from transformers import set_seed
 
@@ -109,8 +114,10 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
         check_recipe(pair, recipe)
         return pair
     out.mkdir(parents=True, exist_ok=True)
+    if teacher_from is not None:
+        reuse_teacher(out, teacher_from, recipe)
     threads = torch.get_num_threads()
-    torch.set_num_threads(recipe.pretrain_threads)
+    role_threads = {"teacher": recipe.pretrain_threads, "student": recipe.student_pretrain_threads}
     try:
         start = time.perf_counter()
         data = out / "data"
@@ -131,7 +138,9 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
         done: dict[str, Any] = {}
         for role, init_dir, budget in (("teacher", init.teacher, recipe.teacher_pretrain),
                                        ("student", init.student, recipe.student_pretrain)):
-            say(f"training the {role} ({budget.steps} steps of {budget.batch_size})")
+            say(f"training the {role} ({budget.steps} steps of {budget.batch_size}, "
+                f"{role_threads[role]} thread(s))")
+            torch.set_num_threads(role_threads[role])
             tcfg = TrainingConfig(**training_config(budget, recipe.pair_seed))
             done[role] = pretrain(
                 init_dir, out / role, train, curve_set, collate, tcfg,
@@ -151,13 +160,56 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
             "params": {role: done[role].params for role in ROLES},
             "seconds": {role: round(done[role].seconds, 1) for role in ROLES},
             "wall_seconds": round(time.perf_counter() - start, 1),
-            "built_with": {"torch": torch.__version__, "threads": recipe.pretrain_threads,
+            "built_with": {"torch": torch.__version__, "threads": role_threads,
                            "machine": platform.machine(), "python": platform.python_version()},
         }
         (out / PAIR_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     finally:
         torch.set_num_threads(threads)
     return Pair(out, meta)
+
+
+def reuse_teacher(out: str | Path, source: Pair, recipe: Any) -> None:
+    """Seed ``out`` with ``source``'s trained teacher and snapshots, so that :func:`build_pair`
+    trains only the student (a new student size or budget for the same teacher).
+
+    Refused (one line) when ``source`` was made from another teacher recipe or other data.
+    """
+    from vlsi.demo.pretrain import CURVE, MODEL_DIR
+    from vlsi.stages.run import STEP_COMPLETE
+    from vlsi.files import write_json_atomic
+
+    ours = _jsonable(recipe.teacher_pretraining)
+    theirs = {k: source.meta["recipe"].get(k) for k in ours}
+    if theirs != ours:
+        differ = ", ".join(k for k in ours if theirs[k] != ours[k])
+        raise VlsiError(f"{source.root}: its teacher was made from another recipe ({differ} "
+                        "differ); it cannot be reused")
+    out = Path(out)
+    teacher = out / "teacher"
+    if (teacher / STEP_COMPLETE).is_file():
+        return
+    shutil.copytree(source.teacher, teacher / MODEL_DIR, dirs_exist_ok=True)
+    for rel in source.meta["teacher_snapshots"].values():
+        shutil.copytree(source.root / rel, out / rel, dirs_exist_ok=True)
+    write_json_atomic(teacher / CURVE, {"name": "teacher pretraining",
+                                        "eval_samples": recipe.curve_samples,
+                                        "points": source.meta["curves"]["teacher"]})
+    write_json_atomic(teacher / STEP_COMPLETE, {
+        "stage": "teacher pretraining", "seconds": source.meta["seconds"]["teacher"],
+        "params": source.meta["params"]["teacher"], "reused_from": str(source.root)})
+
+
+def load_teacher_source(path: str | Path) -> Pair:
+    """The pair at ``path`` (``shipped``: the package's) read for :func:`reuse_teacher`."""
+    root = SHIPPED_DIR if str(path) == "shipped" else Path(path)
+    if not (root / PAIR_FILE).is_file():
+        raise VlsiError(f"{root} holds no pretrained pair ({PAIR_FILE} missing)")
+    pair = Pair(root, json.loads((root / PAIR_FILE).read_text()))
+    missing = [f for f in pair.meta["files"]["teacher"] if not (pair.teacher / f).is_file()]
+    if missing:
+        raise VlsiError(f"{pair.teacher}: pretrained teacher incomplete (missing {missing[0]})")
+    return pair
 
 
 def check_recipe(pair: Pair, recipe: Any) -> None:

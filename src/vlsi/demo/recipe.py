@@ -53,19 +53,20 @@ class StageBudget:
 class DemoRecipe:
     """Everything a demo run needs besides its output directory and seeds.
 
-    ``task``, the sizes, the two pretraining budgets, ``curve_*`` and ``pretrain_threads``
+    ``task``, the sizes, the two pretraining budgets, ``curve_*`` and the two thread counts
     decide the pretrained pair (:attr:`pretraining`); the rest decides the distillation runs.
     """
 
     task: SyntheticConfig = field(default_factory=demo_task)
     teacher: TinySize = TinySize(num_layers=8, hidden_size=96, intermediate_size=192, num_heads=4,
                                  num_kv_heads=2, vision_depth=2, vision_width=48, extra_vocab=24)
-    student: TinySize = TinySize(num_layers=3, hidden_size=16, intermediate_size=32, num_heads=2,
+    student: TinySize = TinySize(num_layers=2, hidden_size=8, intermediate_size=16, num_heads=1,
                                  num_kv_heads=1, vision_depth=2, vision_width=48, extra_vocab=8)
     teacher_pretrain: StageBudget = StageBudget(8000, 2e-3, 1e-4)
-    student_pretrain: StageBudget = StageBudget(12000, 2e-3, 1e-4)
+    student_pretrain: StageBudget = StageBudget(20000, 2e-3, 1e-4)
     pair_seed: int = 0
-    pretrain_threads: int = 2  # CPU training is bit-exact for a fixed thread count
+    pretrain_threads: int = 2  # the teacher's; CPU training is bit-exact for a fixed thread count
+    student_pretrain_threads: int = 1  # a 16-wide model trains as fast on one thread
     curve_every: int = 500    # pretraining curve: held-out accuracy every N steps
     curve_samples: int = 400  # ... on this many eval samples (teacher-forced)
     teacher_snapshots: tuple[int, ...] = (2000, 4000, 6000)  # weaker teachers (the map)
@@ -88,8 +89,17 @@ class DemoRecipe:
     def pretraining(self) -> dict[str, Any]:
         """The fields that decide the pretrained pair (recorded in its ``pair.json``)."""
         keys = ("task", "teacher", "student", "teacher_pretrain", "student_pretrain", "pair_seed",
-                "pretrain_threads", "curve_every", "curve_samples", "teacher_snapshots")
+                "pretrain_threads", "student_pretrain_threads", "curve_every", "curve_samples", "teacher_snapshots")
         full = asdict(self)
+        return {k: full[k] for k in keys}
+
+    @property
+    def teacher_pretraining(self) -> dict[str, Any]:
+        """The fields that decide the pretrained teacher alone (a pair's teacher is reusable
+        by any recipe that agrees on these: :func:`vlsi.demo.pair.reuse_teacher`)."""
+        keys = ("task", "teacher", "teacher_pretrain", "pair_seed", "pretrain_threads",
+                "curve_every", "curve_samples", "teacher_snapshots")
+        full = self.pretraining
         return {k: full[k] for k in keys}
 
     def quick(self) -> DemoRecipe:
