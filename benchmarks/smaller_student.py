@@ -7,6 +7,7 @@ WIDTH with the teacher's frozen vision encoder, then the three-seed demo on that
 ``--teacher-from`` is a pair built by ``vlsi demo pretrain`` (default: the shipped one).
 The student needs at least 2 layers (VLsI verbalizes every layer below the last).
 ``--pretrain-only`` stops after the student's pretraining (its curve is in ``pair.json``).
+``--samples N``: the data-limited regime, the student pretrained and distilled on N samples.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main() -> None:
     ap.add_argument("--out", default="runs/smaller")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--pretrain-only", action="store_true")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="the student pretrains, and the distillation runs, on the first N "
+                         "training samples only (the teacher saw all of them)")
     a = ap.parse_args()
     base = DemoRecipe()
     budget = replace(base.student_pretrain, steps=a.steps,
@@ -39,8 +43,9 @@ def main() -> None:
     recipe = replace(base, student=replace(base.student, num_layers=a.layers, hidden_size=a.width,
                                            intermediate_size=2 * a.width, num_heads=a.heads,
                                            num_kv_heads=1),
-                     student_pretrain=budget, student_pretrain_threads=a.threads)
-    name = f"{a.layers}x{a.width}-{a.steps}"
+                     student_pretrain=budget, student_pretrain_threads=a.threads,
+                     student_samples=a.samples, distill_samples=a.samples)
+    name = f"{a.layers}x{a.width}-{a.steps}" + (f"-n{a.samples}" if a.samples else "")
     pair_dir = Path(a.out) / f"pair-{name}"
     pair = build_pair(pair_dir, recipe, teacher_from=load_teacher_source(a.teacher_from))
     curve = pair.meta["curves"]["student"]
@@ -49,7 +54,8 @@ def main() -> None:
         return
     run_demo(Path(a.out) / f"demo-{name}", seeds=a.seeds, recipe=recipe, pair_dir=pair_dir,
              command=f"python benchmarks/smaller_student.py --layers {a.layers} --width {a.width} "
-                     f"--heads {a.heads} --steps {a.steps}")
+                     f"--heads {a.heads} --steps {a.steps}"
+                     + (f" --samples {a.samples}" if a.samples else ""))
 
 
 if __name__ == "__main__":  # the demo's seeds run in spawned worker processes

@@ -13,7 +13,8 @@ import pytest
 
 from vlsi.cli import main
 from vlsi.demo import run_demo, run_pretrain
-from vlsi.demo.pair import compare_pairs, install_pair, load_pair, model_files, shipped_pair
+from vlsi.demo.pair import (compare_pairs, install_pair, load_pair, load_teacher_source, model_files,
+                            shipped_pair)
 from vlsi.demo.pipeline import ROWS, SEED_ROWS
 from vlsi.demo.recipe import DemoRecipe
 from vlsi.errors import VlsiError
@@ -146,7 +147,7 @@ def test_pair_rebuild_is_bit_exact_and_checked(tmp_path, capsys):
     with pytest.raises(VlsiError, match="another pretraining recipe"):
         load_pair(tmp_path / "a", DemoRecipe())
     # another student for the same teacher: the teacher is reused, not retrained
-    other = replace(quick, student=replace(quick.student, num_layers=2))
+    other = replace(quick, student=replace(quick.student, num_layers=quick.student.num_layers + 1))
     assert main(["demo", "pretrain", "--quick", "--out", str(tmp_path / "c"),
                  "--teacher-from", str(tmp_path / "a")]) == 0
     assert compare_pairs(load_pair(tmp_path / "c", quick), a) == []  # same recipe: same files
@@ -173,6 +174,14 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     assert "argument --seeds: must be at least 1, got 0" in capsys.readouterr().err
     assert main(["demo", "--pair", str(tmp_path), "--out", str(tmp_path / "d")]) == 2
     assert "holds no pretrained pair" in capsys.readouterr().err
+
+
+def test_teacher_source_is_a_pair_or_the_shipped_one(tmp_path, capsys):
+    assert load_teacher_source("shipped").root == shipped_pair()
+    assert main(["demo", "pretrain", "--out", str(tmp_path / "p"), "--teacher-from", str(tmp_path)]) == 2
+    assert "holds no pretrained pair" in capsys.readouterr().err
+    assert main(["demo", "--teacher-from", "shipped", "--out", str(tmp_path / "d")]) == 2
+    assert "--teacher-from is for `vlsi demo pretrain`" in capsys.readouterr().err
 
 
 def test_tiny_command_builds_a_pair(tmp_path, capsys):

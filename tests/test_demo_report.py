@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 from vlsi.demo.pipeline import FIXED_ROWS, SEED_ROWS
-from vlsi.demo.report import aggregate, paired, plateau_line, teacher_map, verdicts
+from vlsi.demo.report import accuracy_at, aggregate, paired, plateau_line, teacher_map, verdicts
 
 
 def test_paired_verdict_rule():
@@ -46,5 +48,12 @@ def test_plateau_line_applies_the_one_point_rule():
     curves = {"teacher": [{"step": s, "eval_accuracy": a} for s, a in ((400, 0.60), (800, 0.900), (1000, 0.905))],
               "student": [{"step": s, "eval_accuracy": a} for s, a in ((400, 0.50), (800, 0.700), (1000, 0.750))]}
     line = plateau_line(curves)
-    assert "teacher: +0.5 pts from step 800 to 1000 (at its plateau)" in line
-    assert "student: +5.0 pts from step 800 to 1000 (not at its plateau)" in line
+    assert "teacher: +0.5 pts from step 800 to 1,000 (at its plateau)" in line
+    assert "student: +5.0 pts from step 800 to 1,000 (not at its plateau)" in line
+    # the 80% step between two curve points: the accuracy there is interpolated
+    between = {"teacher": [{"step": s, "eval_accuracy": a} for s, a in ((500, 0.80), (1000, 0.90), (1250, 0.92))]}
+    # 80% of 1250 = 1000 is a point: +2.0; at 80% of 1200 = 960 the accuracy is 0.892
+    assert "+2.0 pts from step 1,000 to 1,250 (not at its plateau)" in plateau_line(between)
+    between["teacher"][-1]["step"] = 1200
+    assert accuracy_at(between["teacher"], 960) == pytest.approx(0.892)
+    assert "+2.8 pts from step 960 (interpolated) to 1,200 (not at its plateau)" in plateau_line(between)

@@ -8,7 +8,7 @@ greedy generation (beam search where the row says so), for each seed. Rows that 
 run (the default VLsI appears in all four sub-tables) are trained once; verbalizers are trained
 once per architecture and seed and shared by the runs that use them. The paper's own numbers
 (Qwen2-VL-72B -> VLsI-7B, Table 4 of arXiv 2412.01822) stand beside ours for reference; they
-are benchmark scores of 7B models, ours are accuracies of a 3-layer student, so compare the
+are benchmark scores of 7B models, ours are accuracies of a tiny student, so compare the
 ordering of the rows, not the values.
 
 Outputs: ``ablation.md``, ``ablation.html`` (one chart per sub-table, inline SVG),

@@ -1,6 +1,6 @@
 """The demo's pretrained teacher/student pair: built from scratch, shipped, verified.
 
-    vlsi demo pretrain --out DIR [--quick]
+    vlsi demo pretrain --out DIR [--quick] [--teacher-from PAIR|shipped]
 
 :func:`build_pair` writes the synthetic data, builds the random-initialised tiny pair (one
 tokenizer), trains the teacher (every parameter) and then the student, whose vision encoder is
@@ -12,10 +12,11 @@ the trained teacher's, frozen (:func:`vlsi.demo.pretrain.share_vision_encoder`).
     DIR/student/model/        the trained student ("student before")
     DIR/pair.json             what the pair was made from, its files' SHA-256, the curves
 
-Training on the CPU is bit-exact for a fixed thread count (``pretrain_threads``), so the same
+Training on the CPU is bit-exact for a fixed thread count (``pretrain_threads`` for the
+teacher, ``student_pretrain_threads`` for the student), so the same
 recipe on the same kind of machine gives the same files; ``pair.json`` records the torch
 version and threads so a difference can be explained. The package ships the pair built from
-the default recipe in ``vlsi/demo/pair/`` (models and ``pair.json`` only; about 4 MB):
+the default recipe in ``vlsi/demo/pair/`` (models, teacher snapshots and ``pair.json``; about 15 MB):
 :func:`shipped_pair`. :func:`load_pair` refuses a pair made from another recipe, and
 :func:`compare_pairs` lists the files where two pairs differ.
 """
@@ -136,14 +137,17 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
         curve_set = Subset(evalset, range(min(recipe.curve_samples, len(evalset))))
         collate = VisionLanguageCollator.for_tokenizer("qwen2_vl", tokenizer)
         done: dict[str, Any] = {}
-        for role, init_dir, budget in (("teacher", init.teacher, recipe.teacher_pretrain),
-                                       ("student", init.student, recipe.student_pretrain)):
+        student_train = (train if recipe.student_samples is None
+                         else Subset(train, range(min(recipe.student_samples, len(train)))))
+        for role, init_dir, budget, role_train in (
+                ("teacher", init.teacher, recipe.teacher_pretrain, train),
+                ("student", init.student, recipe.student_pretrain, student_train)):
             say(f"training the {role} ({budget.steps} steps of {budget.batch_size}, "
                 f"{role_threads[role]} thread(s))")
             torch.set_num_threads(role_threads[role])
             tcfg = TrainingConfig(**training_config(budget, recipe.pair_seed))
             done[role] = pretrain(
-                init_dir, out / role, train, curve_set, collate, tcfg,
+                init_dir, out / role, role_train, curve_set, collate, tcfg,
                 eval_every=recipe.curve_every, name=f"{role} pretraining",
                 vision_from=done["teacher"].model_dir if role == "student" else None,
                 snapshot_steps=tuple(recipe.teacher_snapshots) if role == "teacher" else (),

@@ -244,18 +244,33 @@ def curve_rows(curves: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list
     return head, body
 
 
+def accuracy_at(points: list[dict[str, Any]], step: float) -> float:
+    """Held-out accuracy at ``step``, linear between the curve points around it."""
+    before = max((p for p in points if p["step"] <= step), key=lambda p: p["step"], default=points[0])
+    after = min((p for p in points if p["step"] >= step), key=lambda p: p["step"], default=points[-1])
+    if after["step"] == before["step"]:
+        return before["eval_accuracy"]
+    w = (step - before["step"]) / (after["step"] - before["step"])
+    return (1 - w) * before["eval_accuracy"] + w * after["eval_accuracy"]
+
+
 def plateau_line(curves: dict[str, list[dict[str, Any]]]) -> str:
-    """How much the last 20% of each pretraining run added (the plateau criterion)."""
+    """How much the last 20% of each pretraining run added (the plateau criterion).
+
+    The accuracy at 80% of the steps is interpolated between the two curve points around
+    that step when none falls on it (a point before it would measure a longer window).
+    """
     parts = []
     for name, pts in curves.items():
         if len(pts) < 2:
             continue
         last = pts[-1]
         cut = 0.8 * last["step"]
-        before = max((p for p in pts if p["step"] <= cut), key=lambda p: p["step"], default=pts[0])
-        gain = last["eval_accuracy"] - before["eval_accuracy"]
+        gain = last["eval_accuracy"] - accuracy_at(pts, cut)
+        on_point = any(p["step"] == cut for p in pts)
+        where = f"step {cut:,.0f}" + ("" if on_point else " (interpolated)")
         verdict = "at its plateau" if gain < PLATEAU_GAIN else "not at its plateau"
-        parts.append(f"{name}: {_pts(gain)} from step {before['step']} to {last['step']} ({verdict})")
+        parts.append(f"{name}: {_pts(gain)} from {where} to {last['step']:,} ({verdict})")
     return (f"Last 20% of pretraining (a model is at its plateau when it adds less than "
             f"{100 * PLATEAU_GAIN:.0f} point): " + "; ".join(parts) + ".")
 
