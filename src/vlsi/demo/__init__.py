@@ -147,7 +147,7 @@ def run_pretrain(out: str | Path, *, quick: bool = False, recipe: DemoRecipe | N
     ``teacher_from``: a pair directory (or ``shipped``) whose teacher is reused, so that only
     the student trains.
     """
-    from vlsi.demo.pair import Pair, build_pair, compare_pairs, load_teacher_source, shipped_pair
+    from vlsi.demo.pair import build_pair, compare_pairs, load_teacher_source, read_pair, shipped_pair
 
     recipe = recipe or DemoRecipe()
     if quick:
@@ -158,7 +158,7 @@ def run_pretrain(out: str | Path, *, quick: bool = False, recipe: DemoRecipe | N
          f"student {pair.student}")
     shipped = shipped_pair() / "pair.json"
     if not quick and shipped.is_file():
-        reference = Pair(shipped_pair(), json.loads(shipped.read_text()))
+        reference = read_pair(shipped_pair())
         if reference.meta["recipe"] == pair.meta["recipe"]:
             diffs = compare_pairs(pair, reference)
             _say("identical to the shipped pair" if not diffs else

@@ -111,7 +111,7 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
 
     out = Path(out)
     if (out / PAIR_FILE).is_file():
-        pair = Pair(out, json.loads((out / PAIR_FILE).read_text()))
+        pair = read_pair(out)
         check_recipe(pair, recipe)
         return pair
     out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,8 @@ def reuse_teacher(out: str | Path, source: Pair, recipe: Any) -> None:
     """Seed ``out`` with ``source``'s trained teacher and snapshots, so that :func:`build_pair`
     trains only the student (a new student size or budget for the same teacher).
 
-    Refused (one line) when ``source`` was made from another teacher recipe or other data.
+    Refused (one line) when ``source``'s teacher was made from another teacher recipe
+    (:attr:`~vlsi.demo.recipe.DemoRecipe.teacher_pretraining`; its ``task`` decides the data).
     """
     from vlsi.demo.pretrain import CURVE, MODEL_DIR
     from vlsi.stages.run import STEP_COMPLETE
@@ -206,13 +207,8 @@ def reuse_teacher(out: str | Path, source: Pair, recipe: Any) -> None:
 
 def load_teacher_source(path: str | Path) -> Pair:
     """The pair at ``path`` (``shipped``: the package's) read for :func:`reuse_teacher`."""
-    root = SHIPPED_DIR if str(path) == "shipped" else Path(path)
-    if not (root / PAIR_FILE).is_file():
-        raise VlsiError(f"{root} holds no pretrained pair ({PAIR_FILE} missing)")
-    pair = Pair(root, json.loads((root / PAIR_FILE).read_text()))
-    missing = [f for f in pair.meta["files"]["teacher"] if not (pair.teacher / f).is_file()]
-    if missing:
-        raise VlsiError(f"{pair.teacher}: pretrained teacher incomplete (missing {missing[0]})")
+    pair = read_pair(SHIPPED_DIR if str(path) == "shipped" else path)
+    check_model_files(pair, ("teacher",))
     return pair
 
 
@@ -228,20 +224,30 @@ def shipped_pair() -> Path:
     return SHIPPED_DIR
 
 
-def load_pair(path: str | Path, recipe: Any) -> Pair:
-    """The pair at ``path`` (``pair.json`` read, recipe checked, model files present)."""
+def read_pair(path: str | Path) -> Pair:
+    """The pair whose ``pair.json`` is at ``path`` (refused in one line when there is none)."""
     root = Path(path)
     meta_file = root / PAIR_FILE
     if not meta_file.is_file():
         raise VlsiError(f"{root} holds no pretrained pair ({PAIR_FILE} missing); build one with "
                         f"`{REBUILD_COMMAND}`")
-    pair = Pair(root, json.loads(meta_file.read_text()))
-    check_recipe(pair, recipe)
-    for role in ROLES:
+    return Pair(root, json.loads(meta_file.read_text()))
+
+
+def check_model_files(pair: Pair, roles: tuple[str, ...] = ROLES) -> None:
+    """Every file ``pair.json`` lists for ``roles`` is present."""
+    for role in roles:
         model = pair.teacher if role == "teacher" else pair.student
         missing = [f for f in pair.meta["files"][role] if not (model / f).is_file()]
         if missing:
             raise VlsiError(f"{model}: pretrained {role} incomplete (missing {missing[0]})")
+
+
+def load_pair(path: str | Path, recipe: Any) -> Pair:
+    """The pair at ``path`` (``pair.json`` read, recipe checked, model files present)."""
+    pair = read_pair(path)
+    check_recipe(pair, recipe)
+    check_model_files(pair)
     return pair
 
 
