@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 from vlsi.config import load_config
+from vlsi.families import FAMILIES
 from vlsi.verbalizer import validate_target_layers
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,22 +93,21 @@ def test_accelerate_config_loads(path):
         assert "gradient_accumulation_steps" not in cfg.deepspeed_config
         assert "gradient_clipping" not in cfg.deepspeed_config
     if path.name == "fsdp.yaml":
+        assert cfg.fsdp_config["fsdp_version"] == 2
         assert cfg.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
-        assert "Qwen2VLDecoderLayer" in cfg.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+        assert cfg.fsdp_config["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
+        # unset: every model (teacher, student, verbalizers) wraps the blocks it names itself
+        assert "fsdp_transformer_layer_cls_to_wrap" not in cfg.fsdp_config
 
 
-def test_fsdp_wrap_classes_exist():
-    """The class names in fsdp.yaml (and in its comments) are transformers' classes."""
-    import transformers.models.llava_onevision.modeling_llava_onevision  # noqa: F401
-    from transformers.models.qwen2 import modeling_qwen2
-    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
-    from transformers.models.qwen2_vl import modeling_qwen2_vl
-    from transformers.models.qwen3_vl import modeling_qwen3_vl
-    from transformers.models.siglip import modeling_siglip
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fsdp_units_are_each_familys_blocks(family, tiny_pair):
+    """FSDP2 wraps what a model lists in ``_no_split_modules`` (fsdp.yaml names no class): for
+    every family that is its decoder layers and its vision blocks."""
+    from vlsi.backbones import load_backbone
 
-    modules = [modeling_qwen2_vl, modeling_qwen2_5_vl, modeling_qwen3_vl, modeling_qwen2, modeling_siglip]
-    text = (REPO / "accelerate_configs" / "fsdp.yaml").read_text()
-    names = set(re.findall(r"\b(\w+(?:DecoderLayer|VisionBlock|EncoderLayer))\b", text))
-    assert len(names) == 8
-    for name in names:
-        assert any(hasattr(m, name) for m in modules), name
+    model = load_backbone(tiny_pair(family).teacher).model
+    present = {type(m).__name__ for m in model.modules()}
+    blocks = [name for name in model._no_split_modules if name in present]
+    assert any("DecoderLayer" in name for name in blocks), blocks
+    assert any("Vision" in name or "EncoderLayer" in name for name in blocks), blocks

@@ -1,9 +1,12 @@
-"""Where frozen models and sharded parameters live under one process, DDP, DeepSpeed and FSDP.
+"""Where frozen models and sharded parameters live under one process, DDP, DeepSpeed and FSDP2.
 
 The trained model is placed by the transformers ``Trainer`` (accelerate); this module places
-what the Trainer does not know about (the teacher, the verbalized backbone), gathers sharded
-heads and norms while the chunked losses use them, and loads verbalizers onto a backbone
-whose weights may still be on the meta device.
+what the Trainer does not know about (the teacher, the verbalized backbone: partitioned under
+ZeRO-3, sharded under FSDP2), reports what each process holds of them, gathers sharded heads
+and norms while the chunked losses use them, gathers trained parameters whole for saving,
+restores sharded FSDP checkpoints, and loads verbalizers onto a backbone whose weights may
+still be on the meta device. What has run under which engine is in the README's multi-GPU
+section.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 from transformers import Trainer
 
 from vlsi.backbones import Backbone
+from vlsi.errors import VlsiError
 from vlsi.verbalizer import WEIGHTS_NAME, VerbalizerSet
 
 
@@ -33,20 +37,17 @@ def place_frozen_model(trainer: Trainer, model: nn.Module) -> nn.Module:
     Returns what to call for its forward:
 
     * one process or DDP: the model itself, moved to the trainer's device (DDP needs no
-      wrapper: nothing is reduced for a model without gradient);
+      wrapper: nothing is reduced for a model without gradient); every process holds it whole;
     * DeepSpeed ZeRO-3: an inference-only DeepSpeed engine built from the trainer's DeepSpeed
       config without optimizer and scheduler (offload settings kept), so the frozen model is
       partitioned like the trained one, as TRL's ``prepare_deepspeed`` does for reference
       models; ZeRO-1/2 shard only optimizer state, so the model is just moved to the device;
-    * FSDP: ``accelerator.prepare_model(model, evaluation_mode=True)`` (device placement and
-      mixed precision; accelerate does not shard in evaluation mode, so the frozen model is
-      replicated on every device; use ZeRO-3 for a teacher that does not fit one device).
-      With ``cpu_ram_efficient_loading`` transformers loads the weights on the first process
-      only (the others hold meta tensors until FSDP's wrapping broadcasts them); a model that
-      is not wrapped gets them by :func:`_broadcast_from_first_process`.
+    * FSDP2: sharded by :func:`shard_frozen_model` (one unit per block the model names in
+      ``_no_split_modules``, the rest in the root unit); no optimizer state. FSDP1 is refused:
+      accelerate's FSDP1 path would replicate the frozen model on every process.
 
-    Written against deepspeed's ``initialize`` and accelerate's ``prepare_model``; what has run
-    under which engine is in the README's multi-GPU section.
+    Raises:
+        VlsiError: FSDP1.
     """
     model.requires_grad_(False).eval()
     if trainer.is_deepspeed_enabled:
@@ -55,21 +56,106 @@ def place_frozen_model(trainer: Trainer, model: nn.Module) -> nn.Module:
             return _deepspeed_inference_engine(model, plugin.deepspeed_config)
         return model.to(trainer.args.device)
     if trainer.is_fsdp_enabled:
-        if trainer.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
-            _broadcast_from_first_process(model, trainer.args.device)
-        return trainer.accelerator.prepare_model(model, evaluation_mode=True)
+        plugin = trainer.accelerator.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise VlsiError("FSDP1 would hold the whole frozen teacher on every process; use FSDP2 "
+                            "(fsdp_version: 2, as in accelerate_configs/fsdp.yaml)")
+        return shard_frozen_model(model, trainer.args.device, reshard_after_forward=plugin.reshard_after_forward,
+                                  mp_policy=plugin.mixed_precision_policy)
     return model.to(trainer.args.device)
 
 
-def _broadcast_from_first_process(model: nn.Module, device: torch.device) -> None:
-    """Give every process the first process's weights (the others loaded meta tensors)."""
-    tensors = [*model.parameters(), *model.buffers()]
-    if any(t.is_meta for t in tensors):
-        model.to_empty(device=device)
+def shard_frozen_model(model: nn.Module, device: torch.device, *, reshard_after_forward: bool = True,
+                       mp_policy: Any = None) -> nn.Module:
+    """FSDP2-shard a frozen model over all processes (torch's ``fully_shard``); every process calls it.
+
+    Units: each submodule whose class the model lists in ``_no_split_modules`` (transformers'
+    decoder layers and vision blocks), then the root (embeddings, final norm, LM head, the
+    rest). The trained model's FSDP plugin is neither read for the wrap classes nor changed,
+    so the frozen and the trained model each wrap their own blocks.
+
+    Where only the main process loaded weights (``cpu_ram_efficient_loading``: the others hold
+    meta tensors), the shards are filled from its full state dict by
+    ``set_model_state_dict(..., broadcast_from_rank0=True)`` and the buffers (not sharded)
+    broadcast from it.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    loaded_elsewhere = any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    if torch.distributed.is_initialized():
+        flag = torch.tensor([float(loaded_elsewhere)], device=device)
+        torch.distributed.all_reduce(flag)
+        loaded_elsewhere = bool(flag.item())
+    main = is_main_process()
+    full_state = model.state_dict() if loaded_elsewhere and main else {}
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    kwargs = dict(reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
+    for module in model.modules():
+        if module is not model and type(module).__name__ in blocks:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)  # moves what is not on the meta device to the processes' device
+    if loaded_elsewhere:
+        if not main:
+            model.to_empty(device=device)
+        set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                         broadcast_from_rank0=True))
+        for buffer in model.buffers():  # same order on every process
+            torch.distributed.broadcast(buffer, src=0)
+    return model.requires_grad_(False).eval()
+
+
+def engine_name(trainer: Trainer) -> str:
+    """``one process``, ``DDP``, ``ZeRO-<stage>`` or ``FSDP<version>``, with ``x <processes>``."""
+    world = trainer.accelerator.num_processes
+    if trainer.is_deepspeed_enabled:
+        name = f"ZeRO-{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    elif trainer.is_fsdp_enabled:
+        name = f"FSDP{trainer.accelerator.state.fsdp_plugin.fsdp_version}"
     else:
-        model.to(device)
-    for t in [*model.parameters(), *model.buffers()]:  # same order on every process
-        torch.distributed.broadcast(t.data, src=0)
+        name = "DDP" if world > 1 else "one process"
+    return f"{name} x {world}" if world > 1 else name
+
+
+def parameter_footprint(model: nn.Module) -> tuple[int, int]:
+    """``(parameters of the whole model, bytes of them this process holds)``.
+
+    A ZeRO-3 parameter counts its partition (``ds_tensor``), plus the whole tensor where
+    DeepSpeed keeps it gathered (``ds_persist``: parameters under
+    ``stage3_param_persistence_threshold``); an FSDP2 parameter (a ``DTensor``) its local
+    shard; any other parameter its whole tensor. Shared (tied) parameters count once.
+    """
+    from torch.distributed.tensor import DTensor
+
+    total = held = 0
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if hasattr(p, "ds_tensor"):
+            total += p.ds_numel
+            held += p.ds_tensor.numel() * p.ds_tensor.element_size()
+            if getattr(p, "ds_persist", False):
+                held += p.ds_numel * p.ds_tensor.element_size()
+        elif isinstance(p, DTensor):
+            local = p.to_local()
+            total += p.numel()
+            held += local.numel() * local.element_size()
+        else:
+            total += p.numel()
+            held += p.numel() * p.element_size()
+    return total, held
+
+
+def describe_footprint(role: str, model: nn.Module, trainer: Trainer) -> str:
+    """``"teacher: 72.7B params, 18.2 GB per process under ZeRO-3 x 8"`` for a placed model."""
+    total, held = parameter_footprint(model)
+    params = (f"{total / 1e9:.1f}B" if total >= 1e9 else f"{total / 1e6:.1f}M" if total >= 1e6
+              else f"{total / 1e3:.1f}K")
+    size = (f"{held / 1e9:.1f} GB" if held >= 1e9 else f"{held / 1e6:.1f} MB" if held >= 1e6
+            else f"{held / 1e3:.1f} KB")
+    return f"{role}: {params} params, {size} per process under {engine_name(trainer)}"
 
 
 def _deepspeed_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> nn.Module:
@@ -94,7 +180,8 @@ def _deepspeed_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> 
 
 
 @contextlib.contextmanager
-def whole_parameters(trainer: Trainer, modules: list[nn.Module], fsdp_root: nn.Module | None = None) -> Iterator[None]:
+def whole_parameters(trainer: Trainer, modules: list[nn.Module],
+                     fsdp_roots: tuple[nn.Module, ...] = ()) -> Iterator[None]:
     """Make the parameters of ``modules`` whole while they are used outside their model's forward.
 
     The chunked losses call the backbones' final norms and LM heads (and verbalizers) on hidden
@@ -103,10 +190,10 @@ def whole_parameters(trainer: Trainer, modules: list[nn.Module], fsdp_root: nn.M
     * ZeRO-3: ``deepspeed.zero.GatheredParameters`` (read-only, every process) for the duration.
       Both chunked losses finish their head's backward inside the context (the gradient w.r.t.
       the hidden states is computed in the forward), so no gather is needed in ``backward``.
-    * FSDP (``fsdp_root`` given, the trainer's wrapped model): the FSDP units that own the
-      modules are unsharded without writeback (FSDP1 ``summon_full_params(recurse=False)``,
-      FSDP2 ``unshard``/``reshard``); with the default wrap policy that is the root unit
-      (embeddings, final norm, LM head), never the decoder layers.
+    * FSDP2 (``fsdp_roots``: the sharded models holding the modules, the trainer's wrapped
+      model and the frozen ones of :func:`place_frozen_model`): the FSDP units that own the
+      modules are unsharded (``unshard``/``reshard``); with the shipped wrap policy that is
+      each model's root unit (embeddings, final norm, LM head), never a decoder layer.
     * otherwise nothing to do.
 
     """
@@ -116,17 +203,18 @@ def whole_parameters(trainer: Trainer, modules: list[nn.Module], fsdp_root: nn.M
 
             for module in modules:
                 stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None))
-        elif trainer.is_fsdp_enabled and fsdp_root is not None:
-            for unit in _fsdp_owners(fsdp_root, modules):
-                stack.enter_context(_unsharded(unit))
+        elif trainer.is_fsdp_enabled:
+            for root in fsdp_roots:
+                for unit in _fsdp_owners(root, modules):
+                    stack.enter_context(_unsharded(unit))
         yield
 
 
 def _fsdp_owners(root: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
-    """For each module, the innermost FSDP unit (FSDP1 or FSDP2) that contains it."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    """For each module inside ``root``, the innermost FSDP2 unit that contains it."""
+    from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in root.modules() if isinstance(m, (FullyShardedDataParallel, FSDPModule))]
+    units = [m for m in root.modules() if isinstance(m, FSDPModule)]
     owners: list[nn.Module] = []
     for target in modules:
         # modules() is pre-order, so among the units holding the target the last is innermost
@@ -138,17 +226,61 @@ def _fsdp_owners(root: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
 
 @contextlib.contextmanager
 def _unsharded(unit: nn.Module) -> Iterator[None]:
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    if isinstance(unit, FullyShardedDataParallel):
-        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
-            yield
-        return
-    unit.unshard()  # FSDP2: registers the unsharded parameters until reshard()
+    unit.unshard()  # registers the unsharded parameters until reshard()
     try:
         yield
     finally:
         unit.reshard()
+
+
+def full_parameters(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """``{name: whole tensor on the CPU}`` of ``model``'s parameters (``trainable_only``: those
+    with ``requires_grad``); FSDP2 shards are gathered with ``DTensor.full_tensor``, a
+    collective, so every process calls this."""
+    from torch.distributed.tensor import DTensor
+
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in model.named_parameters() if p.requires_grad or not trainable_only}
+
+
+def load_sharded_checkpoint(trainer: Trainer, checkpoint: Path) -> bool:
+    """Load a finished FSDP checkpoint's sharded weights into the (unsharded) ``trainer.model``.
+
+    Under FSDP with ``SHARDED_STATE_DICT`` a checkpoint holds the weights as
+    ``torch.distributed.checkpoint`` shards (``pytorch_model_fsdp_0/``), not as a safetensors
+    file; accelerate's ``load_fsdp_model`` reads them into the whole model on every process
+    (a collective). Returns ``False``, having done nothing, for any other checkpoint.
+    """
+    if not (trainer.is_fsdp_enabled and any(Path(checkpoint).glob("pytorch_model_fsdp_*"))):
+        return False
+    from accelerate.utils import load_fsdp_model
+    from peft import PeftModel
+
+    load_fsdp_model(trainer.accelerator.state.fsdp_plugin, trainer.accelerator, trainer.model, str(checkpoint),
+                    adapter_only=isinstance(trainer.model, PeftModel))
+    return True
+
+
+@contextlib.contextmanager
+def unpartitioned_loading(trainer: Trainer) -> Iterator[None]:
+    """``from_pretrained`` in one process loads a whole model, also under ZeRO-3.
+
+    Under ZeRO-3 transformers builds every model inside ``deepspeed.zero.Init`` (a collective
+    that partitions it over all processes); the export loads the student in the main process
+    alone, so the global DeepSpeed config is unset for the duration and set again from the
+    trainer's DeepSpeed plugin afterwards.
+    """
+    zero3 = trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    if not zero3:
+        yield
+        return
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        trainer.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 def load_verbalizers(path: str | Path, backbone: Backbone) -> VerbalizerSet:

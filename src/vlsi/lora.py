@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import set_seed
+from transformers import Trainer, set_seed
 
 from vlsi.backbones import Backbone
 from vlsi.config import LoraSettings
@@ -65,3 +65,28 @@ def trainable_summary(model: nn.Module) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return f"{trainable:,} trainable of {total:,} parameters"
+
+
+def save_adapter(trainer: Trainer, path: str | Path) -> None:
+    """Write the trained LoRA adapter of ``trainer.model`` (a ``PeftModel``) as a PEFT directory.
+
+    Every process must call this. ``Trainer.save_model`` gathers the adapter under DDP,
+    ZeRO-3 (``zero3_save_16bit_model``) and FSDP with ``FULL_STATE_DICT``. Two cases it does
+    not cover: FSDP's ``SHARDED_STATE_DICT`` (it writes only sharded checkpoints) and a
+    DeepSpeed run whose weights were restored from a finished checkpoint without training
+    (there is no engine to save through). There every trainable (LoRA) parameter is gathered
+    whole (:func:`vlsi.distributed.full_parameters`) and the main process saves them.
+    """
+    from vlsi.distributed import full_parameters
+
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    fsdp_sharded = trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
+    no_engine = trainer.is_deepspeed_enabled and trainer.model_wrapped is trainer.model
+    if not (fsdp_sharded or no_engine):
+        trainer.save_model(str(path))
+        return
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state = full_parameters(model, trainable_only=True)
+    if trainer.args.should_save:
+        model.save_pretrained(str(path), state_dict=state)
+    trainer.accelerator.wait_for_everyone()

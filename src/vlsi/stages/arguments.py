@@ -47,7 +47,8 @@ def training_arguments(
         output_dir=str(output_dir),
         learning_rate=tcfg.learning_rate,
         lr_scheduler_type="cosine_with_min_lr",
-        lr_scheduler_kwargs={"min_lr": tcfg.min_learning_rate},
+        # as a rate: the `min_lr` form reads optimizer.defaults, which DeepSpeed's optimizer lacks
+        lr_scheduler_kwargs={"min_lr_rate": tcfg.min_learning_rate / tcfg.learning_rate},
         optim="adamw_torch",
         num_train_epochs=tcfg.num_train_epochs,
         max_steps=tcfg.max_steps,

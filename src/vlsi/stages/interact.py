@@ -20,8 +20,9 @@ the chunked loss calls after the forwards are gathered for its duration under Ze
 (:func:`vlsi.distributed.whole_parameters`).
 
 Matching is random (``vlsi`` samples); its generator is seeded from (training seed, optimizer
-step, micro-step, process) by :func:`matching_seed`, so a resumed run draws the same pairs as
-an uninterrupted one. The main process appends every selection to ``matches.jsonl``
+step, micro-batch number across processes) by :func:`matching_seed`, so a resumed run draws the
+same pairs as an uninterrupted one, and N processes draw what one process accumulating N
+micro-batches draws. The main process appends every selection to ``matches.jsonl``
 (:class:`vlsi.recorder.MatchLog`; on resume the lines after the checkpoint are dropped).
 
 Outputs in ``OUT``: ``adapter/`` (the LoRA adapter), ``matches.json``, ``matches.jsonl``,
@@ -46,11 +47,11 @@ from transformers import Trainer
 
 from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
 from vlsi.config import InteractionConfig, RunConfig
-from vlsi.distributed import load_verbalizers, place_frozen_model, whole_parameters
+from vlsi.distributed import describe_footprint, load_verbalizers, place_frozen_model, whole_parameters
 from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.heatmap import save_match_heatmaps
 from vlsi.interaction import interaction_loss
-from vlsi.lora import with_lora
+from vlsi.lora import save_adapter, with_lora
 from vlsi.preflight import Preflight, check_run
 from vlsi.recorder import MatchLog, MatchRecorder
 from vlsi.stages.callbacks import MeanMetrics
@@ -61,14 +62,18 @@ MATCHES_LOG = "matches.jsonl"
 ADAPTER_DIR = "adapter"
 
 
-def matching_seed(seed: int, step: int, micro_step: int, process: int = 0) -> int:
+def matching_seed(seed: int, step: int, draw: int) -> int:
     """Seed of the matching generator for one micro-batch.
 
-    A hash of (training seed, optimizer step, micro-step within the step, process index):
-    independent of how the run got there, so a resumed run reproduces the draws of an
-    uninterrupted one, and different processes draw independently.
+    A hash of (training seed, optimizer step, draw), where ``draw`` numbers the step's
+    micro-batches across processes as one process accumulating them would see them:
+    ``micro_step * world_size + process_index`` (accelerate gives process ``p`` the batches
+    ``p, p + world_size, ...`` of the sampler's order). Independent of how the run got there,
+    so a resumed run reproduces the draws of an uninterrupted one, and a run on N processes
+    draws the pairs of one process with N times the gradient accumulation.
     """
-    digest = hashlib.sha256(f"vlsi-matching:{seed}:{step}:{micro_step}:{process}".encode()).digest()
+    # the trailing ":0" keeps one-process seeds as they were when the process index was hashed
+    digest = hashlib.sha256(f"vlsi-matching:{seed}:{step}:{draw}:0".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
@@ -105,6 +110,8 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         self.teacher: Backbone = teacher_verbalizers.backbone
         self.student: Backbone = student_verbalizers.backbone
         self.teacher_model = place_frozen_model(self, self.teacher.model)
+        if self.is_world_process_zero():
+            print(describe_footprint("teacher", self.teacher.model, self), flush=True)
         self.teacher_verbalizers = teacher_verbalizers.requires_grad_(False).eval().to(self.args.device)
         self.student_verbalizers = student_verbalizers.requires_grad_(False).eval().to(self.args.device)
         self.interaction = interaction
@@ -117,7 +124,8 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         step = self.state.global_step
         micro = self._micro[1] + 1 if self._micro[0] == step else 0
         self._micro = (step, micro)
-        seed = matching_seed(self.args.seed, step, micro, self.args.process_index)
+        draw = micro * self.args.world_size + self.args.process_index
+        seed = matching_seed(self.args.seed, step, draw)
         return torch.Generator().manual_seed(seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -134,7 +142,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
 
         cfg = self.interaction
         heads = [self.student.final_norm, self.student.lm_head, self.teacher.final_norm, self.teacher.lm_head]
-        with whole_parameters(self, heads, fsdp_root=model):
+        with whole_parameters(self, heads, fsdp_roots=(model, self.teacher_model)):
             result = interaction_loss(
                 s_stack, t_stack, s_fn, t_fn,
                 vocab_size=self.vocab_size,
@@ -153,9 +161,14 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         return (loss, s_out) if return_outputs else loss
 
     def _record(self, result) -> None:
-        """Log the loss terms and (main process) the selected pairs of this micro-batch."""
-        kld, weights = result.kld.detach().float().cpu(), result.weights.detach().float().cpu()
-        selected, scored = weights > 0, torch.isfinite(kld)
+        """Log the loss terms and (main process) the selected pairs of this micro-batch.
+
+        Under several processes every process's selection is gathered, in process order
+        (the order of their draws, :func:`matching_seed`), so ``matches.jsonl`` holds what one
+        process accumulating the same micro-batches would record.
+        """
+        kld, weights = result.kld.detach().float().cpu(), result.weights.detach().float()
+        selected, scored = weights.cpu() > 0, torch.isfinite(kld)
         self.metrics.add("interaction_loss", float(result.loss.detach()))
         self.metrics.add("last_layer_loss", result.last_loss)
         # NaN (skipped when averaged) where nothing was scored, e.g. the `random` strategy
@@ -163,9 +176,13 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         self.metrics.add("matched_kld", float(kld[selected].mean()) if selected.any() else math.nan)
         for i, entropy in enumerate(result.matching_entropy.tolist()):
             self.metrics.add(f"matching_entropy/{i}", entropy)
+        if self.match_log is None and self.accelerator.num_processes == 1:
+            return
+        every = self.accelerator.gather(weights[None]) if self.accelerator.num_processes > 1 else weights[None]
         if self.match_log is not None and self.is_world_process_zero():
-            # the optimizer step this micro-batch contributes to (1-based, as checkpoints count)
-            self.match_log.add(weights, self.state.global_step + 1)
+            for process_weights in every.cpu():
+                # the optimizer step this micro-batch contributes to (1-based, as checkpoints count)
+                self.match_log.add(process_weights, self.state.global_step + 1)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         logs.update(self.metrics.pop_means(self.accelerator))
@@ -230,7 +247,7 @@ def run_interact(
                                interaction=cfg.interaction, vocab_size=pre.vocab, match_log=match_log)
 
     def outputs(trainer: Trainer) -> dict[str, Any]:
-        trainer.save_model(str(out / ADAPTER_DIR))  # PEFT save_pretrained; gathers under ZeRO-3/FSDP
+        save_adapter(trainer, out / ADAPTER_DIR)
         recorder = parts["recorder"]
         if trainer.is_world_process_zero():
             recorder.to_json(out / "matches.json")

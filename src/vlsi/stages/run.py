@@ -29,7 +29,7 @@ from transformers import Trainer, TrainingArguments
 
 from vlsi import fingerprint
 from vlsi.config import RunConfig
-from vlsi.distributed import is_main_process
+from vlsi.distributed import is_main_process, load_sharded_checkpoint
 from vlsi.errors import VlsiError
 from vlsi.faults import kill_if_asked
 from vlsi.files import truncate_jsonl, utc_now, write_json_atomic
@@ -163,7 +163,8 @@ def run_stage(stage: Stage, cfg: RunConfig, *, resume: bool = True, restart: boo
     use_loss_progress_bar(trainer)
     if training_finished(checkpoint):
         print(f"{stage.name}: {Path(checkpoint).name} is the last step; restoring it", flush=True)
-        stage.restore(trainer, Path(checkpoint))
+        if not load_sharded_checkpoint(trainer, Path(checkpoint)):
+            stage.restore(trainer, Path(checkpoint))
         state = checkpoint_state(Path(checkpoint)) or {}
         trainer.state.global_step, trainer.state.max_steps = state["global_step"], state["max_steps"]
         global_step, train_loss = state["global_step"], _last_loss(state)

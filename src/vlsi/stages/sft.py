@@ -29,9 +29,10 @@ from transformers import Trainer
 
 from vlsi.backbones import checkpoint_dir, load_backbone, load_model
 from vlsi.config import RunConfig
+from vlsi.distributed import unpartitioned_loading
 from vlsi.export import export_student
 from vlsi.fingerprint import directory_identity, step_inputs
-from vlsi.lora import trainable_summary, with_adapter, with_lora
+from vlsi.lora import save_adapter, trainable_summary, with_adapter, with_lora
 from vlsi.preflight import Preflight, check_run
 from vlsi.stages.interact import ADAPTER_DIR, load_adapter_weights
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
@@ -104,7 +105,7 @@ def run_sft(
                           max_consecutive_nonfinite=cfg.stage("sft").max_consecutive_nonfinite)
 
     def outputs(trainer: Trainer) -> dict[str, Any]:
-        trainer.save_model(str(out / ADAPTER_DIR))  # PEFT save_pretrained; gathers under ZeRO-3/FSDP
+        save_adapter(trainer, out / ADAPTER_DIR)
         accelerator = trainer.accelerator
         trainer.model = trainer.model_wrapped = None  # free the trained copy before merging
         gc.collect()
@@ -112,9 +113,10 @@ def run_sft(
             torch.cuda.empty_cache()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            # the student's own dtype (bf16 for the real checkpoints), on the CPU
-            merged = with_adapter(load_model(student_dir), out / ADAPTER_DIR)
-            export_student(merged, student_dir, out / MODEL_DIR, verbalizers_dir=student_verbalizers)
+            # the student's own dtype (bf16 for the real checkpoints), on the CPU, whole
+            with unpartitioned_loading(trainer):
+                merged = with_adapter(load_model(student_dir), out / ADAPTER_DIR)
+                export_student(merged, student_dir, out / MODEL_DIR, verbalizers_dir=student_verbalizers)
         return {"student": str(student_dir),
                 "started_from": str(adapter) if adapter is not None else "fresh LoRA",
                 "student_verbalizers": str(student_verbalizers) if student_verbalizers is not None else None,

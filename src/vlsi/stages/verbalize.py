@@ -32,7 +32,7 @@ from transformers import Trainer, set_seed
 
 from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
 from vlsi.config import RunConfig
-from vlsi.distributed import place_frozen_model, whole_parameters
+from vlsi.distributed import describe_footprint, full_parameters, place_frozen_model, whole_parameters
 from vlsi.errors import VlsiError
 from vlsi.fingerprint import step_inputs
 from vlsi.layer_loss import LAYER_LOSS_STEPS, LayerLossCallback, LayerLossLog, write_layer_loss_table
@@ -128,7 +128,13 @@ class VerbalizeTrainer(VlsiTrainerMixin, Trainer):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.backbone: Backbone = self.model.backbone
+        if self.is_fsdp_enabled:
+            # the trained model holds only verbalizers: one FSDP unit (the root), whatever block
+            # classes the plugin names for the backbones
+            self.accelerator.state.fsdp_plugin.transformer_cls_names_to_wrap = []
         self.backbone_model = place_frozen_model(self, self.backbone.model)
+        if self.is_world_process_zero():
+            print(describe_footprint("backbone", self.backbone.model, self), flush=True)
         self.loss_log = loss_log
         self.metrics = MeanMetrics()
         if loss_log is not None:
@@ -141,7 +147,7 @@ class VerbalizeTrainer(VlsiTrainerMixin, Trainer):
             # logits_to_keep=1: the backbone's own [B, T, V] logits are not needed
             out = self.backbone_model(**bb.model_inputs(inputs), output_hidden_states=True,
                                       use_cache=False, logits_to_keep=1)
-        with whole_parameters(self, [bb.final_norm, bb.lm_head]):
+        with whole_parameters(self, [bb.final_norm, bb.lm_head], fsdp_roots=(self.backbone_model,)):
             # through the DDP/DeepSpeed/FSDP wrapper, so that gradients are reduced: [t]
             per_layer = model(hidden_states=out.hidden_states, positions=positions,
                               targets=response_targets(inputs["labels"], positions), context=context)
@@ -216,11 +222,17 @@ def run_verbalize(cfg: RunConfig, role: str, out_dir: str | Path, *, resume: boo
 def save_trained_verbalizers(trainer: Trainer, verbalizers: VerbalizerSet, out: Path) -> None:
     """Save the trained verbalizers; every process must call this.
 
-    Under ZeRO-3 or FSDP the parameters are sharded: accelerate gathers a full state dict (a
-    collective; ZeRO-3 needs ``stage3_gather_16bit_weights_on_model_save: true`` in the
-    DeepSpeed config), which the main process loads into an unsharded copy and saves.
+    Under ZeRO-3 or FSDP2 the parameters are sharded and gathered whole first (accelerate's
+    ``get_state_dict`` through the DeepSpeed engine, which under ZeRO-3 needs
+    ``stage3_gather_16bit_weights_on_model_save: true``; :func:`vlsi.distributed.full_parameters`
+    under FSDP2 and where weights restored from a finished checkpoint have no engine), a
+    collective; the main process loads them into an unsharded copy and saves it.
     """
-    state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    no_engine = trainer.is_deepspeed_enabled and trainer.model_wrapped is trainer.model
+    if trainer.is_fsdp_enabled or no_engine:
+        state = full_parameters(trainer.accelerator.unwrap_model(trainer.model))
+    else:
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     if not trainer.is_world_process_zero():
         return
     if not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
