@@ -5,6 +5,7 @@ an unfinished step resumed from its checkpoint (same weights as the uninterrupte
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,8 @@ STEPS = ("1-teacher-verbalize", "2-student-verbalize", "3-interact", "4-sft")
 
 
 def _status_lines(stdout: str) -> list[str]:
-    return [line for line in stdout.splitlines() if line.startswith("[")]
+    """The ``[k/n] step: ...`` lines (not other libraries' ``[date] [WARNING]`` lines)."""
+    return [line for line in stdout.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
 
 
 @pytest.mark.slow
