@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(BIN)/vlsi demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

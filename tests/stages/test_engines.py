@@ -2,8 +2,10 @@
 
 Each engine runs ``vlsi distill`` (both verbalize steps, interaction, SFT and export) on the
 tiny pair with the launcher and accelerate config a user would take, one sample per process
-and step, killed (SIGKILL) at the points in ``KILLS`` and resumed each time from its sharded
-checkpoints. The reference is one process with the same global batch: one sample per
+and step. Under ZeRO-3 and FSDP2 it is killed (SIGKILL) at the points in ``ENGINES`` (after
+the teacher's verbalizers trained, in the interaction step before a checkpoint, after SFT
+trained) and resumed each time from its sharded checkpoints; ZeRO-2, which shards only
+optimizer states and resumes through the same DeepSpeed checkpoints, runs uninterrupted. The reference is one process with the same global batch: one sample per
 micro-batch, two micro-batches accumulated. What must agree: every logged step's loss of every
 step directory, the verbalizers, both LoRA adapters, the exported student, and the selected
 pairs (``matches.jsonl``).
@@ -44,7 +46,7 @@ LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 
 # engine -> (accelerate config, script or module, kill points of the launches before the last)
 ENGINES = {
-    "zero2": ("deepspeed_zero2.yaml", ["-m", "vlsi.cli"], ["interact:step:2"]),
+    "zero2": ("deepspeed_zero2.yaml", ["-m", "vlsi.cli"], []),
     "zero3": ("deepspeed_zero3.yaml", ["-m", "vlsi.cli"], ["verbalize:outputs", "interact:step:2", "sft:outputs"]),
     "fsdp2": ("fsdp.yaml", [str(FSDP_SHIM)], ["verbalize:outputs", "interact:step:2", "sft:outputs"]),
 }
@@ -63,7 +65,7 @@ def _free_port() -> int:
 
 def _settings(tiny_overrides, set_args, out: Path, accumulate: int) -> list[str]:
     return set_args(tiny_overrides(out, **{
-        "training.max_steps": 3, "training.save_steps": 1, "training.per_device_train_batch_size": 1,
+        "training.max_steps": 2, "training.save_steps": 1, "training.per_device_train_batch_size": 1,
         "training.gradient_accumulation_steps": accumulate}))
 
 
@@ -129,15 +131,15 @@ def test_two_processes_agree_with_one(engine, tmp_path, reference, tiny_pair, ti
         assert held < 0.6 * whole_mb, (held, whole_mb)
 
     # the checkpoints are sharded: one piece per process
-    checkpoint = out / "3-interact" / "checkpoint-3"
+    checkpoint = out / "3-interact" / "checkpoint-2"
     if engine == "fsdp2":
         assert len(list((checkpoint / "pytorch_model_fsdp_0").glob("*.distcp"))) == 2
     else:
-        assert len(list(checkpoint.glob("global_step3/*optim_states.pt"))) == 2
+        assert len(list(checkpoint.glob("global_step2/*optim_states.pt"))) == 2
 
     for step in STEPS:
         ours, theirs = _losses(out / step / "metrics.jsonl"), _losses(reference / step / "metrics.jsonl")
-        assert sorted(ours) == sorted(theirs) == [1, 2, 3], step
+        assert sorted(ours) == sorted(theirs) == [1, 2], step
         for n in ours:
             assert ours[n] == pytest.approx(theirs[n], rel=LOSS_RTOL), (step, n)
     for name in WEIGHTS:
