@@ -27,6 +27,8 @@ def test_tiny_benchmark_writes_report(tmp_path):
         assert chunked["status"] == "measured", chunked
         assert chunked["peak_bytes"] > 0 and chunked["seconds"] > 0 and chunked["loss"] > 0
         assert row["memory_ratio"] > 0 and row["time_ratio"] > 0
+        # the floor is measured in the same worker: head matmuls and log-softmaxes only
+        assert 0 < chunked["floor_seconds"] and chunked["floor_counts"]["teacher_matmuls"] > 0
     for n in (64, 128):
         naive = rows[n]["naive"]
         assert naive["status"] == "measured" and naive["peak_bytes"] > 0 and naive["seconds"] > 0
@@ -41,6 +43,21 @@ def test_tiny_benchmark_writes_report(tmp_path):
     expected = fit["bytes_intercept"] + fit["bytes_per_token"] * 256
     assert abs(rows[256]["naive"]["peak_bytes"] - expected) <= 1
     assert "tokens" in bench.format_table(report)
+
+
+def test_head_op_counts():
+    """7 x 20 layers, one chunk, the paper's matching (every pair scored, one pair per student
+    layer): 27 head matmuls to score, 24 in the gradient pass (8 student forward + 8 backward,
+    8 teacher), the counts the issue's floor estimate uses."""
+    import torch
+
+    weights = torch.zeros(7, 20)
+    weights[torch.arange(7), torch.tensor([0, 3, 6, 9, 12, 15, 19])] = 1.0
+    counts = bench.head_op_counts(weights, torch.ones(7, 20, dtype=torch.bool), [256])
+    assert counts["student_matmuls"] + counts["teacher_matmuls"] == 27 + 24
+    assert counts == {"student_matmuls": 7 + 16, "teacher_matmuls": 20 + 8,
+                      "student_log_softmaxes": 7 + 8, "teacher_log_softmaxes": 20 + 8}
+    assert bench.head_op_counts(weights, torch.ones(7, 20, dtype=torch.bool), [64] * 4)["teacher_matmuls"] == 4 * 28
 
 
 def test_cli_parses_loss_flags():

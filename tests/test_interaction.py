@@ -127,6 +127,7 @@ def test_loss_is_weighted_pair_losses_plus_last():
     expected = (result.weights.double() * result.pair_losses.double()).sum() + result.last_loss
     torch.testing.assert_close(result.loss, expected, atol=1e-6, rtol=1e-6)
     assert not result.pair_losses[result.weights == 0].any()
+    assert set(result.seconds) == {"scoring", "gradient"} and min(result.seconds.values()) >= 0
     # with op kld the selected pair losses are the selection's KLD scores
     selected = result.weights > 0
     torch.testing.assert_close(result.pair_losses[selected], result.kld[selected], rtol=1e-5, atol=1e-7)

@@ -135,6 +135,63 @@ def _release_freed_memory() -> None:
         pass
 
 
+def head_op_counts(weights: Any, needed: Any, chunks: list[int]) -> dict[str, int]:
+    """How many head matmuls and log-softmaxes the chunked loss cannot avoid, per side.
+
+    Per chunk: the scoring pass runs the LM head and a log-softmax once per scored student row
+    and scored teacher column of ``needed`` ``[t_s, t_l]``; the gradient pass, for every student
+    layer with a selected pair in ``weights`` and for the last layer, one student head forward,
+    log-softmax and backward matmul (``dL/dh = dL/dlogits @ W``), and one teacher head forward
+    and log-softmax per selected pair and for the last layer.
+    """
+    rows = int(needed.any(dim=1).sum())
+    cols = int(needed.any(dim=0).sum())
+    selected_rows = int((weights > 0).any(dim=1).sum()) + 1
+    pairs = int((weights > 0).sum()) + 1
+    k = len(chunks)
+    return {"student_matmuls": k * (rows + 2 * selected_rows), "teacher_matmuls": k * (cols + pairs),
+            "student_log_softmaxes": k * (rows + selected_rows), "teacher_log_softmaxes": k * (cols + pairs)}
+
+
+def _floor_seconds(spec: dict, result: Any, device: Any, dtype: Any) -> dict:
+    """The loss's compute floor, measured here: the head matmuls and log-softmaxes of
+    :func:`head_op_counts`, each timed alone on one full chunk (fastest of 3), times its count.
+
+    The verbalizer FFNs (``3 d^2`` per token and layer, against ``d V`` for a head) and the
+    element-wise KL terms are left out: the floor is what the loss could not go below."""
+    import torch
+
+    from vlsi.matching import needed_mask
+
+    n, chunk, vocab = spec["tokens"], spec["chunk_size"], spec["vocab_size"]
+    chunks = [min(chunk, n - a) for a in range(0, n, chunk)]
+    counts = head_op_counts(result.weights.cpu(), needed_mask(spec["strategy"], spec["t_s"], spec["t_l"]), chunks)
+    c = chunks[0]
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    seconds = {}
+    for side, width in (("student", spec["hidden_size"]), ("teacher", spec["teacher_hidden_size"])):
+        h = torch.randn(c, width, dtype=dtype, device=device)
+        w = torch.randn(vocab, width, dtype=dtype, device=device)
+        logits = h @ w.T
+        seconds[f"{side}_matmul"] = best(lambda: h @ w.T)
+        seconds[f"{side}_log_softmax"] = best(lambda: torch.log_softmax(logits.float(), dim=-1))
+    # every chunk is timed at the first chunk's size (a smaller last chunk makes this an upper
+    # bound); the student's backward matmul [c, V] x [V, d] is timed as its forward (same FLOPs)
+    total = sum(counts[f"{side}_matmuls"] * seconds[f"{side}_matmul"]
+                + counts[f"{side}_log_softmaxes"] * seconds[f"{side}_log_softmax"] for side in ("student", "teacher"))
+    return {"floor_seconds": total, "floor_counts": counts, "floor_unit_seconds": seconds}
+
+
 def _measure(spec: dict) -> dict:
     """Run one (method, token count) measurement; returns peak bytes, seconds and the loss."""
     import torch
@@ -182,7 +239,9 @@ def _measure(spec: dict) -> dict:
         result = run(n)
         seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes(reset)
+    floor = _floor_seconds(spec, result, device, dtype) if spec["method"] == "chunked" else {}
     return {
+        **floor,
         "method": spec["method"],
         "tokens": n,
         "peak_bytes": int(peak - baseline),
@@ -314,16 +373,18 @@ def _mib(x: float | None) -> str:
 
 def format_table(report: dict) -> str:
     """Readable table of a :func:`run_loss_benchmark` report."""
-    head = (f"{'tokens':>7} {'chunked MiB':>12} {'chunked s':>10} {'naive MiB':>12} {'naive s':>9} "
-            f"{'naive':>12} {'mem n/c':>8} {'time n/c':>8}")
+    head = (f"{'tokens':>7} {'chunked MiB':>12} {'chunked s':>10} {'floor s':>8} {'c/floor':>8} {'naive MiB':>12} "
+            f"{'naive s':>9} {'naive':>12} {'mem n/c':>8} {'time n/c':>8}")
     lines = [head, "-" * len(head)]
     for row in report["results"]:
         c, n = row["chunked"], row["naive"]
         mem = "-" if row["memory_ratio"] is None else f"{row['memory_ratio']:.2f}"
         tim = "-" if row["time_ratio"] is None else f"{row['time_ratio']:.2f}"
+        floor = c.get("floor_seconds")
+        over = "-" if not floor else f"{c['seconds'] / floor:.2f}"
         lines.append(
             f"{row['tokens']:>7} {_mib(c.get('peak_bytes')):>12} {c.get('seconds', float('nan')):>10.3f} "
-            f"{_mib(n.get('peak_bytes')):>12} {n.get('seconds', float('nan')):>9.3f} {n['status']:>12} "
+            f"{(floor or float('nan')):>8.3f} {over:>8} {_mib(n.get('peak_bytes')):>12} {n.get('seconds', float('nan')):>9.3f} {n['status']:>12} "
             f"{mem:>8} {tim:>8}"
         )
     s = report["summary"]
@@ -333,6 +394,8 @@ def format_table(report: dict) -> str:
         lines.append(f"chunked peak spread over token counts >= one chunk {s['full_chunk_tokens']}: "
                      f"{100 * s['chunked_peak_spread_full_chunks']:.2f}%")
     lines.append("n/c = naive / chunked; 'extrapolated' rows use a linear fit of the measured naive runs")
+    lines.append("floor = the head matmuls and log-softmaxes the chunked loss must run, each timed alone "
+                 "in the same worker; c/floor = chunked / floor")
     return "\n".join(lines)
 
 

@@ -233,6 +233,12 @@ def _unsharded(unit: nn.Module) -> Iterator[None]:
         unit.reshard()
 
 
+def deepspeed_without_engine(trainer: Trainer) -> bool:
+    """DeepSpeed is on but ``trainer.model`` never went through it: its weights were restored
+    from a finished checkpoint without training, so there is no engine to save through."""
+    return trainer.is_deepspeed_enabled and trainer.model_wrapped is trainer.model
+
+
 def full_parameters(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
     """``{name: whole tensor on the CPU}`` of ``model``'s parameters (``trainable_only``: those
     with ``requires_grad``); FSDP2 shards are gathered with ``DTensor.full_tensor``, a

@@ -42,7 +42,8 @@ head as the callable.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -70,6 +71,10 @@ class InteractionResult:
         matching_entropy: float32 ``[t_s]``, entropy (nats) of the distribution each student
             layer's pair was drawn from (:meth:`vlsi.matching.Matching.entropy`); NaN when no
             pair was selected.
+        seconds: wall time of the chunked loss's parts, ``scoring`` (scoring pass and
+            matching) and ``gradient`` (gradient pass); empty for the naive loss. On CUDA the
+            matching's copy to the CPU waits for the scoring pass; the gradient pass's last
+            kernels may still run when it is read.
     """
 
     loss: Tensor
@@ -78,6 +83,7 @@ class InteractionResult:
     pair_losses: Tensor
     last_loss: float
     matching_entropy: Tensor
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -448,20 +454,25 @@ def interaction_loss(
                        vocab_size, intermediate_op, last_op, divergence)
     if problem.n_tokens == 0:
         return _empty_result(problem)
+    start = time.perf_counter()
     needed = _needed(problem, strategy)
     kld = _score_kld(problem, needed, chunk_size)
     matching = _resolve_matching(problem, kld, weights, strategy, generator, matching_kwargs)
     plan = _plan(problem, matching)
+    scored = time.perf_counter()
 
     need_grad = student_hidden.requires_grad and torch.is_grad_enabled()
     grad_buffer = torch.zeros_like(student_hidden) if need_grad else None
     sums = _gradient_pass(problem, plan, chunk_size, grad_buffer)
+    seconds = {"scoring": scored - start, "gradient": time.perf_counter() - scored}
 
     terms = [(i, j, w) for i, group in plan.items() for j, w, _ in group]
     value = sum((w * sums[i, j] for i, j, w in terms), torch.zeros((), dtype=torch.float64, device=sums.device))
     value = (value / problem.n_tokens).to(problem.dtype)
     loss = _PrecomputedGradient.apply(student_hidden, value, grad_buffer) if need_grad else value
-    return _result(problem, loss, kld, matching, sums)
+    result = _result(problem, loss, kld, matching, sums)
+    result.seconds = seconds
+    return result
 
 
 def naive_interaction_loss(student_hidden: Tensor, teacher_hidden: Tensor, student_logits_fn: LogitsFn,

@@ -77,12 +77,11 @@ def save_adapter(trainer: Trainer, path: str | Path) -> None:
     (there is no engine to save through). There every trainable (LoRA) parameter is gathered
     whole (:func:`vlsi.distributed.full_parameters`) and the main process saves them.
     """
-    from vlsi.distributed import full_parameters
+    from vlsi.distributed import deepspeed_without_engine, full_parameters
 
     plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     fsdp_sharded = trainer.is_fsdp_enabled and "FULL_STATE_DICT" not in str(plugin.state_dict_type)
-    no_engine = trainer.is_deepspeed_enabled and trainer.model_wrapped is trainer.model
-    if not (fsdp_sharded or no_engine):
+    if not (fsdp_sharded or deepspeed_without_engine(trainer)):
         trainer.save_model(str(path))
         return
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -128,6 +128,10 @@ def test_outputs_are_written(full_run):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = {k for r in records for k in r}
     assert {"loss", "interaction_loss", "last_layer_loss", "mean_kld", "matched_kld"} <= logged
+    timed = {f"seconds/{part}" for part in ("student_forward", "teacher_forward", "scoring_pass",
+                                            "gradient_pass", "student_backward")}
+    assert timed <= logged
+    assert all(r[k] >= 0 for r in records for k in timed if k in r)
 
 
 def test_only_lora_weights_train(full_run):

@@ -29,7 +29,9 @@ Outputs in ``OUT``: ``adapter/`` (the LoRA adapter), ``matches.json``, ``matches
 ``heatmap_start.{png,json}`` and ``heatmap_end.{png,json}`` (paper Fig. 5), ``metrics.jsonl``
 and TensorBoard logs (``loss``, ``interaction_loss``, ``last_layer_loss``, ``mean_kld``,
 ``matched_kld``, ``matching_entropy/<i>``: the entropy in nats of the distribution student
-target layer ``i``'s pair was drawn from), ``checkpoint-N/``, ``fingerprint.json`` and
+target layer ``i``'s pair was drawn from; ``seconds/student_forward``, ``seconds/teacher_forward``
+(with the teacher's verbalizer inputs), ``seconds/scoring_pass``, ``seconds/gradient_pass`` and
+``seconds/student_backward``: where a micro-batch's time goes, means over the logging window), ``checkpoint-N/``, ``fingerprint.json`` and
 ``step_complete.json`` last.
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +122,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         self.match_log = match_log
         self.metrics = MeanMetrics()
         self._micro = (-1, 0)  # (optimizer step, micro-step within it)
+        self._loss_seconds = 0.0  # compute_loss's time within the current training_step
 
     def _matching_generator(self) -> torch.Generator:
         step = self.state.global_step
@@ -129,15 +133,20 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         return torch.Generator().manual_seed(seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        entered = time.perf_counter()
         positions = prediction_positions(inputs["labels"])
+        clock = time.perf_counter()
         # logits_to_keep=1: the models' own [B, T, V] logits are not needed (the chunked loss
         # recomputes the last layer's logits at response positions only)
         forward_kwargs = dict(output_hidden_states=True, use_cache=False, logits_to_keep=1)
         with capture_layer_context(self.student) as s_ctx:
             s_out = model(**self.student.model_inputs(inputs), **forward_kwargs)
+        student_forward = time.perf_counter() - clock
+        clock = time.perf_counter()
         with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx:
             t_out = self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
             t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_out.hidden_states, positions, t_ctx)
+        teacher_forward = time.perf_counter() - clock
         s_stack, s_fn = self.student_verbalizers.response_inputs(s_out.hidden_states, positions, s_ctx)
 
         cfg = self.interaction
@@ -157,8 +166,22 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
             )
         if model.training:
             self._record(result)
+            self.metrics.add("seconds/student_forward", student_forward)
+            self.metrics.add("seconds/teacher_forward", teacher_forward)
+            for part, seconds in result.seconds.items():
+                self.metrics.add(f"seconds/{part}_pass", seconds)
         loss = self.finite_or_skipped(model, result.loss)
+        self._loss_seconds += time.perf_counter() - entered
         return (loss, s_out) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """``Trainer.training_step``, timed: ``seconds/student_backward`` is the micro-batch's
+        time outside :meth:`compute_loss` (mostly the student's backward)."""
+        start = time.perf_counter()
+        self._loss_seconds = 0.0
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.metrics.add("seconds/student_backward", time.perf_counter() - start - self._loss_seconds)
+        return loss
 
     def _record(self, result) -> None:
         """Log the loss terms and (main process) the selected pairs of this micro-batch.

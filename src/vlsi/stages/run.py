@@ -135,26 +135,29 @@ def run_stage(stage: Stage, cfg: RunConfig, *, resume: bool = True, restart: boo
               hint: str = "pass --restart-changed to redo this step") -> Path:
     """Run ``stage`` into ``stage.out`` (see the module docstring); returns ``stage.out``."""
     out = stage.out
-    check_identity(out, stage.inputs, restart=restart, hint=hint)
-    checkpoint = latest_checkpoint(out) if out.is_dir() else None
-    if not resume and (checkpoint or stage_complete(out)):
-        found = Path(checkpoint).name if checkpoint else STEP_COMPLETE
-        raise VlsiError(f"{out} already holds a run ({found}); pass --resume to continue it, or "
-                        "choose another output directory")
-    if stage_complete(out):
-        return out
     tcfg = cfg.stage(stage.name)
     # TrainingArguments before the models: under ZeRO-3 they make from_pretrained shard them
     args = training_arguments(tcfg, out, gradient_checkpointing=stage.gradient_checkpointing,
                               stage=stage.name)
-    if args.should_save:
-        removed = remove_incomplete(out) if out.is_dir() else []
-        if removed:
-            print(f"{stage.name}: removed half-written {', '.join(removed)}", flush=True)
-        digest = fingerprint.write(out, stage.inputs)
-        truncate_jsonl(out / METRICS, checkpoint_step(checkpoint))
-    else:
-        digest = fingerprint.digest(stage.inputs)
+    # the main process decides about the directory and writes its fingerprint first; the others
+    # then see the same directory (no half-written fingerprint, no checkpoint it removed)
+    with args.main_process_first(local=False, desc=f"{stage.name}: run identity"):
+        check_identity(out, stage.inputs, restart=restart, hint=hint)
+        checkpoint = latest_checkpoint(out) if out.is_dir() else None
+        if not resume and (checkpoint or stage_complete(out)):
+            found = Path(checkpoint).name if checkpoint else STEP_COMPLETE
+            raise VlsiError(f"{out} already holds a run ({found}); pass --resume to continue it, or "
+                            "choose another output directory")
+        if stage_complete(out):
+            return out
+        if args.should_save:
+            removed = remove_incomplete(out) if out.is_dir() else []
+            if removed:
+                print(f"{stage.name}: removed half-written {', '.join(removed)}", flush=True)
+            digest = fingerprint.write(out, stage.inputs)
+            truncate_jsonl(out / METRICS, checkpoint_step(checkpoint))
+        else:
+            digest = fingerprint.digest(stage.inputs)
     dataset, collator, _ = load_training_data(cfg.data, stage.data_model)
     data = report_skips(dataset, stage.name, out / METRICS if args.should_save else None)
     trainer = stage.build(args, dataset, collator, checkpoint_step(checkpoint))

@@ -32,7 +32,8 @@ from transformers import Trainer, set_seed
 
 from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
 from vlsi.config import RunConfig
-from vlsi.distributed import describe_footprint, full_parameters, place_frozen_model, whole_parameters
+from vlsi.distributed import (deepspeed_without_engine, describe_footprint, full_parameters,
+                              place_frozen_model, whole_parameters)
 from vlsi.errors import VlsiError
 from vlsi.fingerprint import step_inputs
 from vlsi.layer_loss import LAYER_LOSS_STEPS, LayerLossCallback, LayerLossLog, write_layer_loss_table
@@ -228,8 +229,7 @@ def save_trained_verbalizers(trainer: Trainer, verbalizers: VerbalizerSet, out: 
     under FSDP2 and where weights restored from a finished checkpoint have no engine), a
     collective; the main process loads them into an unsharded copy and saves it.
     """
-    no_engine = trainer.is_deepspeed_enabled and trainer.model_wrapped is trainer.model
-    if trainer.is_fsdp_enabled or no_engine:
+    if trainer.is_fsdp_enabled or deepspeed_without_engine(trainer):
         state = full_parameters(trainer.accelerator.unwrap_model(trainer.model))
     else:
         state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
