@@ -52,7 +52,7 @@ def real_shape_config(size: str, tokenizer: Any, *, num_layers: int, width: int 
     if width is not None:
         heads = width // 128 if width % 128 == 0 else 4
         text.update(hidden_size=width, intermediate_size=2 * width, num_attention_heads=heads,
-                    num_key_value_heads=1 if heads < 4 else heads // 4 if heads % 4 == 0 else heads)
+                    num_key_value_heads=heads // 4 if heads % 4 == 0 else 1)
         rope["mrope_section"] = _mrope_section(width // heads)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
@@ -91,7 +91,7 @@ def save_real_shape_checkpoint(out_dir: str | Path, size: str, tokenizer: Any, *
 
 
 def save_real_shape_pair(out_dir: str | Path, *, teacher: str = "7b", student: str = "2b",
-                         teacher_layers: int = 4, student_layers: int = 2, width: int | None = None,
+                         teacher_layers: int = 4, student_layers: int = 3, width: int | None = None,
                          vision_depth: int | None = None, dtype: torch.dtype = torch.bfloat16) -> tuple[Path, Path]:
     """``out_dir/{teacher,student}`` of the real shapes (one tiny tokenizer for both); a pair
     already saved there is reused. Returns the two directories."""

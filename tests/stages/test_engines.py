@@ -11,8 +11,7 @@ step directory, the verbalizers, both LoRA adapters, the exported student, and t
 pairs (``matches.jsonl``).
 
 Tolerances: float32, reductions in another order (bucketed all-reduce, reduce-scatter): losses
-within 1e-5 relative, weights within 1e-5 absolute (measured on this machine: at most 1.6e-6
-and 1.9e-6). ZeRO-2 and the verbalize steps come out bit-identical.
+within 1e-5 relative, weights within 1e-5 absolute.
 
 Launchers: ``accelerate launch --config_file accelerate_configs/deepspeed_zero{2,3}.yaml`` (on
 the CPU accelerate runs DeepSpeed's CPU accelerator through torchrun) and ``accelerate launch
