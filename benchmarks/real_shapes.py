@@ -9,8 +9,8 @@ optimizer step each, LoRA r = 64 as in the paper), and a stock ``transformers`` 
 exported student with one forward. Checks: the shared vocabulary is 151,936; LoRA sits on
 exactly the language model's q/k/v/o/gate/up/down projections of every decoder layer and
 nowhere else; each verb-FFN holds 3 d^2 parameters. Prints and writes (``OUT/report.json``)
-each step's wall time and peak RSS, and the interaction step's time split from its
-``seconds/*`` metrics.
+each step's wall time and peak RSS, the interaction step's time split from its ``seconds/*``
+metrics, and the longest sample and response in tokens (for benchmarks/plan_check.py).
 """
 
 from __future__ import annotations
@@ -136,6 +136,11 @@ def main() -> None:
     steps["synthetic data"] = run_measured([py, "-m", "vlsi.cli", "data", "synth", str(out / "synth"),
                                             "--num-train", "8", "--num-eval", "2"], out / "synth.log")
     config = write_config(out, teacher, student, out / "synth", a.teacher_layers, a.student_layers)
+    from vlsi.data.check import check_data
+
+    stats = check_data(out / "synth" / "train.json", student, out / "synth", max_length=512)
+    report["data_tokens"] = {"max_tokens_per_sample": stats["length"]["max"],
+                             "max_response_tokens_per_sample": stats["supervised"]["max"]}
     run = out / "run"
     cli = [py, "-m", "vlsi.cli"]
     steps["teacher verbalize"] = run_measured([*cli, "verbalize", str(config), "--role", "teacher",

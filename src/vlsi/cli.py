@@ -157,9 +157,24 @@ def _cmd_interact(args: argparse.Namespace) -> None:
     student = _existing_dir(Path(args.student_verbalizers or run.student_verbalize), "student verbalizers",
                            "run `vlsi verbalize CONFIG --role student` or pass --student-verbalizers")
     out = Path(args.out) if args.out else run.interact
+    if args.teacher_cache:
+        cfg.interaction.teacher_cache = args.teacher_cache
     result = run_interact(cfg, out, teacher_verbalizers=teacher, student_verbalizers=student,
                           resume=args.resume, restart=args.restart_changed)
     print(f"interact: {result}")
+
+
+def _cmd_cache_teacher(args: argparse.Namespace) -> None:
+    from vlsi.stages.cache_teacher import run_cache_teacher
+    from vlsi.stages.distill import layout
+
+    cfg = _load_config(args)
+    run = layout(cfg)
+    teacher = _existing_dir(Path(args.teacher_verbalizers or run.teacher_verbalize), "teacher verbalizers",
+                           "run `vlsi verbalize CONFIG --role teacher` or pass --teacher-verbalizers")
+    out = Path(args.out or cfg.interaction.teacher_cache or run.teacher_cache)
+    top_k = args.top_k or cfg.interaction.teacher_cache_top_k
+    print(f"cache-teacher: {run_cache_teacher(cfg, out, teacher_verbalizers=teacher, top_k=top_k, storage=args.storage, samples_per_shard=args.samples_per_shard)}")
 
 
 def _cmd_sft(args: argparse.Namespace) -> None:
@@ -199,6 +214,15 @@ def _cmd_config(args: argparse.Namespace) -> None:
     from vlsi.config import describe_config
 
     print(describe_config(_load_config(args)))
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from vlsi.plan import run_plan
+
+    lines = run_plan(_load_config(args), gpus=args.gpus, gpu_memory=args.gpu_memory, engine=args.engine,
+                     teacher_shape=args.teacher_shape, student_shape=args.student_shape,
+                     response_tokens=args.response_tokens)
+    print("\n".join(lines))
 
 
 def _add_run_args(parser: argparse.ArgumentParser, *, out: bool = True, restart: bool = True) -> None:
@@ -315,7 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
                           help="default: OUTPUT_DIR/1-teacher-verbalize")
     interact.add_argument("--student-verbalizers", metavar="DIR",
                           help="default: OUTPUT_DIR/2-student-verbalize")
+    interact.add_argument("--teacher-cache", metavar="DIR",
+                          help="read the teacher's top-K from a `vlsi cache-teacher` directory; no teacher is loaded")
     interact.set_defaults(func=_cmd_interact)
+
+    cache = sub.add_parser("cache-teacher", help="run the teacher and its verbalizers over the data once; "
+                                                 "store their top-K for `interact --teacher-cache`")
+    _add_run_args(cache, out=False, restart=False)
+    cache.add_argument("--out", metavar="DIR", help="the cache directory (default: interaction.teacher_cache, "
+                                                   "else OUTPUT_DIR/teacher-cache); a rerun continues it")
+    cache.add_argument("--teacher-verbalizers", metavar="DIR",
+                       help="default: OUTPUT_DIR/1-teacher-verbalize")
+    cache.add_argument("--top-k", type=positive_int, metavar="K",
+                       help="log-probabilities kept per layer and token (default interaction.teacher_cache_top_k)")
+    cache.add_argument("--storage", choices=["float16", "float32"], default="float16",
+                       help="dtype of the stored log-probabilities (default float16)")
+    cache.add_argument("--samples-per-shard", type=positive_int, default=256, metavar="N",
+                       help="samples per shard file (default 256)")
+    cache.set_defaults(func=_cmd_cache_teacher)
 
     sft = sub.add_parser("sft", help="step 3: next-token SFT of the student, then export")
     _add_run_args(sft)
@@ -330,6 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the resolved config, every key with its help")
     _add_run_args(config, out=False, restart=False)
     config.set_defaults(func=_cmd_config)
+
+    plan = sub.add_parser("plan", help="per-GPU memory of every step, from the model configs, before any loading")
+    _add_run_args(plan, out=False, restart=False)
+    plan.add_argument("--gpus", type=positive_int, default=8, help="GPUs (processes) of the launch (default 8)")
+    plan.add_argument("--gpu-memory", default="80GB", metavar="SIZE", help="memory of one GPU, e.g. 80GB, 141GB")
+    plan.add_argument("--engine", choices=["ddp", "zero2", "zero3", "fsdp"], default="zero3",
+                      help="how weights and optimizer states are spread (default zero3)")
+    plan.add_argument("--teacher-shape", metavar="NAME", help="plan a published shape instead of the teacher "
+                      "checkpoint's config.json: qwen2-vl-2b, qwen2-vl-7b, qwen2-vl-72b")
+    plan.add_argument("--student-shape", metavar="NAME", help="the same for the student")
+    plan.add_argument("--response-tokens", type=positive_int, metavar="N",
+                      help="supervised tokens per sample (default: data.max_length, the worst case)")
+    plan.set_defaults(func=_cmd_plan)
 
     distill = sub.add_parser("distill", help="the whole pipeline: both verbalizations, interaction, SFT")
     _add_run_args(distill, out=False)

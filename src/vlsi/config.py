@@ -110,9 +110,12 @@ class InteractionConfig:
     last_op: str = _f("kld", "loss between the models' own outputs: kld, ce, l2 or none")
     divergence: str = _f("forward", "KL direction: forward KL(teacher || student) or reverse")
     chunk_size: int = _f(DEFAULT_CHUNK_SIZE, "response tokens per chunk of the two-pass loss (memory bound)")
+    teacher_cache: str | None = _f(None, "a `vlsi cache-teacher` directory: the interaction step reads the "
+                                         "teacher's top-K from it and loads no teacher (vlsi distill makes it)")
+    teacher_cache_top_k: int = _f(32, "K of the teacher cache: top log-probabilities kept per layer and token")
 
     def check(self, key: str) -> None:
-        from vlsi.losses import DIVERGENCES, OPS
+        from vlsi.losses import DIVERGENCES, OPS, SPARSE_OPS
         from vlsi.matching import STRATEGIES, TEMPERATURE_RULES
 
         _choice(self.strategy, STRATEGIES, f"{key}.strategy")
@@ -120,8 +123,14 @@ class InteractionConfig:
         _choice(self.intermediate_op, OPS, f"{key}.intermediate_op")
         _choice(self.last_op, OPS, f"{key}.last_op")
         _choice(self.divergence, DIVERGENCES, f"{key}.divergence")
-        for name in ("scale", "eps", "temperature", "k", "chunk_size"):
+        for name in ("scale", "eps", "temperature", "k", "chunk_size", "teacher_cache_top_k"):
             _positive(getattr(self, name), f"{key}.{name}")
+        if self.teacher_cache is not None:
+            unsupported = [op for op in (self.intermediate_op, self.last_op) if op not in (*SPARSE_OPS, "none")]
+            if unsupported or self.divergence != "forward":
+                raise ConfigError(f"{key}.teacher_cache: a top-K teacher supports the ops {', '.join(SPARSE_OPS)} with "
+                                  f"the forward divergence, not {self.intermediate_op}/{self.last_op}, "
+                                  f"{self.divergence}")
         if self.intermediate_op == "none" and self.last_op == "none":
             raise ConfigError(f"{key}: intermediate_op and last_op are both 'none' (nothing to train)")
 

@@ -6,7 +6,9 @@ sends itself SIGKILL (as the OOM killer or a preempted node would). Points:
 * ``<stage>:step:<N>``: after optimizer step N, before any checkpoint of it;
 * ``<stage>:saved:<N>``: right after checkpoint N is complete;
 * ``<stage>:outputs``: after training, before the stage's outputs are written;
-* ``<stage>:complete``: after the outputs, before ``step_complete.json``.
+* ``<stage>:complete``: after the outputs, before ``step_complete.json``;
+* ``cache-teacher:samples:<N>``: after a process has added N samples of this run to its shards
+  (mid-shard when N is not a multiple of the shard size).
 
 Stages are ``verbalize``, ``interact`` and ``sft``. Unset, nothing happens.
 """

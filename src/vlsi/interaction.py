@@ -11,24 +11,28 @@ Materialising ``[N, V]`` float32 log-probabilities for all ``t_s + t_l`` layers 
 :func:`interaction_loss` instead walks over chunks of ``chunk_size`` response tokens twice:
 
 1. scoring pass (``no_grad``): per chunk, the student log-probs of the scored layers are cached
-   once (``[chunk, t_s, V]``) and teacher layers are taken one at a time, so the working set is
-   about ``(t_s + 4) * chunk * V`` floats. Only the entries of
-   :func:`vlsi.matching.needed_mask` are computed. ``KL(P || Q_i) = sum P log P - P . log Q_i``
-   turns the score of all cached student layers against one teacher layer into one batched
-   matrix-vector product instead of a ``[chunk, V]`` temporary per pair.
+   once (``[t_s, chunk, V]``) and teacher layers are taken :data:`TEACHER_GROUP` at a time, so
+   the working set is about ``(t_s + 4) * chunk * V`` floats (the group, the verbalizer's logits
+   and one temporary). Only the entries of :func:`vlsi.matching.needed_mask` are kept.
+   ``KL(P || Q_i) = sum P log P - P . log Q_i`` turns the scores of all cached student layers
+   against a group of teacher layers into one batched matmul ``[c, t_s, V] x [c, V, g]``
+   instead of a ``[chunk, V]`` temporary per pair.
 2. selection of ``W`` on the ``[t_s, t_l]`` matrix.
 3. gradient pass: only student layers with a selected pair plus the last layer, recomputing the
-   student (with grad) and the teacher (without) chunk by chunk. Each chunk's gradient with
-   respect to its slice of ``student_hidden`` is computed at once and written into one
-   ``[t_s + 1, N, d_s]`` buffer, so no graph outlives its chunk. The loss returned is attached to
-   ``student_hidden`` by a small autograd function whose backward hands that buffer over, scaled
-   by the incoming gradient.
+   student (with grad) and the teacher (without) chunk by chunk. The gradient with respect to
+   the student logits has a closed form (:func:`vlsi.losses.pair_loss_and_logit_grad`, e.g.
+   ``Q - P`` for forward KL), summed over the layer's pairs into one ``[chunk, V]`` buffer and
+   taken back through the verbalizer in one backward. Each chunk's gradient with respect to its
+   slice of ``student_hidden`` is written into one ``[t_s + 1, N, d_s]`` buffer, so no graph
+   outlives its chunk. The loss returned is attached to ``student_hidden`` by a small autograd
+   function whose backward hands that buffer over, scaled by the incoming gradient.
 
-Peak memory is therefore about ``(t_s + 4) * chunk * V`` floats plus the gradient buffer (the
-size of ``student_hidden`` itself), whatever ``N`` is. The price is computing the selected
-student and teacher verbalizers a second time (``2 t_s`` verbalizer forwards on top of the
-``t_s + t_l + 2`` that the naive loss also runs); the batched scoring above more than pays for
-it where the ``[*, V]`` element-wise work dominates (``vlsi bench loss`` measures both).
+All ``[chunk, V]`` results are written into one pool of buffers (:class:`_Workspace`) that both
+passes share, never into fresh tensors. Peak memory is therefore about ``(t_s + 4) * chunk * V``
+floats plus the gradient buffer (the size of ``student_hidden`` itself), whatever ``N`` is. The
+price is computing the selected student and teacher verbalizers a second time (``2 t_s``
+verbalizer forwards on top of the ``t_s + t_l + 2`` that the naive loss also runs); ``vlsi
+bench loss`` measures the loss against the head matmuls and log-softmaxes it cannot avoid.
 
 Contract for the ``*_logits_fn`` callables: ``fn(index, h[n, d]) -> logits[n, >= V]``, acting on
 each token independently (tokens are split into chunks); ``index < t`` is target layer
@@ -50,7 +54,8 @@ import torch
 from torch import Tensor
 
 from vlsi.config import DEFAULT_CHUNK_SIZE
-from vlsi.losses import OPS, DIVERGENCES, compute_dtype, log_probs, pair_loss_logprobs
+from vlsi.losses import (OPS, DIVERGENCES, SPARSE_OPS, TAIL_FLOOR, compute_dtype, log_probs, pair_loss_and_logit_grad,
+                         pair_loss_logprobs, row_dot, sparse_pair_loss_and_logit_grad)
 from vlsi.matching import STRATEGIES, Matching, match, needed_mask
 
 
@@ -87,13 +92,42 @@ class InteractionResult:
 
 
 @dataclass
+class SparseTeacher:
+    """A teacher known by its top-K per token (an offline cache, :mod:`vlsi.teacher_cache`).
+
+    Layers are laid out as ``teacher_hidden`` is: target layers, then the last layer.
+
+    Attributes:
+        ids: long ``[t_l + 1, N, K]``, ids into the shared vocabulary, distinct per token.
+        logp: float ``[t_l + 1, N, K]``, the teacher's log-probabilities of those ids.
+        tail: float ``[t_l + 1, N]``, the teacher's probability of every other id together.
+    """
+
+    ids: Tensor
+    logp: Tensor
+    tail: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """``[t_l + 1, N, K]``, standing in for the hidden states' ``[t_l + 1, N, d]``."""
+        return self.ids.shape
+
+    def dim(self) -> int:
+        return self.ids.dim()
+
+    def layer(self, j: int, a: int, b: int, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+        """Layer ``j`` on tokens ``a:b``: ids ``[c, K]``, log-probs and tail in ``dtype``."""
+        return self.ids[j, a:b], self.logp[j, a:b].to(dtype), self.tail[j, a:b].to(dtype)
+
+
+@dataclass
 class _Problem:
     """Validated inputs shared by the passes."""
 
     student_hidden: Tensor  # [t_s + 1, N, d_s]
-    teacher_hidden: Tensor  # [t_l + 1, N, d_t]
+    teacher_hidden: Tensor | SparseTeacher  # [t_l + 1, N, d_t], or the top-K of each layer
     student_fn: LogitsFn
-    teacher_fn: LogitsFn
+    teacher_fn: LogitsFn | None
     vocab_size: int
     intermediate_op: str
     last_op: str
@@ -110,6 +144,10 @@ class _Problem:
     @property
     def n_tokens(self) -> int:
         return self.student_hidden.shape[1]
+
+    @property
+    def sparse(self) -> bool:
+        return isinstance(self.teacher_hidden, SparseTeacher)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -166,6 +204,11 @@ def _validate(
         raise ValueError(f"the intermediate loss needs 1 <= t_s <= t_l, got t_s={t_s}, t_l={t_l}")
     if chunk_size < 1 or vocab_size < 1:
         raise ValueError(f"chunk_size and vocab_size must be >= 1, got {chunk_size}, {vocab_size}")
+    if isinstance(teacher_hidden, SparseTeacher):
+        unsupported = [op for op in (intermediate_op, last_op) if op not in (*SPARSE_OPS, "none")]
+        if unsupported or divergence != "forward":
+            raise ValueError(f"a top-K teacher supports the ops {', '.join(SPARSE_OPS)} with the forward "
+                             f"divergence, got ops {intermediate_op}/{last_op}, divergence {divergence}")
 
 
 def _empty_result(problem: _Problem) -> InteractionResult:
@@ -190,57 +233,130 @@ def _needed(problem: _Problem, strategy: str) -> Tensor:
     return needed_mask(strategy, problem.t_s, problem.t_l)
 
 
-def _batched_dot(a: Tensor, b: Tensor) -> Tensor:
-    """``sum_v a[c, r, v] * b[c, v]`` -> ``[c, r]`` without a ``[c, r, V]`` temporary."""
-    return torch.matmul(a, b.unsqueeze(-1)).squeeze(-1)
+# Teacher layers scored together against the student cache: one batched matmul reads the cache
+# once per group instead of once per teacher layer; each member holds one [chunk, V] buffer.
+TEACHER_GROUP = 2
 
 
-def _cached_rows(cache: Tensor, positions: list[int]) -> Tensor:
-    """``cache[:, positions]``, as a view when the positions are consecutive (banded rows)."""
-    first, last = positions[0], positions[-1]
-    if last - first + 1 == len(positions):
-        return cache[:, first : last + 1]
-    return cache.index_select(1, torch.tensor(positions, device=cache.device))
+class _Workspace:
+    """``slots`` reusable ``[chunk, V]`` buffers shared by both passes, sliced to each chunk.
+
+    Log-softmaxes and exponentials are written into these (``out=``) instead of fresh tensors:
+    on the CPU every new buffer of that size is mapped and page-faulted anew, which can cost
+    more than the operation itself. The scoring pass uses ``r + TEACHER_GROUP + 1`` slots, the
+    gradient pass :data:`GRADIENT_SLOTS`; they run one after the other on the same slots.
+    """
+
+    def __init__(self, problem: "_Problem", chunk_size: int, slots: int):
+        rows = min(chunk_size, problem.n_tokens)
+        self.pool = torch.empty(slots, rows, problem.vocab_size, dtype=problem.dtype,
+                                device=problem.student_hidden.device)
+
+    def slots(self, first: int, count: int, c: int) -> Tensor:
+        """Slots ``first .. first + count - 1`` for a chunk of ``c`` tokens: ``[count, c, V]``."""
+        return self.pool[first : first + count, :c]
+
+    def slot(self, index: int, c: int) -> Tensor:
+        """Slot ``index`` for a chunk of ``c`` tokens, ``[c, V]`` (contiguous)."""
+        return self.pool[index, :c]
 
 
-def _student_cache(problem: _Problem, rows: list[int], a: int, b: int) -> tuple[Tensor, Tensor | None]:
+GRADIENT_SLOTS = 5  # log Q, Q, dL/dz, log P, scratch
+
+
+def scoring_slots(rows: int) -> int:
+    """Slots the scoring pass needs with ``rows`` cached student layers (0 when none)."""
+    return rows + TEACHER_GROUP + 1 if rows else 0
+
+
+def _log_softmax_into(logits: Tensor, vocab_size: int, out: Tensor) -> Tensor:
+    """``log_softmax`` of ``logits[:, :V]`` in ``out``'s dtype, written into ``out`` ``[c, V]``."""
+    return torch.log_softmax(_cut(logits, vocab_size), dim=-1, dtype=out.dtype, out=out)
+
+
+def _softmax_into(logits: Tensor, vocab_size: int, out: Tensor) -> Tensor:
+    """``P = softmax(logits[:, :V])`` written into ``out`` ``[c, V]``; returns ``sum_v P log P`` ``[c]``.
+
+    One exponential pass instead of a log-softmax and an ``exp``: ``log P = z - lse`` with
+    ``lse = max z - log max P`` (the largest probability is at least ``1 / V``, so its log
+    loses nothing to underflow).
+    """
+    z = _cut(logits, vocab_size)
+    if z.dtype != out.dtype:
+        z = z.to(out.dtype)
+    p = torch.softmax(z, dim=-1, out=out)
+    lse = z.amax(dim=-1) - p.amax(dim=-1).log()
+    return row_dot(p, z) - lse
+
+
+def _student_cache(problem: _Problem, rows: list[int], a: int, b: int,
+                   workspace: _Workspace) -> tuple[Tensor, Tensor | None]:
     """Per-chunk student side of the scoring pass.
 
-    Returns ``cache [c, len(rows), V]`` holding ``log Q_i`` (forward KL) or ``Q_i`` (reverse KL),
+    Returns ``cache [len(rows), c, V]`` holding ``log Q_i`` (forward KL) or ``Q_i`` (reverse KL),
     and for reverse KL the self term ``sum_v Q_i log Q_i`` as ``[c, len(rows)]``.
     """
     c = b - a
-    device = problem.student_hidden.device
-    cache = torch.empty(c, len(rows), problem.vocab_size, dtype=problem.dtype, device=device)
+    cache = workspace.slots(0, len(rows), c)
     self_terms = None
     if problem.divergence == "reverse":
-        self_terms = torch.empty(c, len(rows), dtype=problem.dtype, device=device)
+        self_terms = torch.empty(c, len(rows), dtype=problem.dtype, device=cache.device)
+        log_q = workspace.slot(len(rows) + TEACHER_GROUP, c)
     for k, i in enumerate(rows):
-        log_q = problem.student_logp(i, problem.student_hidden[i, a:b])
+        with torch.no_grad():
+            logits = problem.student_fn(i, problem.student_hidden[i, a:b])
         if self_terms is None:
-            cache[:, k] = log_q
+            _log_softmax_into(logits, problem.vocab_size, cache[k])
         else:
-            q = log_q.exp()
-            cache[:, k] = q
-            self_terms[:, k] = _batched_dot(q.unsqueeze(1), log_q).squeeze(1)
+            _log_softmax_into(logits, problem.vocab_size, log_q)
+            torch.exp(log_q, out=cache[k])
+            self_terms[:, k] = row_dot(cache[k], log_q)
+        del logits
     return cache, self_terms
 
 
-def _chunk_kl(log_p: Tensor, cache_rows: Tensor, self_rows: Tensor | None) -> Tensor:
-    """Per-token KL of one teacher layer against cached student layers: ``[c, r]``.
+def _teacher_group(problem: _Problem, group: list[int], first: int, a: int, b: int,
+                   workspace: _Workspace) -> tuple[Tensor, Tensor | None]:
+    """Teacher side of one group of scored layers on tokens ``a:b``.
 
-    Forward: ``KL(P || Q_i) = P . log P - P . log Q_i``. Reverse: ``KL(Q_i || P) = Q_i . log Q_i
-    - Q_i . log P``.
+    Returns ``side [len(group), c, V]`` holding ``P_j`` (forward KL) or ``log P_j`` (reverse KL)
+    and, for forward KL, the self terms ``sum_v P_j log P_j`` ``[c, len(group)]``.
     """
-    if self_rows is None:
-        p = log_p.exp()
-        return _batched_dot(p.unsqueeze(1), log_p) - _batched_dot(cache_rows, p)
-    return self_rows - _batched_dot(cache_rows, log_p)
+    c = b - a
+    side = workspace.slots(first, len(group), c)
+    self_terms = None
+    if problem.divergence == "forward":
+        self_terms = torch.empty(c, len(group), dtype=problem.dtype, device=side.device)
+    for g, j in enumerate(group):
+        with torch.no_grad():
+            logits = problem.teacher_fn(j, problem.teacher_hidden[j, a:b])
+        if self_terms is None:
+            _log_softmax_into(logits, problem.vocab_size, side[g])
+        else:
+            self_terms[:, g] = _softmax_into(logits, problem.vocab_size, side[g])
+        del logits
+    return side, self_terms
+
+
+def _sparse_chunk_kl(problem: _Problem, j: int, a: int, b: int, cache: Tensor) -> Tensor:
+    """Bucketed ``KL(P_j || Q_i)`` of every cached student layer on tokens ``a:b``: ``[r, c]``
+    (the formula of :func:`vlsi.losses.sparse_pair_loss_and_logit_grad`)."""
+    ids, logp, tail = problem.teacher_hidden.layer(j, a, b, cache.dtype)
+    s_top = cache.gather(2, ids.unsqueeze(0).expand(cache.shape[0], -1, -1))  # [r, c, K] log q
+    p = logp.exp()
+    q_tail = (1 - s_top.exp().sum(dim=-1)).clamp_min(TAIL_FLOOR)
+    return (p * (logp - s_top)).sum(dim=-1) + torch.xlogy(tail, tail) - torch.xlogy(tail, q_tail)
 
 
 @torch.no_grad()
-def _score_kld(problem: _Problem, needed: Tensor, chunk_size: int) -> Tensor:
+def _score_kld(problem: _Problem, needed: Tensor, chunk_size: int, workspace: _Workspace) -> Tensor:
     """Scoring pass: mean over response tokens of ``KL`` for the ``needed`` entries.
+
+    Per chunk the scored student layers are cached (``[r, c, V]``); teacher layers come in groups
+    of :data:`TEACHER_GROUP` (``[g, c, V]``), and one batched matmul gives the cross terms
+    ``[c, r, g]`` of every cached student layer against the group (entries outside ``needed``
+    are computed there too, and dropped). ``KL(P || Q_i) = P . log P - P . log Q_i`` and
+    ``KL(Q_i || P) = Q_i . log Q_i - Q_i . log P``.
 
     Args:
         needed: CPU bool ``[t_s, t_l]``.
@@ -252,18 +368,29 @@ def _score_kld(problem: _Problem, needed: Tensor, chunk_size: int) -> Tensor:
     sums = torch.zeros(problem.t_s, problem.t_l, dtype=torch.float64, device=device)
     rows = needed.any(dim=1).nonzero().flatten().tolist()
     position = {i: k for k, i in enumerate(rows)}
-    columns = [(j, needed[:, j].nonzero().flatten().tolist()) for j in range(problem.t_l)]
-    columns = [(j, col_rows) for j, col_rows in columns if col_rows]
+    columns = [j for j in range(problem.t_l) if needed[:, j].any()]
+    groups = [columns[k : k + TEACHER_GROUP] for k in range(0, len(columns), TEACHER_GROUP)]
     chunks = _chunks(problem.n_tokens, chunk_size) if rows else []  # nothing to score: no pass
     for a, b in chunks:
-        cache, self_terms = _student_cache(problem, rows, a, b)
-        for j, col_rows in columns:
-            positions = [position[i] for i in col_rows]
-            log_p = problem.teacher_logp(j, problem.teacher_hidden[j, a:b])
-            self_rows = None if self_terms is None else self_terms[:, positions]
-            kl = _chunk_kl(log_p, _cached_rows(cache, positions), self_rows)
-            sums[col_rows, j] += kl.sum(dim=0).to(torch.float64)
-        del cache, self_terms
+        cache, student_self = _student_cache(problem, rows, a, b, workspace)
+        if problem.sparse:
+            for j in columns:
+                kl = _sparse_chunk_kl(problem, j, a, b, cache)  # [r, c]
+                col_rows = needed[:, j].nonzero().flatten().tolist()
+                sums[col_rows, j] += kl[[position[i] for i in col_rows]].sum(dim=1).to(torch.float64)
+            continue
+        for group in groups:
+            side, teacher_self = _teacher_group(problem, group, len(rows), a, b, workspace)
+            # [c, r, V] x [c, V, g] -> [c, r, g]
+            cross = torch.bmm(cache.permute(1, 0, 2), side.permute(1, 2, 0))
+            if teacher_self is not None:
+                kl = teacher_self.unsqueeze(1) - cross
+            else:
+                kl = student_self.unsqueeze(2) - cross
+            totals = kl.sum(dim=0).to(torch.float64)  # [r, g]
+            for g, j in enumerate(group):
+                col_rows = needed[:, j].nonzero().flatten().tolist()
+                sums[col_rows, j] += totals[[position[i] for i in col_rows], g]
     kld = (sums / problem.n_tokens).float()
     return kld.masked_fill(~needed.to(device), float("nan"))
 
@@ -311,43 +438,59 @@ def _plan(problem: _Problem, matching: Matching | None) -> dict[int, list[_Term]
 
 
 def _student_layer_chunk(
-    problem: _Problem, i: int, terms: list[_Term], a: int, b: int, sums: Tensor, need_grad: bool, check: bool
+    problem: _Problem, i: int, terms: list[_Term], a: int, b: int, sums: Tensor, need_grad: bool, check: bool,
+    workspace: _Workspace,
 ) -> Tensor | None:
     """One student layer on tokens ``a:b``: adds per-term loss sums, returns d(loss)/d(h) ``[c, d_s]``.
 
-    The gradient reaching the student log-probs is accumulated over the layer's terms first, so
-    the student verbalizer is run forward and backward once per chunk however many teacher
-    layers it is paired with, and each term's graph is freed before the next is built.
+    The gradient with respect to the student logits is summed over the layer's terms in closed
+    form (:func:`vlsi.losses.pair_loss_and_logit_grad`) into one ``[c, V]`` buffer, then taken
+    back through the verbalizer in one backward, so the student verbalizer runs forward and
+    backward once per chunk however many teacher layers it is paired with.
     """
+    c = b - a
     h = problem.student_hidden[i, a:b].detach().requires_grad_(need_grad)
     with torch.enable_grad() if need_grad else torch.no_grad():
-        s_logp = problem.student_logp(i, h)
-        if need_grad and check:
-            _check_frozen(s_logp, h, i)
-        s_leaf = s_logp.detach().requires_grad_(need_grad)
-        grad_logp = None
+        logits = problem.student_fn(i, h)
+    if need_grad and check:
+        _check_frozen(logits, h, i)
+    with torch.no_grad():
+        log_q = _log_softmax_into(logits.detach(), problem.vocab_size, workspace.slot(0, c))
+        q = torch.exp(log_q, out=workspace.slot(1, c))
+        grad = workspace.slot(2, c).zero_() if need_grad else None
         for j, weight, op in terms:
-            t_logp = problem.teacher_logp(j, problem.teacher_hidden[j, a:b])
-            total = pair_loss_logprobs(op, t_logp, s_leaf, problem.divergence).sum()
-            sums[i, j] += total.detach().to(torch.float64)
-            if need_grad:
-                (g,) = torch.autograd.grad(total * (weight / problem.n_tokens), s_leaf)
-                grad_logp = g if grad_logp is None else grad_logp.add_(g)
-        if not need_grad:
-            return None
-        (grad_h,) = torch.autograd.grad(s_logp, h, grad_outputs=grad_logp)
+            if problem.sparse:
+                ids, t_logp, t_tail = problem.teacher_hidden.layer(j, a, b, log_q.dtype)
+                per_token = sparse_pair_loss_and_logit_grad(op, ids, t_logp, t_tail, log_q, q, workspace.slot(4, c),
+                                                            grad, weight / problem.n_tokens)
+                sums[i, j] += per_token.sum().to(torch.float64)
+                continue
+            t_logits = problem.teacher_fn(j, problem.teacher_hidden[j, a:b])
+            log_p = _log_softmax_into(t_logits, problem.vocab_size, workspace.slot(3, c))
+            del t_logits
+            per_token = pair_loss_and_logit_grad(op, log_p, log_q, q, workspace.slot(4, c), grad,
+                                                 weight / problem.n_tokens, problem.divergence)
+            sums[i, j] += per_token.sum().to(torch.float64)
+    if not need_grad:
+        return None
+    if logits.shape[-1] != problem.vocab_size or logits.dtype != grad.dtype:
+        full = torch.zeros_like(logits)
+        full[:, : problem.vocab_size] = grad
+        grad = full
+    (grad_h,) = torch.autograd.grad(logits, h, grad_outputs=grad)
     return grad_h
 
 
 def _gradient_pass(
-    problem: _Problem, plan: dict[int, list[_Term]], chunk_size: int, grad_buffer: Tensor | None
+    problem: _Problem, plan: dict[int, list[_Term]], chunk_size: int, grad_buffer: Tensor | None,
+    workspace: _Workspace,
 ) -> Tensor:
     """Loss-term sums over all tokens ``[t_s + 1, t_l + 1]`` (float64); fills ``grad_buffer``."""
     sums = torch.zeros(problem.t_s + 1, problem.t_l + 1, dtype=torch.float64, device=problem.student_hidden.device)
     need_grad = grad_buffer is not None
     for chunk_index, (a, b) in enumerate(_chunks(problem.n_tokens, chunk_size)):
         for i, terms in plan.items():
-            grad_h = _student_layer_chunk(problem, i, terms, a, b, sums, need_grad, check=chunk_index == 0)
+            grad_h = _student_layer_chunk(problem, i, terms, a, b, sums, need_grad, chunk_index == 0, workspace)
             if grad_h is not None:
                 grad_buffer[i, a:b] = grad_h
     return sums
@@ -413,9 +556,9 @@ def _result(problem: _Problem, loss: Tensor, kld: Tensor, matching: Matching | N
 
 def interaction_loss(
     student_hidden: Tensor,
-    teacher_hidden: Tensor,
+    teacher_hidden: Tensor | SparseTeacher,
     student_logits_fn: LogitsFn,
-    teacher_logits_fn: LogitsFn,
+    teacher_logits_fn: LogitsFn | None,
     *,
     vocab_size: int,
     strategy: str = "vlsi",
@@ -432,7 +575,10 @@ def interaction_loss(
     Args:
         student_hidden: ``[t_s + 1, N, d_s]``: target-layer hidden states of the ``N`` response
             tokens, then (index ``t_s``) the final-normed last hidden state. May require grad.
-        teacher_hidden: ``[t_l + 1, N, d_t]``, same layout; never receives gradient.
+        teacher_hidden: ``[t_l + 1, N, d_t]``, same layout; never receives gradient. Or a
+            :class:`SparseTeacher` (its top-K per layer and token, ``teacher_logits_fn=None``):
+            every KL is then computed over the ``K`` ids plus one tail bucket (forward ``kld``
+            and ``ce`` only; see :func:`vlsi.losses.sparse_pair_loss_and_logit_grad`).
         student_logits_fn, teacher_logits_fn: ``fn(index, h[n, d]) -> logits[n, >= V]`` with
             frozen parameters (see the module docstring).
         vocab_size: shared vocabulary ``V``; logits are cut to ``[..., :V]``.
@@ -456,14 +602,16 @@ def interaction_loss(
         return _empty_result(problem)
     start = time.perf_counter()
     needed = _needed(problem, strategy)
-    kld = _score_kld(problem, needed, chunk_size)
+    workspace = _Workspace(problem, chunk_size, max(scoring_slots(int(needed.any(dim=1).sum())), GRADIENT_SLOTS))
+    kld = _score_kld(problem, needed, chunk_size, workspace)
     matching = _resolve_matching(problem, kld, weights, strategy, generator, matching_kwargs)
     plan = _plan(problem, matching)
     scored = time.perf_counter()
 
     need_grad = student_hidden.requires_grad and torch.is_grad_enabled()
     grad_buffer = torch.zeros_like(student_hidden) if need_grad else None
-    sums = _gradient_pass(problem, plan, chunk_size, grad_buffer)
+    sums = _gradient_pass(problem, plan, chunk_size, grad_buffer, workspace)
+    del workspace
     seconds = {"scoring": scored - start, "gradient": time.perf_counter() - scored}
 
     terms = [(i, j, w) for i, group in plan.items() for j, w, _ in group]

@@ -76,6 +76,112 @@ def pair_loss_logprobs(op: str, t_logp: Tensor, s_logp: Tensor, divergence: str 
     raise ValueError("op 'none' has no loss value; skip the term instead")
 
 
+def row_dot(a: Tensor, b: Tensor) -> Tensor:
+    """``sum_v a[n, v] * b[n, v]`` -> ``[n]`` without an ``[n, V]`` temporary."""
+    return torch.matmul(a.unsqueeze(1), b.unsqueeze(-1)).view(-1)
+
+
+def pair_loss_and_logit_grad(
+    op: str,
+    t_logp: Tensor,
+    s_logp: Tensor,
+    s_prob: Tensor,
+    scratch: Tensor,
+    grad: Tensor | None = None,
+    weight: float = 1.0,
+    divergence: str = "forward",
+) -> Tensor:
+    """Per-token loss ``[n]`` of ``op`` and its gradient w.r.t. the student's logits, in closed form.
+
+    Same value as :func:`pair_loss_logprobs`. When ``grad`` is given, ``weight * dL_n/dz_n`` is
+    added to it in place, ``z`` being the student logits (``s_logp = log_softmax(z)``), with
+    the softmax Jacobian folded in:
+
+    * ``kld`` forward and ``ce``: ``Q - P`` (both use ``sum_v P_v = 1``);
+    * ``kld`` reverse: ``Q * (log Q - log P - L)``;
+    * ``l2``: ``2 Q * (d - <Q, d>)`` with ``d = Q - P``.
+
+    Args:
+        t_logp, s_logp: teacher and student log-probabilities ``[n, V]``.
+        s_prob: ``exp(s_logp)`` ``[n, V]``.
+        scratch: ``[n, V]`` buffer, overwritten.
+        grad: ``[n, V]`` accumulator, or ``None`` for the value only.
+    """
+    _check_op(op, divergence)
+    if op == "none":
+        raise ValueError("op 'none' has no loss value; skip the term instead")
+    if op == "kld" and divergence == "reverse":
+        diff = torch.sub(s_logp, t_logp, out=scratch)  # log Q - log P
+        loss = row_dot(s_prob, diff)
+        if grad is not None:
+            grad.add_(diff.sub_(loss.unsqueeze(1)).mul_(s_prob), alpha=weight)
+        return loss
+    p = torch.exp(t_logp, out=scratch)
+    if op == "l2":
+        d = p.sub_(s_prob).neg_()  # Q - P
+        loss = row_dot(d, d)
+        if grad is not None:
+            grad.add_(d.sub_(row_dot(s_prob, d).unsqueeze(1)).mul_(s_prob), alpha=2 * weight)
+        return loss
+    cross = row_dot(p, s_logp)
+    loss = row_dot(p, t_logp) - cross if op == "kld" else -cross
+    if grad is not None:
+        grad.add_(s_prob, alpha=weight).sub_(p, alpha=weight)
+    return loss
+
+
+SPARSE_OPS = ("kld", "ce")  # ops a top-K teacher supports (forward divergence)
+TAIL_FLOOR = 1e-12  # the student's tail mass is clamped here (1 - sum of K probabilities cancels)
+
+
+def sparse_pair_loss_and_logit_grad(
+    op: str,
+    ids: Tensor,
+    t_logp: Tensor,
+    t_tail: Tensor,
+    s_logp: Tensor,
+    s_prob: Tensor,
+    scratch: Tensor,
+    grad: Tensor | None = None,
+    weight: float = 1.0,
+) -> Tensor:
+    """Per-token loss ``[n]`` against a top-K teacher, and its gradient w.r.t. the student logits.
+
+    The teacher is known on ``K`` ids per token (``t_logp``) plus the mass of all other ids
+    together (``t_tail``); the student is bucketed the same way (its probabilities on those ids,
+    and ``q_tail = 1 - sum_k q_k``). Over these ``K + 1`` buckets:
+
+    * ``kld``: ``sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail)``;
+    * ``ce``: ``-sum_k p_k log q_k - p_tail log q_tail``.
+
+    Bias: this is the KL of the two bucketed distributions, which by the log-sum inequality is
+    at most the full ``KL(P || Q)``; the gap is the disagreement of ``P`` and ``Q`` *within*
+    the tail, zero when ``K = V`` (empty tail) or when ``Q`` is proportional to ``P`` there.
+
+    Gradient (``sum_k p_k + p_tail = 1``): ``q_u - p_u`` on the ``K`` ids and
+    ``q_u (1 - p_tail / q_tail)`` elsewhere, for both ops.
+
+    Args:
+        ids: long ``[n, K]`` (distinct per row); t_logp: ``[n, K]``; t_tail: ``[n]``.
+        s_logp, s_prob: student log-probabilities and probabilities ``[n, V]``.
+        scratch: ``[n, V]`` buffer, overwritten; grad: ``[n, V]`` accumulator or ``None``.
+    """
+    if op not in SPARSE_OPS:
+        raise ValueError(f"a top-K teacher supports the ops {', '.join(SPARSE_OPS)}, not {op!r}")
+    s_top = s_logp.gather(1, ids)
+    p = t_logp.exp()
+    q_tail = (1 - s_top.exp().sum(dim=-1)).clamp_min(TAIL_FLOOR)
+    if op == "kld":  # one sum of p (log p - log q): no cancellation of two sums of size ~log V
+        loss = (p * (t_logp - s_top)).sum(dim=-1) + torch.xlogy(t_tail, t_tail) - torch.xlogy(t_tail, q_tail)
+    else:
+        loss = -(p * s_top).sum(dim=-1) - torch.xlogy(t_tail, q_tail)
+    if grad is not None:
+        ratio = (t_tail / q_tail).unsqueeze(1)
+        grad.add_(torch.mul(s_prob, 1 - ratio, out=scratch), alpha=weight)
+        grad.scatter_add_(1, ids, (s_prob.gather(1, ids) * ratio - p) * weight)
+    return loss
+
+
 # Response tokens per block of the chunked head CE (verbalization): 1024 x 151,936 x 4 bytes =
 # 622 MB of float32 logits (plus as much for their gradient); large enough that the head matmul
 # stays efficient.

@@ -10,6 +10,10 @@ Four steps, one sub-directory each, under the config's ``output_dir``::
     3-interact/                adapter/ (the student's LoRA), matches.json, heatmaps
     4-sft/                     adapter/, model/ (the exported student, model/verbalizers/)
 
+With ``interaction.teacher_cache: DIR`` a fifth step runs before the interaction: ``vlsi
+cache-teacher`` into DIR (skipped when DIR holds a complete cache of the same inputs), and the
+interaction step reads the teacher from it.
+
 Before anything trains, every check of :mod:`vlsi.preflight` runs and a short plan is printed.
 Every step directory records what its result depends on (``fingerprint.json``,
 :mod:`vlsi.fingerprint`); a directory that holds a result of other inputs stops the run with one
@@ -37,6 +41,7 @@ from vlsi.errors import VlsiError
 from vlsi.preflight import check_run, plan_lines
 from vlsi.stages.checkpoints import latest_checkpoint
 from vlsi.stages.run import STEP_COMPLETE, stage_complete
+from vlsi.teacher_cache import cache_complete
 
 CONFIG_FILE = "config.yaml"
 
@@ -54,6 +59,11 @@ class RunLayout:
     @property
     def student_verbalize(self) -> Path:
         return self.root / "2-student-verbalize"
+
+    @property
+    def teacher_cache(self) -> Path:
+        """The default teacher cache (``vlsi cache-teacher``)."""
+        return self.root / "teacher-cache"
 
     @property
     def interact(self) -> Path:
@@ -116,6 +126,7 @@ def run_distill(cfg: RunConfig, *, resume: bool = True, restart_changed: bool = 
     (one line naming what differs), unless ``restart_changed``: then that step and every later
     one are removed and run again, the earlier ones kept.
     """
+    from vlsi.stages.cache_teacher import run_cache_teacher
     from vlsi.stages.interact import run_interact
     from vlsi.stages.sft import run_sft
     from vlsi.stages.verbalize import run_verbalize
@@ -148,6 +159,13 @@ def run_distill(cfg: RunConfig, *, resume: bool = True, restart_changed: bool = 
          lambda r: run_verbalize(cfg, "teacher", run.teacher_verbalize, resume=r)),
         ("student verbalization", run.student_verbalize,
          lambda r: run_verbalize(cfg, "student", run.student_verbalize, resume=r)),
+    ]
+    if cfg.interaction.teacher_cache is not None:
+        cache = Path(cfg.interaction.teacher_cache)
+        steps.append(("teacher cache", cache,
+                      lambda r: run_cache_teacher(cfg, cache, teacher_verbalizers=run.teacher_verbalize,
+                                                  top_k=cfg.interaction.teacher_cache_top_k, preflight=pre)))
+    steps += [
         ("interaction", run.interact,
          lambda r: run_interact(cfg, run.interact, teacher_verbalizers=run.teacher_verbalize,
                                 student_verbalizers=run.student_verbalize, resume=r, preflight=pre,
@@ -159,7 +177,7 @@ def run_distill(cfg: RunConfig, *, resume: bool = True, restart_changed: bool = 
                            upstream={k: upstream["sft"][k] for k in ("adapter", "student_verbalizers")})),
     ]
     # Decide every step's fate before running any, so all processes take the same decisions.
-    plans = [_plan(step_dir, resume) for _, step_dir, _ in steps]
+    plans = [_plan(step_dir, resume, _done_check(name)) for name, step_dir, _ in steps]
     for k, ((name, step_dir, run_step), decision) in enumerate(zip(steps, plans), start=1):
         if main:
             print(f"[{k}/{len(steps)}] {name}: {decision.describe(step_dir)}", flush=True)
@@ -168,7 +186,7 @@ def run_distill(cfg: RunConfig, *, resume: bool = True, restart_changed: bool = 
         if decision.action == "restart" and main:
             shutil.rmtree(step_dir)
         run_step(decision.action == "resume")
-        if main and not stage_complete(step_dir):
+        if main and not _done_check(name)(step_dir):
             raise VlsiError(f"{name} returned without writing {step_dir / STEP_COMPLETE}")
     if main:
         print(f"done: the distilled student is {run.model}", flush=True)
@@ -190,8 +208,13 @@ class _Plan:
         return f"starting ({step_dir})"
 
 
-def _plan(step_dir: Path, resume: bool) -> _Plan:
-    if stage_complete(step_dir):
+def _done_check(name: str) -> Callable[[Path], bool]:
+    """How a step shows it is finished: ``step_complete.json``, or a complete cache manifest."""
+    return cache_complete if name == "teacher cache" else stage_complete
+
+
+def _plan(step_dir: Path, resume: bool, done: Callable[[Path], bool] = stage_complete) -> _Plan:
+    if done(step_dir):
         return _Plan("skip")
     checkpoint = latest_checkpoint(step_dir)
     if checkpoint is not None and resume:

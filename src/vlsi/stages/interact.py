@@ -57,8 +57,10 @@ from vlsi.interaction import interaction_loss
 from vlsi.lora import save_adapter, with_lora
 from vlsi.preflight import Preflight, check_run
 from vlsi.recorder import MatchLog, MatchRecorder
+from vlsi.stages.cache_teacher import expected_manifest
 from vlsi.stages.callbacks import MeanMetrics
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
+from vlsi.teacher_cache import KeyedCollator, TeacherCache, sample_key
 from vlsi.verbalizer import VerbalizerSet, capture_layer_context, prediction_positions
 
 MATCHES_LOG = "matches.jsonl"
@@ -101,21 +103,28 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
     def __init__(
         self,
         *args: Any,
-        teacher_verbalizers: VerbalizerSet,
+        teacher_verbalizers: VerbalizerSet | None,
         student_verbalizers: VerbalizerSet,
         interaction: InteractionConfig,
         vocab_size: int,
         match_log: MatchLog | None = None,
+        teacher_cache: TeacherCache | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False
-        self.teacher: Backbone = teacher_verbalizers.backbone
         self.student: Backbone = student_verbalizers.backbone
-        self.teacher_model = place_frozen_model(self, self.teacher.model)
-        if self.is_world_process_zero():
-            print(describe_footprint("teacher", self.teacher.model, self), flush=True)
-        self.teacher_verbalizers = teacher_verbalizers.requires_grad_(False).eval().to(self.args.device)
+        self.teacher_cache = teacher_cache
+        self.teacher = self.teacher_model = self.teacher_verbalizers = None
+        if teacher_cache is None:
+            self.teacher = teacher_verbalizers.backbone
+            self.teacher_model = place_frozen_model(self, self.teacher.model)
+            if self.is_world_process_zero():
+                print(describe_footprint("teacher", self.teacher.model, self), flush=True)
+            self.teacher_verbalizers = teacher_verbalizers.requires_grad_(False).eval().to(self.args.device)
+        elif self.is_world_process_zero():
+            print(f"teacher: none loaded; top-{teacher_cache.k} of {teacher_cache.layers} layers read from "
+                  f"{teacher_cache.root}", flush=True)
         self.student_verbalizers = student_verbalizers.requires_grad_(False).eval().to(self.args.device)
         self.interaction = interaction
         self.vocab_size = vocab_size
@@ -143,15 +152,21 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
             s_out = model(**self.student.model_inputs(inputs), **forward_kwargs)
         student_forward = time.perf_counter() - clock
         clock = time.perf_counter()
-        with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx:
-            t_out = self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
-            t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_out.hidden_states, positions, t_ctx)
+        if self.teacher_cache is not None:
+            t_stack, t_fn = self.teacher_cache.batch(inputs["sample_keys"], positions.sum(dim=1).tolist(),
+                                                     positions.device), None
+        else:
+            with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx:
+                t_out = self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
+                t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_out.hidden_states, positions, t_ctx)
         teacher_forward = time.perf_counter() - clock
         s_stack, s_fn = self.student_verbalizers.response_inputs(s_out.hidden_states, positions, s_ctx)
 
         cfg = self.interaction
-        heads = [self.student.final_norm, self.student.lm_head, self.teacher.final_norm, self.teacher.lm_head]
-        with whole_parameters(self, heads, fsdp_roots=(model, self.teacher_model)):
+        heads, roots = [self.student.final_norm, self.student.lm_head], (model,)
+        if self.teacher is not None:
+            heads, roots = heads + [self.teacher.final_norm, self.teacher.lm_head], (model, self.teacher_model)
+        with whole_parameters(self, heads, fsdp_roots=roots):
             result = interaction_loss(
                 s_stack, t_stack, s_fn, t_fn,
                 vocab_size=self.vocab_size,
@@ -252,22 +267,35 @@ def run_interact(
                             "student_verbalizers": directory_identity(student_verbalizers)}
     parts: dict[str, Any] = {}
 
+    cache = None
+    if cfg.interaction.teacher_cache is not None:  # checked before anything loads
+        cache = TeacherCache.open(cfg.interaction.teacher_cache, expected_manifest(
+            cfg, teacher_verbalizers, cfg.interaction.teacher_cache_top_k, pre.vocab, pre.teacher.target_layers))
+
     def build(args, dataset, collator, resumed_step: int) -> Trainer:
         dtype = torch.bfloat16 if args.bf16 else None
-        teacher = load_backbone(teacher_dir, dtype=dtype)
         student = load_backbone(student_dir, dtype=dtype)
-        t_verb = load_verbalizers(teacher_verbalizers, teacher)
         s_verb = load_verbalizers(student_verbalizers, student)
-        teacher.model.requires_grad_(False).eval()
+        t_verb, t_layers = None, pre.teacher.target_layers
+        if cache is None:
+            teacher = load_backbone(teacher_dir, dtype=dtype)
+            t_verb = load_verbalizers(teacher_verbalizers, teacher)
+            teacher.model.requires_grad_(False).eval()
+            t_layers = t_verb.layers
+        else:
+            cache.check_samples([sample_key(s.id, s.input_ids, s.labels, s.num_image_tokens) for s in dataset.samples],
+                                [s.id for s in dataset.samples])
+            collator = KeyedCollator(collator)
         model = with_lora(student, cfg.lora, seed=cfg.stage("interact").seed)
-        recorder = MatchRecorder(len(s_verb.layers), len(t_verb.layers), student_layers=s_verb.layers,
-                                 teacher_layers=t_verb.layers, strategy=cfg.interaction.strategy)
-        parts.update(recorder=recorder, layers=(s_verb.layers, t_verb.layers))
+        recorder = MatchRecorder(len(s_verb.layers), len(t_layers), student_layers=s_verb.layers,
+                                 teacher_layers=t_layers, strategy=cfg.interaction.strategy)
+        parts.update(recorder=recorder, layers=(s_verb.layers, t_layers))
         match_log = MatchLog(out / MATCHES_LOG, recorder, keep_until=resumed_step) if args.should_save else None
         return InteractTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                max_consecutive_nonfinite=cfg.stage("interact").max_consecutive_nonfinite,
                                teacher_verbalizers=t_verb, student_verbalizers=s_verb,
-                               interaction=cfg.interaction, vocab_size=pre.vocab, match_log=match_log)
+                               interaction=cfg.interaction, vocab_size=pre.vocab, match_log=match_log,
+                               teacher_cache=cache)
 
     def outputs(trainer: Trainer) -> dict[str, Any]:
         save_adapter(trainer, out / ADAPTER_DIR)
@@ -276,6 +304,7 @@ def run_interact(
             recorder.to_json(out / "matches.json")
             save_match_heatmaps(out, recorder)
         return {"teacher": str(teacher_dir), "student": str(student_dir),
+                "teacher_cache": cfg.interaction.teacher_cache,
                 "teacher_verbalizers": str(teacher_verbalizers), "student_verbalizers": str(student_verbalizers),
                 "strategy": cfg.interaction.strategy, "student_layers": parts["layers"][0],
                 "teacher_layers": parts["layers"][1], "shared_vocab": pre.vocab,

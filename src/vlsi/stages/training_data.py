@@ -34,14 +34,19 @@ def _scan_key(data: DataConfig, model_dir: str | Path, family: Any) -> tuple:
         st = p.stat() if p.is_file() else None
         return (str(p), st.st_size if st else None, st.st_mtime_ns if st else None)
 
+    root = str(Path(data.image_root).resolve()) if data.image_root else None
+    return (tuple(stat(f) for f in data.train), root, data.max_length, data.strict, data.min_pixels,
+            data.max_pixels, family, preprocessing_digest(model_dir))
+
+
+def preprocessing_digest(model_dir: str | Path) -> str:
+    """sha256 over the model's tokenizer, chat template and image-processor files."""
     digest = hashlib.sha256()
     for name in _PREPROCESSING_FILES:
         f = Path(model_dir) / name
         if f.is_file():
             digest.update(name.encode() + b"\0" + f.read_bytes())
-    root = str(Path(data.image_root).resolve()) if data.image_root else None
-    return (tuple(stat(f) for f in data.train), root, data.max_length, data.strict, data.min_pixels,
-            data.max_pixels, family, digest.hexdigest())
+    return digest.hexdigest()
 
 
 def load_training_data(data: DataConfig, model_dir: str | Path

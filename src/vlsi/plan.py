@@ -1,0 +1,360 @@
+"""Per-GPU memory of each step of a run, predicted from the model configs before anything loads.
+
+``vlsi plan CONFIG --gpus 8 --gpu-memory 80GB --engine zero3`` reads the two models'
+``config.json`` (or a published shape, ``--teacher-shape qwen2-vl-72b``), builds them on the
+``meta`` device (exact parameter counts, no memory) and adds up, per GPU and per step:
+
+* ``teacher weights`` / ``student weights``: parameters x bytes of the checkpoint dtype, divided
+  by the number of GPUs where the engine shards them (``zero3``, ``fsdp``);
+* ``lora + optimizer``: the adapters (``r (in + out)`` per adapted linear layer) in float32
+  with their gradient and two AdamW moments, 16 bytes a parameter; ``zero2`` shards the
+  gradient and moments, ``zero3`` / ``fsdp`` all four;
+* ``verbalizers``: ``3 d^2`` per target layer; trained (16 bytes a parameter, sharded as the
+  LoRA states) in the verbalize steps, frozen float32 in the interaction step;
+* ``activations``: what the student's backward keeps, per token and decoder layer
+  ``bytes x (6 d + 2 d_kv + 4 I)`` (attention inputs and output, MLP gate, up, their product;
+  attention itself through SDPA keeps no ``T x T`` matrix), or one ``d`` per layer with
+  gradient checkpointing plus one layer recomputed; every ``output_hidden_states`` tensor of a
+  frozen forward (``(L + 1) x T x d``); tokens = per-device batch x ``data.max_length``, an
+  upper bound, of which ``--response-tokens`` per sample are supervised (default: all);
+* ``loss working set``: the interaction loss's ``(t_s + 4) x chunk x V`` float32 buffers and its
+  ``[t_s + 1, T, d_s]`` gradient buffer; the verbalization CE's ``1024 x V`` chunk (logits,
+  their float32 copy and gradient); SFT's own loss over ``[B, T, V]`` logits (bf16 logits, the
+  float32 copy the loss makes, and its gradient: 10 bytes a logit);
+* ``gathered``: under ``zero3`` / ``fsdp`` the largest block gathered whole (decoder layer or LM
+  head), twice for prefetch.
+
+A step fits when its total is at most 90% of ``--gpu-memory`` (the rest is the CUDA context,
+the allocator's fragmentation and NCCL buffers). What is not counted: the vision tower's
+transient activations (frozen, no gradient) and framework buffers; ``docs/benchmarks.md``
+checks the prediction against measured peaks.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlsi.config import RunConfig
+from vlsi.errors import VlsiError
+
+ENGINES = ("ddp", "zero2", "zero3", "fsdp")
+USABLE_FRACTION = 0.9
+ADAM_BYTES = 16  # float32 weight + gradient + two AdamW moments
+SHAPES = {"qwen2-vl-2b": "2b", "qwen2-vl-7b": "7b", "qwen2-vl-72b": "72b"}
+_DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "float": 4, "half": 2}
+
+
+@dataclass
+class ModelShape:
+    """What the plan needs of one model, from its config on the ``meta`` device."""
+
+    name: str
+    parameters: int
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    kv_size: int  # num_key_value_heads x head_dim
+    vocab_size: int  # LM-head rows
+    weight_bytes: int  # bytes per parameter in the checkpoint's dtype
+    largest_block: int  # parameters of the largest decoder layer or of the LM head
+    lora_in_out: int  # sum of in + out features over the LoRA-targeted linear layers
+    target_layers: list[int] = field(default_factory=list)
+
+    def lora_parameters(self, r: int) -> int:
+        return r * self.lora_in_out
+
+
+def _meta_shape(config: Any, name: str, weight_bytes: int) -> ModelShape:
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlsi.backbones import LORA_TARGET_PATTERN
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(config)
+    text = config.get_text_config()
+    pattern = re.compile(LORA_TARGET_PATTERN)
+    lora = sum(m.in_features + m.out_features for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and pattern.fullmatch(n))
+    layers = [m for n, m in model.named_modules() if re.fullmatch(r"(.*\.)?language_model\.layers\.\d+", n)]
+    head = model.get_output_embeddings().weight
+    largest = max([sum(p.numel() for p in layer.parameters()) for layer in layers] + [head.numel()])
+    heads = int(text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // heads)
+    return ModelShape(
+        name=name, parameters=sum(p.numel() for p in model.parameters()), num_layers=int(text.num_hidden_layers),
+        hidden_size=int(text.hidden_size), intermediate_size=int(text.intermediate_size),
+        kv_size=int(getattr(text, "num_key_value_heads", heads)) * head_dim, vocab_size=int(head.shape[0]),
+        weight_bytes=weight_bytes, largest_block=largest, lora_in_out=lora,
+    )
+
+
+def shape_from_checkpoint(path: str | Path) -> ModelShape:
+    """The shape of a local checkpoint from its ``config.json`` (no weights read)."""
+    from transformers import AutoConfig
+
+    from vlsi.backbones import checkpoint_dir, read_model_type
+    from vlsi.families import family_for
+
+    hint = f"pass --teacher-shape / --student-shape to plan a published shape ({', '.join(SHAPES)})"
+    try:
+        root = checkpoint_dir(path)
+    except VlsiError as err:
+        raise VlsiError(f"{err}; {hint}") from None
+    if not (root / "config.json").is_file():
+        raise VlsiError(f"{root}: no config.json; {hint}")
+    family_for(read_model_type(root))
+    return shape_from_config(AutoConfig.from_pretrained(root, local_files_only=True), str(root))
+
+
+def shape_from_config(config: Any, name: str) -> ModelShape:
+    """The shape of a transformers model config; weights in the config's dtype (float32 if none)."""
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    return _meta_shape(config, name, _DTYPE_BYTES.get(dtype.replace("torch.", ""), 4))
+
+
+def shape_from_name(name: str) -> ModelShape:
+    """A published shape (:data:`SHAPES`) at full depth, in bf16 (:mod:`vlsi.real_shapes`)."""
+    from vlsi.real_shapes import QWEN2_VL_TEXT, real_shape_config
+
+    if name not in SHAPES:
+        raise VlsiError(f"unknown shape {name!r}; known: {', '.join(SHAPES)}")
+    size = SHAPES[name]
+
+    class _Ids:  # real_shape_config reads special-token ids; their values do not change any shape
+        def convert_tokens_to_ids(self, token: str) -> int:
+            return 0
+
+    config = real_shape_config(size, _Ids(), num_layers=QWEN2_VL_TEXT[size]["num_hidden_layers"])
+    config.dtype = "bfloat16"  # the published checkpoints' dtype
+    return shape_from_config(config, name)
+
+
+@dataclass
+class StepPlan:
+    step: str
+    parts: dict[str, int]  # component -> bytes per GPU
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+@dataclass
+class Setup:
+    """The run settings the plan depends on (from the config, overridable for what-ifs)."""
+
+    gpus: int
+    engine: str
+    batch: dict[str, int]  # stage -> per-device batch
+    checkpointing: dict[str, bool]  # stage -> gradient checkpointing
+    max_length: int
+    chunk_size: int
+    lora_r: int
+    autocast: bool  # bf16 mixed precision: the float32 verbalizers' activations are bf16
+    response_tokens: int | None = None  # per sample; None: max_length (every token supervised)
+
+    def tokens(self, stage: str) -> int:
+        """Tokens of one micro-batch of ``stage`` (upper bound: every sample max_length long)."""
+        return self.batch[stage] * self.max_length
+
+    def responses(self, stage: str) -> int:
+        """Supervised (response) tokens of one micro-batch of ``stage``."""
+        per_sample = self.max_length if self.response_tokens is None else min(self.response_tokens, self.max_length)
+        return self.batch[stage] * per_sample
+
+
+def setup_from_config(cfg: RunConfig, gpus: int, engine: str, response_tokens: int | None = None) -> Setup:
+    if engine not in ENGINES:
+        raise VlsiError(f"unknown engine {engine!r}; supported: {', '.join(ENGINES)}")
+    if gpus < 1:
+        raise VlsiError(f"--gpus must be >= 1, got {gpus}")
+    stages = {name: cfg.stage(name) for name in ("verbalize", "interact", "sft")}
+    return Setup(gpus, engine, {k: s.per_device_train_batch_size for k, s in stages.items()},
+                 {k: s.gradient_checkpointing for k, s in stages.items()}, cfg.data.max_length,
+                 cfg.interaction.chunk_size, cfg.lora.r,
+                 autocast=all(s.bf16 in ("auto", True) for s in stages.values()), response_tokens=response_tokens)
+
+
+def _shards(setup: Setup) -> tuple[int, int, int]:
+    """Divisors for (frozen and trainable weights, gradients + optimizer moments, ...)."""
+    n = setup.gpus
+    if setup.engine in ("zero3", "fsdp"):
+        return n, n, n
+    if setup.engine == "zero2":
+        return 1, n, n
+    return 1, 1, 1
+
+
+def _trainable(params: int, setup: Setup) -> int:
+    """float32 weight (4 bytes) + gradient and two moments (12 bytes), as the engine shards them."""
+    weights, states, _ = _shards(setup)
+    return params * 4 // weights + params * 12 // states
+
+
+def _student_activations(m: ModelShape, tokens: int, checkpointing: bool) -> int:
+    per_layer = m.weight_bytes * (6 * m.hidden_size + 2 * m.kv_size + 4 * m.intermediate_size)
+    if checkpointing:
+        return tokens * (m.num_layers * m.hidden_size * m.weight_bytes + per_layer)
+    return tokens * m.num_layers * per_layer
+
+
+def _frozen_forward(m: ModelShape, tokens: int) -> int:
+    """``output_hidden_states`` of a no-grad forward, plus one layer's transient working set."""
+    hidden = (m.num_layers + 1) * tokens * m.hidden_size * m.weight_bytes
+    return hidden + tokens * m.weight_bytes * (4 * m.hidden_size + 2 * m.intermediate_size)
+
+
+def _gathered(m: ModelShape, setup: Setup) -> int:
+    return 2 * m.largest_block * m.weight_bytes if setup.engine in ("zero3", "fsdp") else 0
+
+
+def _verbalize_step(role: str, m: ModelShape, setup: Setup) -> StepPlan:
+    from vlsi.losses import CE_CHUNK_TOKENS
+
+    frozen, _, _ = _shards(setup)
+    tokens, responses = setup.tokens("verbalize"), setup.responses("verbalize")
+    verb = 3 * m.hidden_size**2 * len(m.target_layers)
+    parts = {
+        f"{role} weights": m.parameters * m.weight_bytes // frozen,
+        "verbalizers (trained)": _trainable(verb, setup),
+        "activations": _frozen_forward(m, tokens)
+        # verb-FFN input, gate, up, their product, output
+        + len(m.target_layers) * responses * m.hidden_size * 5 * (2 if setup.autocast else 4),
+        "loss working set": min(CE_CHUNK_TOKENS, responses) * m.vocab_size * 10,
+        "gathered": _gathered(m, setup),
+    }
+    return StepPlan(f"{role}-verbalize", parts)
+
+
+def _interact_step(teacher: ModelShape, student: ModelShape, setup: Setup, vocab: int) -> StepPlan:
+    frozen, _, _ = _shards(setup)
+    tokens, responses = setup.tokens("interact"), setup.responses("interact")
+    t_s, t_l = len(student.target_layers), len(teacher.target_layers)
+    verb = 3 * (teacher.hidden_size**2 * t_l + student.hidden_size**2 * t_s)
+    chunk = min(setup.chunk_size, responses)
+    parts = {
+        "teacher weights": teacher.parameters * teacher.weight_bytes // frozen,
+        "student weights": student.parameters * student.weight_bytes // frozen,
+        "lora + optimizer": _trainable(student.lora_parameters(setup.lora_r), setup),
+        "verbalizers (frozen)": verb * 4,
+        "activations": _student_activations(student, tokens, setup.checkpointing["interact"])
+        + _frozen_forward(teacher, tokens),
+        "loss working set": (t_s + 4) * chunk * vocab * 4 + (t_s + 1) * responses * student.hidden_size * 4,
+        "gathered": max(_gathered(teacher, setup), _gathered(student, setup)),
+    }
+    return StepPlan("interact", parts)
+
+
+def _sft_step(student: ModelShape, setup: Setup) -> StepPlan:
+    frozen, _, _ = _shards(setup)
+    tokens = setup.tokens("sft")
+    parts = {
+        "student weights": student.parameters * student.weight_bytes // frozen,
+        "lora + optimizer": _trainable(student.lora_parameters(setup.lora_r), setup),
+        "activations": _student_activations(student, tokens, setup.checkpointing["sft"]),
+        "loss working set": tokens * student.vocab_size * 10,
+        "gathered": _gathered(student, setup),
+    }
+    return StepPlan("sft", parts)
+
+
+def plan_steps(teacher: ModelShape, student: ModelShape, setup: Setup) -> list[StepPlan]:
+    """Per-GPU bytes of each step: teacher and student verbalization, interaction, SFT."""
+    vocab = min(teacher.vocab_size, student.vocab_size)
+    return [_verbalize_step("teacher", teacher, setup), _verbalize_step("student", student, setup),
+            _interact_step(teacher, student, setup, vocab), _sft_step(student, setup)]
+
+
+def _fits(steps: list[StepPlan], gpu_bytes: int) -> bool:
+    return all(s.total <= USABLE_FRACTION * gpu_bytes for s in steps)
+
+
+def suggestions(teacher: ModelShape, student: ModelShape, setup: Setup, gpu_bytes: int) -> list[str]:
+    """Single changes that make every step fit, cheapest first; empty if none alone does."""
+    from dataclasses import replace
+
+    candidates: list[tuple[str, Setup]] = []
+    if not all(setup.checkpointing.values()):
+        candidates.append(("training.gradient_checkpointing: true",
+                           replace(setup, checkpointing={k: True for k in setup.checkpointing})))
+    if setup.engine in ("ddp", "zero2"):
+        candidates.append(("--engine zero3 (accelerate_configs/deepspeed_zero3.yaml)", replace(setup, engine="zero3")))
+    for chunk in (128, 64, 32):
+        if chunk < setup.chunk_size:
+            candidates.append((f"interaction.chunk_size: {chunk}", replace(setup, chunk_size=chunk)))
+    if any(b > 1 for b in setup.batch.values()):
+        candidates.append(("per_device_train_batch_size: 1 in every stage (raise gradient_accumulation_steps to keep "
+                           "the global batch)", replace(setup, batch={k: 1 for k in setup.batch})))
+    for length in (4096, 2048):
+        if length < setup.max_length:
+            candidates.append((f"data.max_length: {length}", replace(setup, max_length=length)))
+    engine = setup.engine if setup.engine in ("zero3", "fsdp") else "zero3"
+    for gpus in (2, 4, 8, 16, 32, 64):
+        if gpus > setup.gpus:
+            candidates.append((f"{gpus} GPUs under {engine}", replace(setup, gpus=gpus, engine=engine)))
+    return [text for text, option in candidates if _fits(plan_steps(teacher, student, option), gpu_bytes)]
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.1f} GB"
+
+
+def format_plan(teacher: ModelShape, student: ModelShape, setup: Setup, gpu_bytes: int) -> list[str]:
+    """The plan as printed by ``vlsi plan``: one block per step, then the verdict."""
+    steps = plan_steps(teacher, student, setup)
+    lines = [
+        f"teacher: {teacher.name}: {teacher.parameters / 1e9:.2f}B parameters, {teacher.num_layers} layers x "
+        f"{teacher.hidden_size}, {len(teacher.target_layers)} target layers",
+        f"student: {student.name}: {student.parameters / 1e9:.2f}B parameters, {student.num_layers} layers x "
+        f"{student.hidden_size}, {len(student.target_layers)} target layers, LoRA r={setup.lora_r} "
+        f"({student.lora_parameters(setup.lora_r) / 1e6:.1f}M parameters)",
+        f"{setup.gpus} GPU(s) of {_gb(gpu_bytes)} under {setup.engine}; tokens per micro-batch = batch x "
+        f"max_length {setup.max_length}, response tokens per sample "
+        f"{setup.max_length if setup.response_tokens is None else setup.response_tokens}; "
+        f"interaction chunk {setup.chunk_size}",
+    ]
+    usable = USABLE_FRACTION * gpu_bytes
+    for step in steps:
+        verdict = "fits" if step.total <= usable else "DOES NOT FIT"
+        lines.append(f"{step.step}: {_gb(step.total)} per GPU ({verdict}; usable {_gb(usable)})")
+        lines += [f"    {name:<22} {_gb(size):>10}" for name, size in step.parts.items() if size]
+    if _fits(steps, gpu_bytes):
+        lines.append("the run fits")
+    else:
+        fixes = suggestions(teacher, student, setup, gpu_bytes)
+        lines.append("the run does not fit; " + (
+            "each of these alone would make it fit: " + "; ".join(fixes) if fixes
+            else "no single change of batch, length, chunk, checkpointing, engine or GPU count makes it fit"))
+    return lines
+
+
+def parse_memory(text: str) -> int:
+    """``80GB``, ``80GiB``, ``141G`` or bytes -> bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(i?)B?\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise VlsiError(f"cannot read a memory size from {text!r} (e.g. 80GB, 141GiB)")
+    value, unit, binary = float(match[1]), match[2].upper(), bool(match[3])
+    power = " KMGT".index(unit) if unit else 0
+    return int(value * (1024 if binary else 1000) ** power)
+
+
+def run_plan(cfg: RunConfig, *, gpus: int, gpu_memory: str, engine: str, teacher_shape: str | None = None,
+             student_shape: str | None = None, response_tokens: int | None = None) -> list[str]:
+    """Shapes from the config's checkpoints (or the named shapes), target layers resolved."""
+    from vlsi.verbalizer import validate_target_layers
+
+    setup = setup_from_config(cfg, gpus, engine, response_tokens)
+    gpu_bytes = parse_memory(gpu_memory)
+    teacher = shape_from_name(teacher_shape) if teacher_shape else shape_from_checkpoint(cfg.teacher)
+    student = shape_from_name(student_shape) if student_shape else shape_from_checkpoint(cfg.student)
+    for role, m, layers in (("teacher", teacher, cfg.verbalizer.teacher_layers),
+                            ("student", student, cfg.verbalizer.student_layers)):
+        try:
+            m.target_layers = validate_target_layers(layers, m.num_layers)
+        except VlsiError as err:
+            raise VlsiError(f"verbalizer.{role}_layers: {err}") from None
+    return format_plan(teacher, student, setup, gpu_bytes)

@@ -1,0 +1,151 @@
+"""``vlsi cache-teacher``: run the frozen teacher and its verbalizers over the data once.
+
+    vlsi cache-teacher CONFIG [--teacher-verbalizers DIR] [--out DIR] [--top-k K]
+
+Writes a :mod:`vlsi.teacher_cache` directory: for every response token of every training
+sample, the top-K log-probabilities (and ids, and the tail mass) of each teacher target layer's
+verbalized distribution and of the teacher's own last layer, over the shared vocabulary. The
+interaction step reads it with ``--teacher-cache DIR`` (``interaction.teacher_cache``) and
+loads no teacher. Samples are encoded exactly as the interaction step encodes them (the
+student's tokenizer and image processor, ``data`` settings); the teacher runs in the dtype the
+interaction step would give it (bf16 where the GPU has it, else the checkpoint's).
+
+Under ``accelerate launch`` / ``torchrun`` each process takes every N-th sample and writes its
+own shards and index; the main process writes the manifest and marks the cache complete when
+all are done. Rerunning after a kill continues after the last finished shard.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from vlsi.backbones import checkpoint_dir, load_backbone
+from vlsi.config import RunConfig
+from vlsi.distributed import load_verbalizers
+from vlsi.faults import kill_if_asked
+from vlsi.fingerprint import data_identity, directory_identity, model_identity
+from vlsi.files import read_json, write_json_atomic
+from vlsi.preflight import Preflight, check_run
+from vlsi.stages.arguments import bf16_available
+from vlsi.stages.training_data import load_training_data, preprocessing_digest
+from vlsi.teacher_cache import (FORMAT, MANIFEST, STORAGE_DTYPES, CacheError, ShardWriter, check_manifest, id_bits,
+                                item_key, top_k_of)
+from vlsi.verbalizer import capture_layer_context, prediction_positions
+
+DEFAULT_TOP_K = 32
+SAMPLES_PER_SHARD = 256
+
+
+def expected_manifest(cfg: RunConfig, teacher_verbalizers: str | Path, top_k: int | None, vocab: int,
+                      layers: list[int]) -> dict[str, Any]:
+    """What a cache made for this run records; ``top_k=None`` leaves K unchecked."""
+    expected = {"data": data_identity(cfg), "preprocessing": preprocessing_digest(checkpoint_dir(cfg.student)),
+                "teacher": model_identity(checkpoint_dir(cfg.teacher)),
+                "teacher_verbalizers": directory_identity(teacher_verbalizers), "layers": list(layers),
+                "vocab_size": vocab}
+    if top_k is not None:
+        expected["top_k"] = top_k
+    return expected
+
+
+def _prepare(root: Path, expected: dict[str, Any], storage: str, processes: int, is_main: bool) -> dict[str, Any]:
+    """The manifest of ``root``: an existing one must match this run; else (main) it is written."""
+    path = root / MANIFEST
+    if path.is_file():
+        manifest = read_json(path)
+        check_manifest(manifest, expected, root)
+        if manifest["storage"] != storage or manifest["processes"] != processes:
+            raise CacheError(f"{root} holds a cache written as {manifest['storage']} by {manifest['processes']} "
+                             f"process(es); rerun it the same way or use another --out")
+        return manifest
+    manifest = {"format": FORMAT, **expected, "storage": storage, "id_bits": id_bits(expected["vocab_size"]),
+                "processes": processes, "complete": False}
+    if is_main:
+        root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, manifest)
+    return manifest
+
+
+@torch.no_grad()
+def _layer_top_k(t_stack: torch.Tensor, t_fn: Any, vocab: int, k: int, chunk: int):
+    """Top-K of every layer's log-probabilities: ids/values ``[N, L, K]``, tail ``[N, L]``."""
+    ids, values, tails = [], [], []
+    for j in range(t_stack.shape[0]):
+        parts = [top_k_of(torch.log_softmax(t_fn(j, t_stack[j, a:a + chunk])[:, :vocab].float(), dim=-1), k)
+                 for a in range(0, t_stack.shape[1], chunk)]
+        ids.append(torch.cat([p[0] for p in parts]))
+        values.append(torch.cat([p[1] for p in parts]))
+        tails.append(torch.cat([p[2] for p in parts]))
+    return torch.stack(ids, 1).cpu(), torch.stack(values, 1).cpu(), torch.stack(tails, 1).cpu()
+
+
+def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizers: str | Path,
+                      top_k: int = DEFAULT_TOP_K, storage: str = "float16",
+                      samples_per_shard: int = SAMPLES_PER_SHARD, preflight: Preflight | None = None) -> Path:
+    """Write (or finish) the teacher cache of ``cfg``'s training data into ``out_dir``."""
+    from accelerate import PartialState
+
+    if storage not in STORAGE_DTYPES:
+        raise CacheError(f"unknown cache storage {storage!r}; supported: {', '.join(STORAGE_DTYPES)}")
+    root = Path(out_dir)
+    pre = preflight or check_run(cfg, ("interact",), teacher_verbalizers=Path(teacher_verbalizers))
+    if top_k < 1 or top_k > pre.vocab:
+        raise CacheError(f"--top-k must be in [1, {pre.vocab}] (the shared vocabulary), got {top_k}")
+    state = PartialState()
+    teacher_dir, student_dir = checkpoint_dir(cfg.teacher), checkpoint_dir(cfg.student)
+    layers = pre.teacher.target_layers
+    expected = expected_manifest(cfg, teacher_verbalizers, top_k, pre.vocab, layers)
+    manifest = _prepare(root, expected, storage, state.num_processes, state.is_main_process)
+    if manifest.get("complete"):
+        if state.is_main_process:
+            print(f"cache-teacher: {root} is complete", flush=True)
+        return root
+    state.wait_for_everyone()
+
+    tcfg = cfg.stage("interact")
+    bf16 = bf16_available() if tcfg.bf16 == "auto" else bool(tcfg.bf16)
+    teacher = load_backbone(teacher_dir, dtype=torch.bfloat16 if bf16 else None)
+    teacher.model.requires_grad_(False).eval().to(state.device)
+    verbalizers = load_verbalizers(teacher_verbalizers, teacher).requires_grad_(False).eval().to(state.device)
+    dataset, collator, _ = load_training_data(cfg.data, student_dir)
+    mine = list(range(state.process_index, len(dataset), state.num_processes))
+    writer = ShardWriter(root, state.process_index, manifest["id_bits"], storage, samples_per_shard)
+    todo = mine[writer.done:]
+    batch_size = tcfg.per_device_train_batch_size
+    progress = tqdm(total=len(mine), initial=writer.done, desc=f"cache-teacher [{state.process_index}]",
+                    unit="sample", disable=not state.is_local_main_process)
+    start, tokens, added = time.perf_counter(), 0, 0
+    for first in range(0, len(todo), batch_size):
+        items = [dataset[i] for i in todo[first:first + batch_size]]
+        batch = {k: v.to(state.device) if torch.is_tensor(v) else v for k, v in collator(items).items()}
+        positions = prediction_positions(batch["labels"])
+        with torch.no_grad(), capture_layer_context(teacher) as context:
+            out = teacher.model(**teacher.model_inputs(batch), output_hidden_states=True, use_cache=False,
+                                logits_to_keep=1)
+            t_stack, t_fn = verbalizers.response_inputs(out.hidden_states, positions, context)
+        ids, values, tails = _layer_top_k(t_stack, t_fn, pre.vocab, top_k, cfg.interaction.chunk_size)
+        counts = positions.sum(dim=1).tolist()
+        offset = 0
+        for item, count in zip(items, counts):
+            writer.add(item_key(item), ids[offset:offset + count], values[offset:offset + count],
+                       tails[offset:offset + count])
+            offset += count
+            added += 1
+            kill_if_asked(f"cache-teacher:samples:{added}")
+        tokens += sum(counts)
+        progress.update(len(items))
+        progress.set_postfix(tokens_per_s=f"{tokens / (time.perf_counter() - start):.1f}",
+                             written=f"{writer.bytes_written / 2**20:.1f} MiB")
+    writer.flush()
+    progress.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        write_json_atomic(root / MANIFEST, {**manifest, "complete": True, "samples": len(dataset)})
+        print(f"cache-teacher: {len(dataset)} samples, K={top_k}, {len(layers) + 1} layers -> {root}", flush=True)
+    state.wait_for_everyone()
+    return root

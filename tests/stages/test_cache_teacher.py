@@ -1,0 +1,148 @@
+"""``vlsi cache-teacher`` and the interaction step reading it: end to end, kill and rerun,
+exactness at K = V, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from vlsi.errors import VlsiError
+from vlsi.teacher_cache import MANIFEST, CacheError, TeacherCache
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO / "configs" / "tiny-qwen2vl.yaml"
+STEPS = {"training.max_steps": 2, "training.per_device_train_batch_size": 2, "training.gradient_accumulation_steps": 1}
+
+
+@pytest.fixture(scope="module")
+def verbalized(tmp_path_factory, tiny_overrides, set_args, run_cli) -> Path:
+    """A run directory whose teacher verbalizers are trained (2 steps)."""
+    run = tmp_path_factory.mktemp("cached_run")
+    done = run_cli("verbalize", str(TINY_CONFIG), "--role", "teacher", *set_args(tiny_overrides(run, **STEPS)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run
+
+
+def _cache(run_cli, set_args, overrides, out: Path, *extra: str):
+    return run_cli("cache-teacher", str(TINY_CONFIG), *set_args(overrides), "--out", str(out), *extra)
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
+
+
+def test_killed_mid_shard_then_rerun_writes_the_same_cache(tmp_path, verbalized, tiny_overrides, set_args,
+                                                           run_cli, cli_env):
+    overrides = tiny_overrides(verbalized, **STEPS)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    done = _cache(run_cli, set_args, overrides, whole, "--top-k", "8", "--samples-per-shard", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    cli_env["VLSI_KILL_AT"] = "cache-teacher:samples:6"  # shard 0 written, shard 1 half full
+    try:
+        proc = _cache(run_cli, set_args, overrides, killed, "--top-k", "8", "--samples-per-shard", "4")
+    finally:
+        del cli_env["VLSI_KILL_AT"]
+    assert proc.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in killed.glob("shard-*")) == ["shard-00-00000.safetensors"]
+    assert not json.loads((killed / MANIFEST).read_text())["complete"]
+    again = _cache(run_cli, set_args, overrides, killed, "--top-k", "8", "--samples-per-shard", "4")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _files(killed) == _files(whole)  # 4 shards of 4 samples, index and manifest, byte for byte
+    cache = TeacherCache.open(whole)
+    assert len(cache.entries) == 16 and cache.k == 8 and cache.layers == 3  # teacher layers 1, 5 and the last
+
+
+def test_distill_with_the_cache_and_k_equal_v_reproduces_the_online_step(tmp_path, verbalized, tiny_overrides,
+                                                                        set_args, run_cli):
+    """The whole distill with interaction.teacher_cache (K = V, float32 storage) logs the online
+    run's interaction loss and KLD to float tolerance; no teacher is loaded in its interaction."""
+    vocab = 520  # the tiny pair's shared vocabulary (K = V: an empty tail)
+    # one sample per micro-batch: the online teacher then sees each sample unpadded, as the cache did
+    steps = {**STEPS, "training.per_device_train_batch_size": 1, "training.gradient_accumulation_steps": 2}
+    online_dir, cached_dir = tmp_path / "online", tmp_path / "cached"
+    online = run_cli("distill", str(TINY_CONFIG), *set_args(tiny_overrides(online_dir, **steps)), timeout=300)
+    assert online.returncode == 0, online.stderr[-3000:]
+    cache = tmp_path / "cache"
+    # the cache is made from the online run's teacher verbalizers, then distill reuses every step but the interaction
+    shutil.copytree(online_dir / "1-teacher-verbalize", cached_dir / "1-teacher-verbalize")
+    shutil.copytree(online_dir / "2-student-verbalize", cached_dir / "2-student-verbalize")
+    made = _cache(run_cli, set_args, tiny_overrides(cached_dir, **steps), cache, "--top-k", str(vocab),
+                  "--storage", "float32")
+    assert made.returncode == 0, made.stderr[-3000:]
+    overrides = tiny_overrides(cached_dir, **steps, **{"interaction.teacher_cache": str(cache),
+                                                      "interaction.teacher_cache_top_k": vocab})
+    cached = run_cli("distill", str(TINY_CONFIG), *set_args(overrides), timeout=300)
+    assert cached.returncode == 0, cached.stderr[-3000:]
+    assert "teacher cache: done, skipped" in cached.stdout and "teacher: none loaded" in cached.stdout
+
+    def logged(run: Path) -> list[dict]:
+        rows = [json.loads(line) for line in (run / "3-interact" / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "interaction_loss" in r]
+
+    want, got = logged(online_dir), logged(cached_dir)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+    # The online loss computes each KL as P.log P - P.log Q, two float32 sums of size ~log V = 6.3
+    # whose difference is ~0.03: it is exact to their rounding (~1e-6 absolute), not to 1e-6 of
+    # the difference; the cached loss sums P (log P - log Q) directly.
+    for a, b in zip(want, got):
+        for key in ("interaction_loss", "last_layer_loss", "mean_kld"):
+            assert b[key] == pytest.approx(a[key], rel=0, abs=1e-5), key
+    assert (cached_dir / "4-sft" / "model" / "model.safetensors").is_file()
+
+
+def test_refusals_are_one_line(tmp_path, verbalized, tiny_overrides, set_args, run_cli, synth_dir):
+    overrides = tiny_overrides(verbalized, **STEPS)
+    cache = tmp_path / "cache"
+    assert _cache(run_cli, set_args, overrides, cache, "--top-k", "8", "--samples-per-shard", "4").returncode == 0
+
+    def interact(cache_dir: Path, **more) -> str:
+        more = {"interaction.teacher_cache": str(cache_dir), "interaction.teacher_cache_top_k": 8, **more}
+        proc = run_cli("interact", str(TINY_CONFIG), "--student-verbalizers", str(student),
+                       *set_args(tiny_overrides(verbalized, **STEPS, **more)), "--out", str(tmp_path / "interact"))
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1, proc.stderr[-3000:]
+        return lines[0]
+
+    student = tmp_path / "student-verbalizers"
+    made = run_cli("verbalize", str(TINY_CONFIG), "--role", "student", *set_args(overrides), "--out", str(student))
+    assert made.returncode == 0, made.stderr[-3000:]
+    assert "other data" in interact(cache, **{"data.train": [str(synth_dir / "eval.json")]})
+    assert "other data" in interact(cache, **{"data.max_pixels": 56 * 56})  # image bounds
+    assert "another K than this run (8 vs 4 asked)" in interact(cache, **{"interaction.teacher_cache_top_k": 4})
+
+    other = tmp_path / "other-teacher-verbalizers"
+    assert run_cli("verbalize", str(TINY_CONFIG), "--role", "teacher", "--out", str(other),
+                   *set_args(tiny_overrides(verbalized, **{**STEPS, "training.max_steps": 1}))).returncode == 0
+    proc = run_cli("interact", str(TINY_CONFIG), "--teacher-verbalizers", str(other), "--student-verbalizers",
+                   str(student), "--teacher-cache", str(cache), "--out", str(tmp_path / "interact"),
+                   *set_args(tiny_overrides(verbalized, **STEPS, **{"interaction.teacher_cache_top_k": 8})))
+    assert proc.returncode == 2 and "other teacher verbalizers" in proc.stderr
+
+    lacking = tmp_path / "lacking"
+    shutil.copytree(cache, lacking)
+    index = json.loads((lacking / "index-00.json").read_text())
+    index["shards"][1]["samples"].pop()  # one sample of the data no longer in the cache
+    (lacking / "index-00.json").write_text(json.dumps(index))
+    assert "lacks 1 sample(s)" in interact(lacking)
+
+    missing = tmp_path / "missing"
+    shutil.copytree(cache, missing)
+    (missing / "shard-00-00002.safetensors").unlink()
+    assert "shard-00-00002.safetensors is missing" in interact(missing)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(cache, corrupt)
+    shard = corrupt / "shard-00-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes
+    shard.write_bytes(bytes(data))
+    opened = TeacherCache.open(corrupt)
+    with pytest.raises(CacheError, match="corrupt"):
+        opened.sample(next(k for k, (s, _) in opened.entries.items() if s["file"] == shard.name))
+    with pytest.raises(VlsiError, match="not a teacher cache"):
+        TeacherCache.open(tmp_path)

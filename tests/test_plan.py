@@ -1,0 +1,118 @@
+"""vlsi.plan: per-GPU memory from the model configs, before anything is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from vlsi.cli import main
+from vlsi.config import load_config
+from vlsi.errors import VlsiError
+from vlsi.plan import Setup, parse_memory, plan_steps, run_plan, shape_from_checkpoint, shape_from_name
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_parse_memory():
+    assert parse_memory("80GB") == 80 * 10**9
+    assert parse_memory("141GiB") == 141 * 2**30
+    assert parse_memory("512M") == 512 * 10**6
+    with pytest.raises(VlsiError, match="memory size"):
+        parse_memory("eighty")
+
+
+def test_shapes_from_the_published_configs():
+    shape = shape_from_name("qwen2-vl-72b")
+    assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (8192, 80, 152064)
+    assert shape.parameters == pytest.approx(73.4e9, rel=0.005) and shape.weight_bytes == 2
+    with pytest.raises(VlsiError, match="unknown shape"):
+        shape_from_name("qwen2-vl-1t")
+
+
+def test_lora_and_weights_match_the_built_model(tiny_pair):
+    """The counts the plan reads from the meta model are those of the loaded model with PEFT."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlsi.backbones import LORA_TARGET_PATTERN, load_model
+
+    pair = tiny_pair("qwen2_vl")
+    shape = shape_from_checkpoint(pair.student)
+    model = load_model(pair.student)
+    assert shape.parameters == sum(p.numel() for p in model.parameters())
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, target_modules=LORA_TARGET_PATTERN))
+    trainable = sum(p.numel() for p in peft.parameters() if p.requires_grad)
+    assert shape.lora_parameters(8) == trainable
+
+
+def _setup(**change) -> Setup:
+    base = dict(gpus=8, engine="zero3", batch={"verbalize": 1, "interact": 1, "sft": 1},
+                checkpointing={"verbalize": True, "interact": True, "sft": True}, max_length=4096,
+                chunk_size=256, lora_r=64, autocast=True)
+    return Setup(**{**base, **change})
+
+
+def _pair():
+    teacher, student = shape_from_name("qwen2-vl-72b"), shape_from_name("qwen2-vl-2b")
+    teacher.target_layers, student.target_layers = list(range(1, 79, 4)), list(range(1, 27, 4))
+    return teacher, student
+
+
+def test_engines_shard_what_they_should():
+    teacher, student = _pair()
+    by_engine = {e: {s.step: s for s in plan_steps(teacher, student, _setup(engine=e))}
+                 for e in ("ddp", "zero2", "zero3")}
+    whole = teacher.parameters * 2
+    assert by_engine["ddp"]["interact"].parts["teacher weights"] == whole
+    assert by_engine["zero2"]["interact"].parts["teacher weights"] == whole
+    assert by_engine["zero3"]["interact"].parts["teacher weights"] == whole // 8
+    lora = [by_engine[e]["interact"].parts["lora + optimizer"] for e in ("ddp", "zero2", "zero3")]
+    assert lora[0] > lora[1] > lora[2]  # zero2 shards gradients and moments, zero3 the weights too
+    assert by_engine["ddp"]["interact"].parts["gathered"] == 0 < by_engine["zero3"]["interact"].parts["gathered"]
+
+
+def test_checkpointing_chunk_and_batch_move_their_own_parts():
+    teacher, student = _pair()
+    interact = lambda **kw: {s.step: s for s in plan_steps(teacher, student, _setup(**kw))}["interact"]  # noqa: E731
+    assert (interact(checkpointing={"verbalize": True, "interact": False, "sft": True}).parts["activations"]
+            > interact().parts["activations"])
+    t_s = len(student.target_layers)
+    shrink = interact().parts["loss working set"] - interact(chunk_size=128).parts["loss working set"]
+    assert shrink == (t_s + 4) * 128 * 151936 * 4  # the (t_s + 4) x chunk x V float32 buffers
+    assert interact(batch={"verbalize": 1, "interact": 2, "sft": 1}).total > interact().total
+
+
+def test_a_72b_teacher_under_ddp_does_not_fit_and_the_plan_says_what_would(capsys):
+    code = main(["plan", str(REPO / "configs/qwen2vl-72b-to-2b.yaml"), "--teacher-shape", "qwen2-vl-72b",
+                 "--student-shape", "qwen2-vl-2b", "--gpus", "8", "--gpu-memory", "80GB", "--engine", "ddp"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "teacher weights" in out and "146.8 GB" in out  # 73.4B parameters in bf16, whole on each GPU
+    assert "interact:" in out and "DOES NOT FIT" in out
+    assert "the run does not fit; each of these alone would make it fit:" in out and "--engine zero3" in out
+
+
+def test_the_shipped_72b_config_fits_eight_80gb_gpus_under_zero3():
+    lines = run_plan(load_config(REPO / "configs/qwen2vl-72b-to-2b.yaml"), gpus=8, gpu_memory="80GB",
+                     engine="zero3", teacher_shape="qwen2-vl-72b", student_shape="qwen2-vl-2b")
+    assert lines[-1] == "the run fits"
+
+
+def test_plan_of_a_local_checkpoint(tiny_pair, tmp_path, capsys):
+    pair = tiny_pair("qwen2_vl")
+    config = tmp_path / "run.yaml"
+    config.write_text((REPO / "configs/tiny-qwen2vl.yaml").read_text()
+                      .replace("runs/tiny/teacher", str(pair.teacher)).replace("runs/tiny/student", str(pair.student)))
+    assert main(["plan", str(config), "--gpus", "1", "--gpu-memory", "24GB", "--engine", "ddp"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher-verbalize:" in out and "sft:" in out and out.rstrip().endswith("the run fits")
+
+
+def test_missing_checkpoint_is_one_line(tmp_path, capsys):
+    code = main(["plan", str(REPO / "configs/qwen2vl-72b-to-2b.yaml"), "--student-shape", "qwen2-vl-2b"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--teacher-shape" in err
+
+
+torch.set_num_threads(1)
