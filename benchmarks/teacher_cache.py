@@ -25,8 +25,10 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,15 +45,13 @@ def measure_bytes(out: Path) -> dict:
     g = torch.Generator().manual_seed(0)
     rows = {}
     for k in (8, 32, 128):
-        root = out.parent / f"bytes-k{k}"
-        root.mkdir(parents=True, exist_ok=True)
-        for p in root.glob("*"):
-            p.unlink()
+        root = Path(tempfile.mkdtemp(prefix=f"cache-bytes-k{k}-"))
         writer = ShardWriter(root, 0, id_bits(vocab), "float16", samples_per_shard=1)
         logp = torch.log_softmax(torch.randn(tokens, layers, vocab, generator=g) * 3, dim=-1)
         ids, values, tail = top_k_of(logp, k)
         writer.add("sample", ids, values, tail)
         size = writer.shards[0]["bytes"]
+        shutil.rmtree(root)
         rows[k] = {"file_bytes": size, "bytes_per_token": size / tokens,
                    "formula_bytes_per_token": bytes_per_token(k, layers, vocab)}
         print(f"K={k:>4}: {size / tokens:,.0f} bytes per response token on disk "
@@ -125,7 +125,7 @@ def run_demo(out: Path, seeds: int, batches: int) -> dict:
     from vlsi.stages.sft import run_sft
 
     torch.set_num_threads(2)
-    recipe, pair, data_dir, items = prepare_run(out, None, quick=False, seeds=seeds)
+    recipe, pair, data_dir, items = prepare_run(out, None, quick=False, seeds=seeds, pair_dir=None)
     report: dict = {"recipe_interact_steps": recipe.interact.steps, "seeds": {}}
     for seed in range(seeds):
         root = out / f"seed-{seed}"

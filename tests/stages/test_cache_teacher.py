@@ -94,46 +94,44 @@ def test_distill_with_the_cache_and_k_equal_v_reproduces_the_online_step(tmp_pat
     assert (cached_dir / "4-sft" / "model" / "model.safetensors").is_file()
 
 
-def test_refusals_are_one_line(tmp_path, verbalized, tiny_overrides, set_args, run_cli, synth_dir):
+def test_refusals_are_one_line(tmp_path, verbalized, tiny_overrides, tiny_config, set_args, run_cli, synth_dir):
+    from vlsi.stages.interact import run_interact
+
     overrides = tiny_overrides(verbalized, **STEPS)
     cache = tmp_path / "cache"
     assert _cache(run_cli, set_args, overrides, cache, "--top-k", "8", "--samples-per-shard", "4").returncode == 0
-
-    def interact(cache_dir: Path, **more) -> str:
-        more = {"interaction.teacher_cache": str(cache_dir), "interaction.teacher_cache_top_k": 8, **more}
-        proc = run_cli("interact", str(TINY_CONFIG), "--student-verbalizers", str(student),
-                       *set_args(tiny_overrides(verbalized, **STEPS, **more)), "--out", str(tmp_path / "interact"))
-        assert proc.returncode == 2, proc.stderr[-3000:]
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert len(lines) == 1, proc.stderr[-3000:]
-        return lines[0]
-
     student = tmp_path / "student-verbalizers"
     made = run_cli("verbalize", str(TINY_CONFIG), "--role", "student", *set_args(overrides), "--out", str(student))
     assert made.returncode == 0, made.stderr[-3000:]
-    assert "other data" in interact(cache, **{"data.train": [str(synth_dir / "eval.json")]})
-    assert "other data" in interact(cache, **{"data.max_pixels": 56 * 56})  # image bounds
-    assert "another K than this run (8 vs 4 asked)" in interact(cache, **{"interaction.teacher_cache_top_k": 4})
 
+    def refusal(cache_dir: Path, teacher: Path | None = None, **more) -> str:
+        cfg = tiny_config(verbalized, **STEPS, **{"interaction.teacher_cache": str(cache_dir),
+                                                  "interaction.teacher_cache_top_k": 8, **more})
+        with pytest.raises(CacheError) as err:  # raised before any model is loaded
+            run_interact(cfg, tmp_path / "interact", teacher_verbalizers=teacher or verbalized / "1-teacher-verbalize",
+                         student_verbalizers=student)
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    assert "other data" in refusal(cache, **{"data.train": [str(synth_dir / "eval.json")]})
+    assert "other data" in refusal(cache, **{"data.max_pixels": 56 * 56})  # image bounds
+    assert "another K than this run (8 vs 4 asked)" in refusal(cache, **{"interaction.teacher_cache_top_k": 4})
     other = tmp_path / "other-teacher-verbalizers"
     assert run_cli("verbalize", str(TINY_CONFIG), "--role", "teacher", "--out", str(other),
                    *set_args(tiny_overrides(verbalized, **{**STEPS, "training.max_steps": 1}))).returncode == 0
-    proc = run_cli("interact", str(TINY_CONFIG), "--teacher-verbalizers", str(other), "--student-verbalizers",
-                   str(student), "--teacher-cache", str(cache), "--out", str(tmp_path / "interact"),
-                   *set_args(tiny_overrides(verbalized, **STEPS, **{"interaction.teacher_cache_top_k": 8})))
-    assert proc.returncode == 2 and "other teacher verbalizers" in proc.stderr
+    assert "other teacher verbalizers" in refusal(cache, teacher=other)
 
     lacking = tmp_path / "lacking"
     shutil.copytree(cache, lacking)
     index = json.loads((lacking / "index-00.json").read_text())
     index["shards"][1]["samples"].pop()  # one sample of the data no longer in the cache
     (lacking / "index-00.json").write_text(json.dumps(index))
-    assert "lacks 1 sample(s)" in interact(lacking)
+    assert "lacks 1 sample(s)" in refusal(lacking)
 
     missing = tmp_path / "missing"
     shutil.copytree(cache, missing)
     (missing / "shard-00-00002.safetensors").unlink()
-    assert "shard-00-00002.safetensors is missing" in interact(missing)
+    assert "shard-00-00002.safetensors is missing" in refusal(missing)
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(cache, corrupt)

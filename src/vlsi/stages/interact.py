@@ -273,6 +273,10 @@ def run_interact(
             cfg, teacher_verbalizers, cfg.interaction.teacher_cache_top_k, pre.vocab, pre.teacher.target_layers))
 
     def build(args, dataset, collator, resumed_step: int) -> Trainer:
+        if cache is not None:  # before any model loads
+            cache.check_samples([sample_key(s.id, s.input_ids, s.labels, s.num_image_tokens) for s in dataset.samples],
+                                [s.id for s in dataset.samples])
+            collator = KeyedCollator(collator)
         dtype = torch.bfloat16 if args.bf16 else None
         student = load_backbone(student_dir, dtype=dtype)
         s_verb = load_verbalizers(student_verbalizers, student)
@@ -282,10 +286,6 @@ def run_interact(
             t_verb = load_verbalizers(teacher_verbalizers, teacher)
             teacher.model.requires_grad_(False).eval()
             t_layers = t_verb.layers
-        else:
-            cache.check_samples([sample_key(s.id, s.input_ids, s.labels, s.num_image_tokens) for s in dataset.samples],
-                                [s.id for s in dataset.samples])
-            collator = KeyedCollator(collator)
         model = with_lora(student, cfg.lora, seed=cfg.stage("interact").seed)
         recorder = MatchRecorder(len(s_verb.layers), len(t_layers), student_layers=s_verb.layers,
                                  teacher_layers=t_layers, strategy=cfg.interaction.strategy)
