@@ -36,6 +36,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from real_shapes import run_measured  # noqa: E402  (wall time and peak RSS of a child)
 
 
 def measure_bytes(out: Path) -> dict:
@@ -159,28 +162,17 @@ def run_demo(out: Path, seeds: int, batches: int) -> dict:
     return report
 
 
-def _measured(command: list[str], log: Path) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    start = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command[:5])} failed; see {log}")
-    return {"seconds": round(time.perf_counter() - start, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
-
-
 def run_real(run_dir: Path, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     config, run = run_dir / "config.yaml", run_dir / "run"
     cli = [sys.executable, "-m", "vlsi.cli"]
     common = ["--teacher-verbalizers", str(run / "1-teacher-verbalize"),
               "--student-verbalizers", str(run / "2-student-verbalize"), "--set", "training.max_steps=2"]
-    report = {"cache": _measured([*cli, "cache-teacher", str(config), "--out", str(out / "cache"), "--top-k", "32",
+    report = {"cache": run_measured([*cli, "cache-teacher", str(config), "--out", str(out / "cache"), "--top-k", "32",
                                   "--teacher-verbalizers", str(run / "1-teacher-verbalize")], out / "cache.log")}
     for name, extra in (("online", []), ("cached", ["--teacher-cache", str(out / "cache")])):
         target = out / f"interact-{name}"
-        report[name] = _measured([*cli, "interact", str(config), *common, "--out", str(target), *extra],
+        report[name] = run_measured([*cli, "interact", str(config), *common, "--out", str(target), *extra],
                                  out / f"{name}.log")
         report[name]["split"] = _metrics(target)
     print(json.dumps(report, indent=1), flush=True)
