@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
