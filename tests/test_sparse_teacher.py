@@ -18,7 +18,7 @@ def sparse_from(teacher_hidden, t_fn, k: int) -> SparseTeacher:
         top = full.topk(k, dim=-1)
         ids.append(top.indices)
         logp.append(top.values)
-        tail.append((1 - top.values.exp().sum(-1)).clamp_min(0))
+        tail.append(full.scatter(-1, top.indices, float("-inf")).logsumexp(-1).exp())  # 0 at K = V
     return SparseTeacher(torch.stack(ids), torch.stack(logp), torch.stack(tail))
 
 
@@ -30,9 +30,9 @@ def bucketed_reference(student_hidden, s_fn, sparse: SparseTeacher, weights, op=
     for i, j, w in pairs:
         log_q = torch.log_softmax(s_fn(i, student_hidden[i])[:, :V], dim=-1)
         q_top = log_q.gather(1, sparse.ids[j])
-        q_tail = (1 - q_top.exp().sum(-1)).clamp_min(1e-12)
+        log_q_tail = log_q.scatter(1, sparse.ids[j], float("-inf")).logsumexp(-1)
         p = sparse.logp[j].exp()
-        cross = (p * q_top).sum(-1) + torch.xlogy(sparse.tail[j], q_tail)
+        cross = (p * q_top).sum(-1) + sparse.tail[j] * log_q_tail
         per_token = -cross
         if op == "kld":
             per_token = per_token + (p * sparse.logp[j]).sum(-1) + torch.xlogy(sparse.tail[j], sparse.tail[j])

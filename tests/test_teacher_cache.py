@@ -51,3 +51,33 @@ def test_each_manifest_field_is_checked(tmp_path, field, words):
     with pytest.raises(CacheError, match=words) as err:
         check_manifest(manifest, other, tmp_path)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("bad", [262144, 300000, -1])
+def test_pack_ids_refuses_ids_outside_its_bits(bad):
+    with pytest.raises(CacheError, match=r"must be in \[0, 262144\)"):
+        pack_ids(torch.tensor([5, bad, 7]), 18)
+
+
+def test_nan_teacher_log_probs_are_refused_naming_the_sample():
+    from vlsi.stages.cache_teacher import refuse_nan
+
+    values, tails = torch.randn(7, 3, 4), torch.rand(7, 3)  # samples of 2, 3 and 2 tokens
+    refuse_nan(values, tails, [2, 3, 2], ["a", "b", "c"])  # finite: nothing to refuse
+    values[3, 1, 0] = float("nan")
+    with pytest.raises(CacheError, match=r"sample 'b'.*NaN at response token 1"):
+        refuse_nan(values, tails, [2, 3, 2], ["a", "b", "c"])
+    values[3, 1, 0], tails[6, 2] = 0.0, float("nan")
+    with pytest.raises(CacheError, match=r"sample 'c'.*token 1"):
+        refuse_nan(values, tails, [2, 3, 2], ["a", "b", "c"])
+
+
+def test_top_k_of_nan_logits_is_refused_before_storage():
+    """``topk`` ranks NaN first: the NaN reaches the stored values, where refuse_nan sees it."""
+    from vlsi.stages.cache_teacher import refuse_nan
+
+    logp = torch.log_softmax(torch.randn(2, 1, 10), dim=-1)
+    logp[1, 0, 3] = float("nan")
+    ids, values, tails = top_k_of(logp, 4)
+    with pytest.raises(CacheError, match="sample 's1'"):
+        refuse_nan(values, tails, [1, 1], ["s0", "s1"])

@@ -54,8 +54,9 @@ import torch
 from torch import Tensor
 
 from vlsi.config import DEFAULT_CHUNK_SIZE
-from vlsi.losses import (OPS, DIVERGENCES, SPARSE_OPS, TAIL_FLOOR, compute_dtype, log_probs, pair_loss_and_logit_grad,
-                         pair_loss_logprobs, row_dot, sparse_pair_loss_and_logit_grad)
+from vlsi.losses import (OPS, DIVERGENCES, SPARSE_OPS, compute_dtype, finite_floor, log_probs, pair_loss_and_logit_grad,
+                         pair_loss_logprobs, row_dot, sparse_bucket_loss, sparse_pair_loss_and_logit_grad,
+                         tail_log_mass)
 from vlsi.matching import STRATEGIES, Matching, match, needed_mask
 
 
@@ -106,6 +107,17 @@ class SparseTeacher:
     ids: Tensor
     logp: Tensor
     tail: Tensor
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 3 or self.ids.dtype != torch.long:
+            raise ValueError(f"SparseTeacher.ids must be long [layers, N, K], got {self.ids.dtype} "
+                             f"{list(self.ids.shape)}")
+        if self.logp.shape != self.ids.shape or not self.logp.is_floating_point():
+            raise ValueError(f"SparseTeacher.logp must be float {list(self.ids.shape)} like ids, got "
+                             f"{self.logp.dtype} {list(self.logp.shape)}")
+        if self.tail.shape != self.ids.shape[:2] or not self.tail.is_floating_point():
+            raise ValueError(f"SparseTeacher.tail must be float {list(self.ids.shape[:2])} (layers, N), got "
+                             f"{self.tail.dtype} {list(self.tail.shape)}")
 
     @property
     def shape(self) -> torch.Size:
@@ -270,23 +282,21 @@ def scoring_slots(rows: int) -> int:
 
 
 def _log_softmax_into(logits: Tensor, vocab_size: int, out: Tensor) -> Tensor:
-    """``log_softmax`` of ``logits[:, :V]`` in ``out``'s dtype, written into ``out`` ``[c, V]``."""
-    return torch.log_softmax(_cut(logits, vocab_size), dim=-1, dtype=out.dtype, out=out)
+    """``log_softmax`` of ``logits[:, :V]`` in ``out``'s dtype, written into ``out`` ``[c, V]``;
+    ``-inf`` (masked ids) floored to the lowest finite value (:func:`vlsi.losses.finite_floor`)."""
+    return finite_floor(torch.log_softmax(_cut(logits, vocab_size), dim=-1, dtype=out.dtype, out=out))
 
 
-def _softmax_into(logits: Tensor, vocab_size: int, out: Tensor) -> Tensor:
+def _softmax_into(logits: Tensor, vocab_size: int, out: Tensor, log_out: Tensor) -> Tensor:
     """``P = softmax(logits[:, :V])`` written into ``out`` ``[c, V]``; returns ``sum_v P log P`` ``[c]``.
 
-    One exponential pass instead of a log-softmax and an ``exp``: ``log P = z - lse`` with
-    ``lse = max z - log max P`` (the largest probability is at least ``1 / V``, so its log
-    loses nothing to underflow).
+    ``log P`` is a log-softmax (shifted by the row's largest logit before anything is summed)
+    written into ``log_out`` ``[c, V]``, so the self term keeps float32 precision however large
+    the logits are, and masked ids give ``0 log 0 = 0``.
     """
-    z = _cut(logits, vocab_size)
-    if z.dtype != out.dtype:
-        z = z.to(out.dtype)
-    p = torch.softmax(z, dim=-1, out=out)
-    lse = z.amax(dim=-1) - p.amax(dim=-1).log()
-    return row_dot(p, z) - lse
+    log_p = _log_softmax_into(logits, vocab_size, log_out)
+    p = torch.exp(log_p, out=out)
+    return row_dot(p, log_p)
 
 
 def _student_cache(problem: _Problem, rows: list[int], a: int, b: int,
@@ -333,19 +343,23 @@ def _teacher_group(problem: _Problem, group: list[int], first: int, a: int, b: i
         if self_terms is None:
             _log_softmax_into(logits, problem.vocab_size, side[g])
         else:
-            self_terms[:, g] = _softmax_into(logits, problem.vocab_size, side[g])
+            self_terms[:, g] = _softmax_into(logits, problem.vocab_size, side[g],
+                                             workspace.slot(first + TEACHER_GROUP, c))
         del logits
     return side, self_terms
 
 
-def _sparse_chunk_kl(problem: _Problem, j: int, a: int, b: int, cache: Tensor) -> Tensor:
-    """Bucketed ``KL(P_j || Q_i)`` of every cached student layer on tokens ``a:b``: ``[r, c]``
-    (the formula of :func:`vlsi.losses.sparse_pair_loss_and_logit_grad`)."""
+def _sparse_chunk_kl(problem: _Problem, j: int, a: int, b: int, cache: Tensor, positions: list[int],
+                     scratch: Tensor) -> list[Tensor]:
+    """Bucketed ``KL(P_j || Q_i)`` on tokens ``a:b`` for the cached student layers at ``positions``
+    of ``cache`` ``[r, c, V]``: one ``[c]`` tensor each (the formula of
+    :func:`vlsi.losses.sparse_pair_loss_and_logit_grad`); ``scratch`` ``[c, V]`` is overwritten."""
     ids, logp, tail = problem.teacher_hidden.layer(j, a, b, cache.dtype)
-    s_top = cache.gather(2, ids.unsqueeze(0).expand(cache.shape[0], -1, -1))  # [r, c, K] log q
-    p = logp.exp()
-    q_tail = (1 - s_top.exp().sum(dim=-1)).clamp_min(TAIL_FLOOR)
-    return (p * (logp - s_top)).sum(dim=-1) + torch.xlogy(tail, tail) - torch.xlogy(tail, q_tail)
+    out = []
+    for k in positions:
+        log_q_tail, _ = tail_log_mass(cache[k], ids, scratch)
+        out.append(sparse_bucket_loss("kld", logp, tail, cache[k].gather(1, ids), log_q_tail))
+    return out
 
 
 @torch.no_grad()
@@ -358,6 +372,10 @@ def _score_kld(problem: _Problem, needed: Tensor, chunk_size: int, workspace: _W
     are computed there too, and dropped). ``KL(P || Q_i) = P . log P - P . log Q_i`` and
     ``KL(Q_i || P) = Q_i . log Q_i - Q_i . log P``.
 
+    Which entries are needed is decided on the host once, before the chunks: inside the loop
+    results are accumulated by index tensors built on the device once, so the pass issues no
+    host-device synchronisation per chunk.
+
     Args:
         needed: CPU bool ``[t_s, t_l]``.
 
@@ -365,21 +383,25 @@ def _score_kld(problem: _Problem, needed: Tensor, chunk_size: int, workspace: _W
         float32 ``[t_s, t_l]``, NaN outside ``needed``.
     """
     device = problem.student_hidden.device
-    sums = torch.zeros(problem.t_s, problem.t_l, dtype=torch.float64, device=device)
     rows = needed.any(dim=1).nonzero().flatten().tolist()
-    position = {i: k for k, i in enumerate(rows)}
-    columns = [j for j in range(problem.t_l) if needed[:, j].any()]
+    needed_cells = needed.tolist()
+    columns = [j for j in range(problem.t_l) if any(needed_cells[i][j] for i in rows)]
     groups = [columns[k : k + TEACHER_GROUP] for k in range(0, len(columns), TEACHER_GROUP)]
+    sums = torch.zeros(len(rows), problem.t_l, dtype=torch.float64, device=device)  # [r, t_l]
     chunks = _chunks(problem.n_tokens, chunk_size) if rows else []  # nothing to score: no pass
+    if problem.sparse:
+        positions = {j: [k for k, i in enumerate(rows) if needed_cells[i][j]] for j in columns}
+    else:
+        group_index = [torch.tensor(group, device=device) for group in groups]
     for a, b in chunks:
         cache, student_self = _student_cache(problem, rows, a, b, workspace)
         if problem.sparse:
+            scratch = workspace.slot(len(rows), b - a)
             for j in columns:
-                kl = _sparse_chunk_kl(problem, j, a, b, cache)  # [r, c]
-                col_rows = needed[:, j].nonzero().flatten().tolist()
-                sums[col_rows, j] += kl[[position[i] for i in col_rows]].sum(dim=1).to(torch.float64)
+                for k, kl in zip(positions[j], _sparse_chunk_kl(problem, j, a, b, cache, positions[j], scratch)):
+                    sums[k, j] += kl.sum().to(torch.float64)
             continue
-        for group in groups:
+        for group, index in zip(groups, group_index):
             side, teacher_self = _teacher_group(problem, group, len(rows), a, b, workspace)
             # [c, r, V] x [c, V, g] -> [c, r, g]
             cross = torch.bmm(cache.permute(1, 0, 2), side.permute(1, 2, 0))
@@ -387,11 +409,10 @@ def _score_kld(problem: _Problem, needed: Tensor, chunk_size: int, workspace: _W
                 kl = teacher_self.unsqueeze(1) - cross
             else:
                 kl = student_self.unsqueeze(2) - cross
-            totals = kl.sum(dim=0).to(torch.float64)  # [r, g]
-            for g, j in enumerate(group):
-                col_rows = needed[:, j].nonzero().flatten().tolist()
-                sums[col_rows, j] += totals[[position[i] for i in col_rows], g]
-    kld = (sums / problem.n_tokens).float()
+            sums.index_add_(1, index, kl.sum(dim=0).to(torch.float64))  # [r, g]
+    kld = torch.full((problem.t_s, problem.t_l), float("nan"), device=device)
+    if rows:
+        kld[torch.tensor(rows, device=device)] = (sums / problem.n_tokens).float()
     return kld.masked_fill(~needed.to(device), float("nan"))
 
 
@@ -450,9 +471,12 @@ def _student_layer_chunk(
     """
     c = b - a
     h = problem.student_hidden[i, a:b].detach().requires_grad_(need_grad)
-    with torch.enable_grad() if need_grad else torch.no_grad():
+    # the first chunk also runs with grad when the caller has grad on but student_hidden needs
+    # none, so that trainable verbalizer parameters are found rather than silently left out
+    check = check and torch.is_grad_enabled()
+    with torch.set_grad_enabled(need_grad or check):
         logits = problem.student_fn(i, h)
-    if need_grad and check:
+    if check:
         _check_frozen(logits, h, i)
     with torch.no_grad():
         log_q = _log_softmax_into(logits.detach(), problem.vocab_size, workspace.slot(0, c))

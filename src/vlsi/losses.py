@@ -3,7 +3,8 @@
 All functions take log-probabilities (:func:`log_probs` of logits already cut to the shared
 vocabulary ``V``) and return one loss per token. Softmax, log-softmax and the reductions over ``V`` run in float32
 whatever the input dtype (bf16 logits lose too much in ``exp``/``log``), or in float64 when the
-input is float64 (used by the exactness tests). Logits are assumed finite, as model logits are.
+input is float64 (used by the exactness tests). Logits may be ``-inf`` (masked ids): an id of
+probability 0 contributes ``0 log 0 = 0``; logits must not be NaN.
 
 With ``P = softmax(teacher)`` and ``Q = softmax(student)``, per token:
 
@@ -38,14 +39,34 @@ def log_probs(logits: Tensor) -> Tensor:
     return torch.log_softmax(logits.to(compute_dtype(logits.dtype)), dim=-1)
 
 
+def finite_floor(t: Tensor) -> Tensor:
+    """Replace ``-inf`` log-probabilities (masked ids) by the dtype's lowest finite value, in place.
+
+    Inner products with probabilities then give ``0 * log 0 = 0`` where both sides mask an id,
+    instead of ``0 * -inf = nan``; mass on an id the other side masks still weighs
+    ``p * 3.4e38`` (float32), i.e. an overflowing or astronomically large divergence.
+    """
+    return t.clamp_(min=torch.finfo(t.dtype).min)
+
+
+def _plogp_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``p (log p - log q)`` elementwise, 0 where ``p = 0`` (``0 log 0 = 0``)."""
+    return p * torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
+
+
+def _p_log_q(p: Tensor, log_q: Tensor) -> Tensor:
+    """``p log q`` elementwise, 0 where ``p = 0``."""
+    return p * torch.where(p > 0, log_q, torch.zeros_like(p))
+
+
 def kl_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(P || Q)`` per row from log-probabilities ``[n, V]``; returns ``[n]``."""
-    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    """``KL(P || Q)`` per row from log-probabilities ``[n, V]``; returns ``[n]`` (``0 log 0 = 0``)."""
+    return _plogp_ratio(log_p.exp(), log_p, log_q).sum(dim=-1)
 
 
 def ce_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
     """Soft cross-entropy ``-sum_v P_v log Q_v`` per row from log-probabilities; ``[n]``."""
-    return -(log_p.exp() * log_q).sum(dim=-1)
+    return -_p_log_q(log_p.exp(), log_q).sum(dim=-1)
 
 
 def l2_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -93,7 +114,8 @@ def pair_loss_and_logit_grad(
 ) -> Tensor:
     """Per-token loss ``[n]`` of ``op`` and its gradient w.r.t. the student's logits, in closed form.
 
-    Same value as :func:`pair_loss_logprobs`. When ``grad`` is given, ``weight * dL_n/dz_n`` is
+    Same value as :func:`pair_loss_logprobs` for log-probabilities passed through
+    :func:`finite_floor` (masked ids at the lowest finite value, not ``-inf``). When ``grad`` is given, ``weight * dL_n/dz_n`` is
     added to it in place, ``z`` being the student logits (``s_logp = log_softmax(z)``), with
     the softmax Jacobian folded in:
 
@@ -131,7 +153,39 @@ def pair_loss_and_logit_grad(
 
 
 SPARSE_OPS = ("kld", "ce")  # ops a top-K teacher supports (forward divergence)
-TAIL_FLOOR = 1e-12  # the student's tail mass is clamped here (1 - sum of K probabilities cancels)
+
+
+def tail_log_mass(s_logp: Tensor, ids: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
+    """``log q_tail = logsumexp_{u not in ids} log q_u`` per row, and the tail's shape.
+
+    Computed from the ids outside ``ids`` themselves, never as ``log(1 - sum_k q_k)``, which
+    cancels once the student puts almost all its mass on ``ids``.
+
+    Args:
+        s_logp: student log-probabilities ``[n, V]``; ids: long ``[n, K]``.
+        scratch: ``[n, V]`` buffer; on return it holds ``exp(log q_u - m)`` outside ``ids`` and 0
+            on them (``m`` the row's largest tail log-probability).
+
+    Returns:
+        ``log q_tail`` ``[n]`` (``-inf`` for an empty or fully masked tail) and the row sums
+        ``sum_u scratch[n, u]`` ``[n]`` (>= 1, or 0 for an empty tail), so that
+        ``scratch / sums`` is the student's distribution within the tail.
+    """
+    scratch.copy_(s_logp).scatter_(1, ids, float("-inf"))
+    m = scratch.amax(dim=1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    sums = scratch.sub_(m).exp_().sum(dim=1)
+    return sums.log() + m.squeeze(1), sums
+
+
+def sparse_bucket_loss(op: str, t_logp: Tensor, t_tail: Tensor, s_top: Tensor, log_q_tail: Tensor) -> Tensor:
+    """The ``K + 1`` bucket loss per row from the student's log-probabilities on the ids
+    (``s_top`` ``[..., K]``) and on the tail (``log_q_tail`` ``[...]``); see
+    :func:`sparse_pair_loss_and_logit_grad`."""
+    p = t_logp.exp()
+    if op == "kld":  # one sum of p (log p - log q): no cancellation of two sums of size ~log V
+        return _plogp_ratio(p, t_logp, s_top).sum(dim=-1) + _plogp_ratio(t_tail, t_tail.log(), log_q_tail)
+    return -_p_log_q(p, s_top).sum(dim=-1) - _p_log_q(t_tail, log_q_tail)
 
 
 def sparse_pair_loss_and_logit_grad(
@@ -148,18 +202,24 @@ def sparse_pair_loss_and_logit_grad(
     """Per-token loss ``[n]`` against a top-K teacher, and its gradient w.r.t. the student logits.
 
     The teacher is known on ``K`` ids per token (``t_logp``) plus the mass of all other ids
-    together (``t_tail``); the student is bucketed the same way (its probabilities on those ids,
-    and ``q_tail = 1 - sum_k q_k``). Over these ``K + 1`` buckets:
+    together (``t_tail``); the student is bucketed the same way: its log-probabilities on those
+    ids and ``log q_tail``, the log-sum-exp of its log-probabilities outside them
+    (:func:`tail_log_mass`). Over these ``K + 1`` buckets:
 
     * ``kld``: ``sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail)``;
-    * ``ce``: ``-sum_k p_k log q_k - p_tail log q_tail``.
+    * ``ce``: ``-sum_k p_k log q_k - p_tail log q_tail``;
+
+    with ``0 log 0 = 0`` for teacher buckets of probability 0 (masked ids, or log-probabilities
+    stored as ``-inf``).
 
     Bias: this is the KL of the two bucketed distributions, which by the log-sum inequality is
     at most the full ``KL(P || Q)``; the gap is the disagreement of ``P`` and ``Q`` *within*
     the tail, zero when ``K = V`` (empty tail) or when ``Q`` is proportional to ``P`` there.
 
-    Gradient (``sum_k p_k + p_tail = 1``): ``q_u - p_u`` on the ``K`` ids and
-    ``q_u (1 - p_tail / q_tail)`` elsewhere, for both ops.
+    Gradient, exact for the stored buckets whatever their sum ``s = sum_k p_k + p_tail``
+    (float16 storage rounds it away from 1): ``s q_u - p_u`` on the ``K`` ids and
+    ``s q_u - p_tail q_u / q_tail`` elsewhere, for both ops; ``q_u / q_tail`` is taken from
+    :func:`tail_log_mass`, so nothing cancels when the student is confident.
 
     Args:
         ids: long ``[n, K]`` (distinct per row); t_logp: ``[n, K]``; t_tail: ``[n]``.
@@ -169,16 +229,16 @@ def sparse_pair_loss_and_logit_grad(
     if op not in SPARSE_OPS:
         raise ValueError(f"a top-K teacher supports the ops {', '.join(SPARSE_OPS)}, not {op!r}")
     s_top = s_logp.gather(1, ids)
-    p = t_logp.exp()
-    q_tail = (1 - s_top.exp().sum(dim=-1)).clamp_min(TAIL_FLOOR)
-    if op == "kld":  # one sum of p (log p - log q): no cancellation of two sums of size ~log V
-        loss = (p * (t_logp - s_top)).sum(dim=-1) + torch.xlogy(t_tail, t_tail) - torch.xlogy(t_tail, q_tail)
-    else:
-        loss = -(p * s_top).sum(dim=-1) - torch.xlogy(t_tail, q_tail)
+    log_q_tail, tail_sums = tail_log_mass(s_logp, ids, scratch)
+    loss = sparse_bucket_loss(op, t_logp, t_tail, s_top, log_q_tail)
     if grad is not None:
-        ratio = (t_tail / q_tail).unsqueeze(1)
-        grad.add_(torch.mul(s_prob, 1 - ratio, out=scratch), alpha=weight)
-        grad.scatter_add_(1, ids, (s_prob.gather(1, ids) * ratio - p) * weight)
+        p = t_logp.exp()
+        total = p.sum(dim=-1) + t_tail
+        grad.addcmul_(s_prob, (weight * total).unsqueeze(1))
+        in_tail = (t_tail > 0) & (tail_sums > 0)
+        tail_coef = torch.where(in_tail, -weight * t_tail / tail_sums.clamp_min(1), torch.zeros_like(t_tail))
+        grad.addcmul_(scratch, tail_coef.unsqueeze(1))
+        grad.scatter_add_(1, ids, -weight * p)
     return loss
 
 

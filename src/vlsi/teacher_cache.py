@@ -57,8 +57,15 @@ def id_bits(vocab_size: int) -> int:
 
 
 def pack_ids(ids: Tensor, bits: int) -> Tensor:
-    """Non-negative ids (any shape) packed little-endian into ``ceil(n bits / 8)`` uint8."""
+    """Ids in ``[0, 2**bits)`` (any shape) packed little-endian into ``ceil(n bits / 8)`` uint8.
+
+    Raises:
+        CacheError: an id outside that range (it would come back as another id).
+    """
     flat = ids.reshape(-1).to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 1 << bits):
+        raise CacheError(f"ids must be in [0, {1 << bits}) to be stored in {bits} bits, got "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
     planes = ((flat.unsqueeze(1) >> torch.arange(bits)) & 1).to(torch.uint8).reshape(-1)
     pad = (-planes.numel()) % 8
     planes = torch.cat([planes, planes.new_zeros(pad)]).reshape(-1, 8)

@@ -84,6 +84,26 @@ def _layer_top_k(t_stack: torch.Tensor, t_fn: Any, vocab: int, k: int, chunk: in
     return torch.stack(ids, 1).cpu(), torch.stack(values, 1).cpu(), torch.stack(tails, 1).cpu()
 
 
+def refuse_nan(values: torch.Tensor, tails: torch.Tensor, counts: list[int], sample_ids: list[str]) -> None:
+    """Refuse a batch whose teacher log-probabilities are NaN, naming the first such sample.
+
+    Args:
+        values: ``[N, L, K]`` top-K log-probabilities of the batch's response tokens, sample
+            after sample (``counts[s]`` tokens each); tails: ``[N, L]``.
+    """
+    bad = torch.isnan(values).flatten(1).any(dim=1) | torch.isnan(tails).any(dim=1)
+    if not bool(bad.any()):
+        return
+    token = int(bad.nonzero()[0])
+    offset = 0
+    for sample_id, count in zip(sample_ids, counts):
+        if token < offset + count:
+            raise CacheError(f"sample {sample_id!r}: the teacher's verbalized log-probabilities are NaN at "
+                             f"response token {token - offset}; nothing was cached for it (check the teacher "
+                             "and its verbalizers)")
+        offset += count
+
+
 def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizers: str | Path,
                       top_k: int = DEFAULT_TOP_K, storage: str = "float16",
                       samples_per_shard: int = SAMPLES_PER_SHARD, preflight: Preflight | None = None) -> Path:
@@ -130,6 +150,7 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizer
             t_stack, t_fn = verbalizers.response_inputs(out.hidden_states, positions, context)
         ids, values, tails = _layer_top_k(t_stack, t_fn, pre.vocab, top_k, cfg.interaction.chunk_size)
         counts = positions.sum(dim=1).tolist()
+        refuse_nan(values, tails, counts, [item["id"] for item in items])
         offset = 0
         for item, count in zip(items, counts):
             writer.add(item_key(item), ids[offset:offset + count], values[offset:offset + count],
