@@ -51,6 +51,7 @@ def test_stage_overrides_merge_over_training(tmp_path):
     ({"data": {"train": ["a"], "min_pixels": 100, "max_pixels": 10}}, r"^data\.min_pixels"),
     ({"teacher": ""}, r"^teacher: required"),
     ({"training": {"bf16": "sometimes"}}, r"^training\.bf16"),
+    ({"attn_implementation": "flash"}, r"^attn_implementation: 'flash' is not one of sdpa, eager, flash_attention_2"),
     ({"training": {"ddp_timeout": 0}}, r"^training\.ddp_timeout must be > 0"),
     ({"training": {"arguments": {"ddp_timeout": 60}}}, r"^training\.arguments\.ddp_timeout: set training\.ddp_timeout"),
     ({"interact": {"ddp_timeout": 60}}, r"^interact\.ddp_timeout: one process group serves every stage"),

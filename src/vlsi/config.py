@@ -237,6 +237,8 @@ class RunConfig:
     teacher: str = _f("", "the large model: a local Hugging Face checkpoint directory")
     student: str = _f("", "the small model: a local Hugging Face checkpoint directory")
     output_dir: str = _f("", "the run's directory (one sub-directory per step)")
+    attn_implementation: str = _f("sdpa", "attention kernel of teacher and student in every step: sdpa, eager "
+                                          "or flash_attention_2 (needs the flash_attn package and a CUDA GPU)")
     data: DataConfig = field(default_factory=DataConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     interaction: InteractionConfig = field(default_factory=InteractionConfig)
@@ -252,6 +254,9 @@ class RunConfig:
                 raise ConfigError(f"{name}: required")
         if not self.data.train:
             raise ConfigError("data.train: at least one training file is required")
+        from vlsi.backbones import ATTN_IMPLEMENTATIONS
+
+        _choice(self.attn_implementation, ATTN_IMPLEMENTATIONS, "attn_implementation")
         for part in ("data", "verbalizer", "interaction", "lora", "training"):
             getattr(self, part).check(part)
         for name in STAGES:

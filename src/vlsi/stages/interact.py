@@ -299,11 +299,11 @@ def run_interact(
                                 [s.id for s in dataset.samples])
             collator = KeyedCollator(collator)
         dtype = torch.bfloat16 if args.bf16 else None
-        student = load_backbone(student_dir, dtype=dtype)
+        student = load_backbone(student_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
         s_verb = load_verbalizers(student_verbalizers, student)
         t_verb, t_layers = None, pre.teacher.target_layers
         if cache is None:
-            teacher = load_backbone(teacher_dir, dtype=dtype)
+            teacher = load_backbone(teacher_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
             t_verb = load_verbalizers(teacher_verbalizers, teacher)
             teacher.model.requires_grad_(False).eval()
             t_layers = t_verb.layers
