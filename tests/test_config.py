@@ -51,6 +51,10 @@ def test_stage_overrides_merge_over_training(tmp_path):
     ({"data": {"train": ["a"], "min_pixels": 100, "max_pixels": 10}}, r"^data\.min_pixels"),
     ({"teacher": ""}, r"^teacher: required"),
     ({"training": {"bf16": "sometimes"}}, r"^training\.bf16"),
+    ({"attn_implementation": "flash"}, r"^attn_implementation: 'flash' is not one of sdpa, eager, flash_attention_2"),
+    ({"training": {"ddp_timeout": 0}}, r"^training\.ddp_timeout must be > 0"),
+    ({"training": {"arguments": {"ddp_timeout": 60}}}, r"^training\.arguments\.ddp_timeout: set training\.ddp_timeout"),
+    ({"interact": {"ddp_timeout": 60}}, r"^interact\.ddp_timeout: one process group serves every stage"),
 ])
 def test_invalid_values_name_the_key(tmp_path, patch, message):
     data = {**BASE, **patch}
@@ -98,6 +102,17 @@ def test_transformers_validates_passed_through_arguments(tmp_path):
     cfg = load_config(_write(tmp_path, {**BASE, "training": {"optim": "no_such_optimizer"}}))
     with pytest.raises(VlsiError, match="^interact: transformers refuses these training arguments"):
         check_arguments(cfg.stage("interact"), "interact")
+
+
+def test_ddp_timeout_reaches_the_training_arguments(tmp_path):
+    """Ranks wait in collectives while rank 0 loads or exports alone: 3 h by default, not 30 min."""
+    from vlsi.stages.arguments import training_arguments
+
+    for training, expected in (({}, 3 * 3600), ({"ddp_timeout": 600}, 600)):
+        cfg = load_config(_write(tmp_path, {**BASE, "training": training}))
+        for stage in ("verbalize", "interact", "sft"):
+            args = training_arguments(cfg.stage(stage), tmp_path / stage, stage=stage)
+            assert args.ddp_timeout == expected and args.ddp_timeout_delta.total_seconds() == expected
 
 
 def test_every_field_has_help_text():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+from vlsi import inference
 from vlsi.cli import main
-from vlsi.errors import DataError
-from vlsi.inference import Generator, Prompt, user_turns
+from vlsi.errors import DataError, VlsiError
+from vlsi.inference import Generator, Prompt, resolve_device, user_turns
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +80,49 @@ def test_generate_cli(tiny_pair, write_image, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: image not found") and err.count("\n") == 1
     assert greedy.endswith("\n")
+
+
+@pytest.fixture
+def two_bf16_gpus(monkeypatch):
+    """torch reports two bf16-capable CUDA GPUs (nothing is moved to them)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+
+
+def test_resolve_device_prefers_the_gpu_in_bf16(two_bf16_gpus):
+    assert resolve_device() == (torch.device("cuda"), torch.bfloat16)
+    assert resolve_device("cuda:1") == (torch.device("cuda", 1), torch.bfloat16)
+    assert resolve_device("cpu") == (torch.device("cpu"), None)  # the checkpoint's own dtype
+    for bad, message in (("cuda:2", "has 2 CUDA GPU"), ("gpu0", "not a device"), ("meta", "only cpu, cuda")):
+        with pytest.raises(VlsiError, match=message):
+            resolve_device(bad)
+
+
+def test_resolve_device_without_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device() == (torch.device("cpu"), None)
+    with pytest.raises(VlsiError, match="no CUDA GPU"):
+        resolve_device("cuda")
+
+
+def test_commands_load_the_model_on_the_resolved_device(two_bf16_gpus, monkeypatch, tmp_path, write_image):
+    """``generate``, ``eval`` and ``verbalize-layers`` hand resolve_device's answer to the loader."""
+    loads = []
+
+    def record(path, dtype=None, device=None):
+        loads.append((device, dtype))
+        raise VlsiError("stop before loading")
+
+    monkeypatch.setattr(inference.Generator, "from_pretrained", staticmethod(record))
+    image = write_image(tmp_path / "red.png")
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps([{"id": "q0", "image": "red.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}]))
+    commands = [["generate", "--model", str(tmp_path), "--prompt", "Q"],
+                ["eval", "--model", str(tmp_path), "--data", str(data)],
+                ["verbalize-layers", "--model", str(tmp_path), "--verbalizers", str(tmp_path), "--image", str(image),
+                 "--prompt", "Q", "--out", str(tmp_path / "o.html")]]
+    for argv in commands:
+        assert main(argv) == 2 and main(argv + ["--device", "cpu"]) == 2
+    assert loads == [(torch.device("cuda"), torch.bfloat16), (torch.device("cpu"), None)] * 3

@@ -158,3 +158,20 @@ def test_response_inputs_gather_layers_and_give_the_same_logits(teacher, arch):
     for k in range(2):
         torch.testing.assert_close(fn(k, stack[k]), full[k][positions])
     torch.testing.assert_close(fn(2, stack[2]), out.logits[positions])
+
+
+@pytest.mark.parametrize("arch", ["verb-ffn", "decoder"])
+def test_response_inputs_of_float32_hidden_states_on_a_bf16_backbone(pair, arch):
+    """Under bf16 autocast accelerate hands back a bf16 model's hidden states in float32: the
+    stack is the bf16 one, bit for bit, and the logits function takes it."""
+    backbone = load_backbone(pair.teacher, dtype=torch.bfloat16)
+    vset = VerbalizerSet(backbone, [1, 5], arch)
+    ids = torch.randint(20, 300, (2, 8))
+    with torch.no_grad():
+        out, ctx = _forward(backbone, ids)
+        positions = torch.ones(2, 8, dtype=torch.bool)
+        upcast = tuple(h.float() for h in out.hidden_states)
+        stack, fn = vset.response_inputs(upcast, positions, ctx)
+        expected, _ = vset.response_inputs(out.hidden_states, positions, ctx)
+        assert stack.dtype == torch.bfloat16 and torch.equal(stack, expected)
+        assert fn(0, stack[0]).dtype == torch.bfloat16

@@ -12,6 +12,7 @@ Models, tokenizers and image processors load from local directories only
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -150,15 +151,46 @@ class Backbone:
         return {k: batch[k] for k in keys if k in batch and batch[k] is not None}
 
 
+# Attention kernels a config may choose (``attn_implementation``, transformers' names).
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+
+def check_attn_implementation(name: str) -> None:
+    """One-line error, before any loading, for a kernel this machine cannot run.
+
+    ``flash_attention_2`` needs the ``flash_attn`` package and a CUDA GPU.
+    """
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise VlsiError(f"attn_implementation {name!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if name != "flash_attention_2":
+        return
+    from transformers.utils import is_flash_attn_2_available
+
+    if importlib.util.find_spec("flash_attn") is None:
+        raise VlsiError("attn_implementation flash_attention_2 needs the flash_attn package, which is not "
+                        "installed (pip install flash-attn --no-build-isolation), or use sdpa")
+    if not torch.cuda.is_available():
+        raise VlsiError("attn_implementation flash_attention_2 needs a CUDA GPU and this machine has none; use sdpa")
+    if not is_flash_attn_2_available():
+        raise VlsiError("attn_implementation flash_attention_2: transformers cannot use the installed flash_attn "
+                        "(2.3.3 or newer needed)")
+
+
 def load_model(
-    path: str | Path, *, dtype: torch.dtype | str | None = None, **kwargs: Any
+    path: str | Path, *, dtype: torch.dtype | str | None = None, attn_implementation: str = "sdpa", **kwargs: Any
 ) -> nn.Module:
-    """Load a supported VLM from a local directory with ``AutoModelForImageTextToText``."""
+    """Load a supported VLM from a local directory with ``AutoModelForImageTextToText``.
+
+    ``attn_implementation``: one of :data:`ATTN_IMPLEMENTATIONS`, checked first
+    (:func:`check_attn_implementation`).
+    """
     from transformers import AutoModelForImageTextToText
 
     family_for(read_model_type(path))  # clear error before transformers' own
+    check_attn_implementation(attn_implementation)
     return AutoModelForImageTextToText.from_pretrained(
-        checkpoint_dir(path), dtype=dtype or "auto", local_files_only=True, **kwargs
+        checkpoint_dir(path), dtype=dtype or "auto", local_files_only=True,
+        attn_implementation=attn_implementation, **kwargs
     )
 
 

@@ -75,10 +75,12 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from vlsi.inference import Generator, Prompt
+    from vlsi.inference import Generator, Prompt, resolve_device
 
     _existing_files(args.image or [], "image")  # before the model loads
-    generator = Generator.from_pretrained(_existing_dir(Path(args.model), "model", "check --model"))
+    device, dtype = resolve_device(args.device)
+    generator = Generator.from_pretrained(_existing_dir(Path(args.model), "model", "check --model"),
+                                          dtype=dtype, device=device)
     [answer] = generator.generate([Prompt(args.prompt, list(args.image or []))],
                                   max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     print(answer)
@@ -92,7 +94,7 @@ def _cmd_verbalize_layers(args: argparse.Namespace) -> None:
     run_verbalize_layers(_existing_dir(Path(args.model), "model", "check --model"),
                          _existing_dir(Path(args.verbalizers), "verbalizers", "check --verbalizers"),
                          args.image, args.prompt, args.out, compare=compare,
-                         max_new_tokens=args.max_new_tokens)
+                         max_new_tokens=args.max_new_tokens, device=args.device)
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
@@ -100,7 +102,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     run_eval(_existing_dir(Path(args.model), "model", "check --model"), args.data,
              image_root=args.image_root, out=args.out, batch_size=args.batch_size,
-             max_new_tokens=args.max_new_tokens, limit=args.limit)
+             max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device)
 
 
 def _load_config(args: argparse.Namespace):
@@ -301,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the question; <image> tags place the images")
     gen.add_argument("--num-beams", type=positive_int, default=1)
     gen.add_argument("--max-new-tokens", type=positive_int, default=128)
+    gen.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU, in bf16, when there is one)")
     gen.set_defaults(func=_cmd_generate)
 
     layers = sub.add_parser("verbalize-layers",
@@ -314,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="another model and its verbalizers, shown beside (repeatable)")
     layers.add_argument("--out", required=True, metavar="FILE.html", help="also writes FILE.md")
     layers.add_argument("--max-new-tokens", type=positive_int, default=32)
+    layers.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU, in bf16, when there is one)")
     layers.set_defaults(func=_cmd_verbalize_layers)
 
     ev = sub.add_parser("eval", help="multiple-choice / short-answer accuracy on a dataset")
@@ -326,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=positive_int, default=32)
     ev.add_argument("--max-new-tokens", type=positive_int, default=16)
     ev.add_argument("--limit", type=positive_int, help="evaluate the first N questions only")
+    ev.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU, in bf16, when there is one)")
     ev.set_defaults(func=_cmd_eval)
 
     verbalize = sub.add_parser("verbalize", help="step 1: train one backbone's verbalizers")

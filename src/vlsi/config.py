@@ -45,6 +45,13 @@ from vlsi.errors import VlsiError
 # 72B teacher, and ~20x below the naive peak at 2k tokens.
 DEFAULT_CHUNK_SIZE = 256
 
+# Seconds a process waits in a collective (TrainingArguments.ddp_timeout; transformers' default is
+# 1800). In multi-GPU runs the other ranks wait while rank 0 alone reads a whole checkpoint (a 72B
+# teacher under FSDP RAM-efficient loading: 146 GB in bf16, 25 min at 100 MB/s from network
+# storage) or merges and exports the student after SFT: 3 h leaves room for slow disks, and a
+# hung job still fails within hours.
+DEFAULT_DDP_TIMEOUT = 3 * 3600
+
 
 class ConfigError(VlsiError):
     """A configuration problem; the message names the offending key."""
@@ -179,12 +186,17 @@ class TrainingConfig:
     report_to: list[str] = _f(factory=lambda: ["tensorboard"], help="logging integrations "
                                                                      "(TrainingArguments.report_to)")
     max_consecutive_nonfinite: int = _f(5, "non-finite losses in a row that stop the run")
+    ddp_timeout: int = _f(DEFAULT_DDP_TIMEOUT, "seconds a process waits in a collective (multi-GPU) while "
+                                               "another works alone, e.g. rank 0 loading a checkpoint; "
+                                               "training section only")
     arguments: dict[str, Any] = _f(factory=dict, help="other TrainingArguments fields, passed through")
 
     def check(self, key: str) -> None:
         for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "save_steps", "max_consecutive_nonfinite"):
+                     "logging_steps", "save_steps", "max_consecutive_nonfinite", "ddp_timeout"):
             _positive(getattr(self, name), f"{key}.{name}")
+        if "ddp_timeout" in self.arguments:
+            raise ConfigError(f"{key}.arguments.ddp_timeout: set {key}.ddp_timeout instead")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ConfigError(f"{key}.min_learning_rate must be in [0, learning_rate], got {self.min_learning_rate}")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -225,6 +237,8 @@ class RunConfig:
     teacher: str = _f("", "the large model: a local Hugging Face checkpoint directory")
     student: str = _f("", "the small model: a local Hugging Face checkpoint directory")
     output_dir: str = _f("", "the run's directory (one sub-directory per step)")
+    attn_implementation: str = _f("sdpa", "attention kernel of teacher and student in every step: sdpa, eager "
+                                          "or flash_attention_2 (needs the flash_attn package and a CUDA GPU)")
     data: DataConfig = field(default_factory=DataConfig)
     verbalizer: VerbalizerConfig = field(default_factory=VerbalizerConfig)
     interaction: InteractionConfig = field(default_factory=InteractionConfig)
@@ -240,9 +254,16 @@ class RunConfig:
                 raise ConfigError(f"{name}: required")
         if not self.data.train:
             raise ConfigError("data.train: at least one training file is required")
+        from vlsi.backbones import ATTN_IMPLEMENTATIONS
+
+        _choice(self.attn_implementation, ATTN_IMPLEMENTATIONS, "attn_implementation")
         for part in ("data", "verbalizer", "interaction", "lora", "training"):
             getattr(self, part).check(part)
         for name in STAGES:
+            if "ddp_timeout" in getattr(self, name):
+                # the first stage's TrainingArguments set up the process group; later ones reuse it
+                raise ConfigError(f"{name}.ddp_timeout: one process group serves every stage; set "
+                                  "training.ddp_timeout")
             self.stage(name)  # validates the override keys and values
 
     def stage(self, name: str) -> TrainingConfig:

@@ -46,7 +46,7 @@ from vlsi.data.records import (
     iter_parsed,
 )
 from vlsi.errors import DataError
-from vlsi.inference import Generator, Prompt
+from vlsi.inference import Generator, Prompt, resolve_device
 
 LETTERS = string.ascii_uppercase
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -333,12 +333,16 @@ def default_predictions_path(model: str | Path, data: str | Path) -> Path:
 
 def run_eval(model: str | Path, data: str | Path, *, image_root: str | Path | None = None,
              out: str | Path | None = None, batch_size: int = 32, max_new_tokens: int = 16,
-             limit: int | None = None) -> EvalResult:
-    """``vlsi eval``: load, generate, score, write predictions (JSONL) and metrics (JSON)."""
+             limit: int | None = None, device: str | None = None) -> EvalResult:
+    """``vlsi eval``: load, generate, score, write predictions (JSONL) and metrics (JSON).
+
+    ``device``: as :func:`vlsi.inference.resolve_device` (default: the GPU when there is one).
+    """
+    target, dtype = resolve_device(device)  # a bad --device fails before anything loads
     items, skips = load_items(data, image_root)
     if limit:
         items = items[:limit]
-    generator = Generator.from_pretrained(model)
+    generator = Generator.from_pretrained(model, dtype=dtype, device=target)
     result = evaluate(generator, items, batch_size=batch_size, max_new_tokens=max_new_tokens)
     skips = list(skips) + result.skips
     for skip in skips:

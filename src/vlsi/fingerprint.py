@@ -36,7 +36,7 @@ from vlsi.files import canonical_digest, read_json, sha256_file, write_json_atom
 FINGERPRINT = "fingerprint.json"
 NOT_RESULT_SETTINGS = frozenset({"logging_steps", "save_steps", "save_total_limit",
                                  "dataloader_num_workers", "report_to", "max_consecutive_nonfinite",
-                                 "logging_dir", "disable_tqdm"})
+                                 "logging_dir", "disable_tqdm", "ddp_timeout"})
 SAMPLE_BYTES = 8 << 20
 WHOLE_FILE_LIMIT = 128 << 20
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

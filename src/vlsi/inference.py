@@ -95,6 +95,33 @@ class PromptEncoder:
         return item
 
 
+def resolve_device(device: str | None = None) -> tuple[torch.device, torch.dtype | None]:
+    """Device and dtype of ``vlsi generate``, ``eval`` and ``verbalize-layers``.
+
+    ``device`` is ``cpu``, ``cuda`` or ``cuda:N``; ``None`` picks the first GPU when there is one,
+    else the CPU. On a GPU with bf16 the model runs in bfloat16; otherwise in the checkpoint's
+    own dtype (``None``).
+
+    Raises:
+        VlsiError: a name torch does not know, or a GPU this machine does not have.
+    """
+    if device is None:
+        chosen = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            chosen = torch.device(device)
+        except (RuntimeError, ValueError):
+            raise VlsiError(f"--device {device!r}: not a device (cpu, cuda or cuda:N)") from None
+        if chosen.type not in ("cpu", "cuda"):
+            raise VlsiError(f"--device {device!r}: only cpu, cuda or cuda:N are supported")
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise VlsiError(f"--device {device!r}: this machine has no CUDA GPU")
+        if chosen.type == "cuda" and (chosen.index or 0) >= torch.cuda.device_count():
+            raise VlsiError(f"--device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    bf16 = chosen.type == "cuda" and torch.cuda.is_bf16_supported()
+    return chosen, torch.bfloat16 if bf16 else None
+
+
 def batched(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -115,7 +142,9 @@ class Generator:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device | None = None) -> Generator:
-        backbone = load_backbone(path, **({"dtype": dtype} if dtype else {}))
+        """Load ``path`` in ``dtype`` (``None``: the checkpoint's) onto ``device`` (``None``: the
+        CPU); the commands pick both with :func:`resolve_device`."""
+        backbone = load_backbone(path, dtype=dtype)
         if device is not None:
             backbone.model.to(device)
         return cls(backbone, load_tokenizer(path), ImageEncoder.from_pretrained(path))
@@ -143,12 +172,13 @@ class Generator:
                 **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                 eos_token_id=self.end_ids, pad_token_id=self.tokenizer.pad_token_id,
             )
-            new = tokens[:, inputs["input_ids"].shape[1]:]
+            new = tokens[:, inputs["input_ids"].shape[1]:].tolist()  # one device-to-host copy
             out.extend(self.decode(row) for row in new)
         return out
 
     def decode(self, ids: Iterable[int] | torch.Tensor) -> str:
-        ids = [int(i) for i in ids]
+        """Token ids ([n], a list or a tensor) up to the first end token, as text."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
         for i, token in enumerate(ids):
             if token in self.end_ids:
                 ids = ids[:i]

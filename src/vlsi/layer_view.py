@@ -34,7 +34,7 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlsi.errors import VlsiError
-from vlsi.inference import Generator, Prompt, as_images
+from vlsi.inference import Generator, Prompt, as_images, resolve_device
 from vlsi.verbalizer import VerbalizerSet, capture_layer_context
 
 
@@ -110,9 +110,9 @@ def layer_responses(generator: Generator, verbalizers: VerbalizerSet, prompts: l
             processors = LogitsProcessorList([_VerbalizedScores(verbalizers, k, store, vocab)])
             out = model.generate(**inputs, logits_processor=processors,
                                  use_cache=verbalizers.token_wise, **common)
-        rows.append([generator.decode(r) for r in out[:, start:]])
+        rows.append([generator.decode(r) for r in out[:, start:].tolist()])
     out = model.generate(**inputs, **common)
-    rows.append([generator.decode(r) for r in out[:, start:]])
+    rows.append([generator.decode(r) for r in out[:, start:].tolist()])
     num_layers = generator.backbone.num_layers
     layers = list(verbalizers.layers) + [num_layers - 1]
     return [LayerResponses(name, num_layers, layers, [row[i] for row in rows])
@@ -212,12 +212,16 @@ def html_page(title: str, body: str) -> str:
 
 def run_verbalize_layers(model: str | Path, verbalizers: str | Path, image: str | Path | None,
                          prompt: str, out: str | Path, compare: list[tuple[str, str]] | None = None,
-                         max_new_tokens: int = 32) -> tuple[Path, Path]:
-    """``vlsi verbalize-layers``: write ``out`` (.html) and the Markdown beside it."""
+                         max_new_tokens: int = 32, device: str | None = None) -> tuple[Path, Path]:
+    """``vlsi verbalize-layers``: write ``out`` (.html) and the Markdown beside it.
+
+    ``device``: as :func:`vlsi.inference.resolve_device` (default: the GPU when there is one).
+    """
+    target, dtype = resolve_device(device)
     images = as_images([image]) if image else []
     columns = []
     for model_dir, verb_dir in [(str(model), str(verbalizers))] + list(compare or []):
-        generator = Generator.from_pretrained(model_dir)
+        generator = Generator.from_pretrained(model_dir, dtype=dtype, device=target)
         vset = VerbalizerSet.load(verb_dir, generator.backbone)
         [col] = layer_responses(generator, vset, [Prompt(prompt, images)], max_new_tokens,
                                 name=Path(model_dir).name or model_dir)

@@ -12,6 +12,8 @@ sample of the data, so a mistake costs seconds, not a verbalized teacher:
 * the training data: files present, a sample of records read and encoded with the student's
   tokenizer and image processor (a sample that is all bad stops the run);
 * the training settings, validated by transformers (``TrainingArguments``);
+* the attention kernel (``attn_implementation``) can run here (``flash_attention_2``: the
+  ``flash_attn`` package and a CUDA GPU);
 * the output directory is not inside a model directory.
 
 The run identity of each step directory is checked by the stages themselves
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlsi.backbones import checkpoint_dir, load_tokenizer, read_model_type
+from vlsi.backbones import check_attn_implementation, checkpoint_dir, load_tokenizer, read_model_type
 from vlsi.families import family_for
 from vlsi.config import STAGES, RunConfig
 from vlsi.errors import VlsiError
@@ -193,6 +195,7 @@ def check_run(cfg: RunConfig, steps: tuple[str, ...], *, out: Path | None = None
     (``teacher-verbalize``, ``student-verbalize``, ``interact``, ``sft``)."""
     from vlsi.stages.arguments import check_arguments
 
+    check_attn_implementation(cfg.attn_implementation)
     needs_teacher = any(s in steps for s in ("teacher-verbalize", "interact"))
     student = model_facts(cfg.student, "student", cfg.verbalizer.student_layers)
     teacher = model_facts(cfg.teacher, "teacher", cfg.verbalizer.teacher_layers) if needs_teacher else None

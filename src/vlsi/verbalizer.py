@@ -259,21 +259,27 @@ class VerbalizerSet(nn.Module):
             context: captured layer context (only ``decoder`` verbalizers need it).
 
         Returns:
-            ``stack`` [t + 1, N, d]: the N selected positions at each target layer, then the
-            final-normed last hidden state; and ``logits_fn(k, h[n, d]) -> [n, V_rows]``.
-            Token-wise verbalizers are applied inside ``logits_fn`` (so the chunked loss
-            recomputes them chunk by chunk); a ``decoder`` verbalizer mixes the sequence, so
-            its transform runs here on whole sequences and ``logits_fn`` is the head alone.
+            ``stack`` [t + 1, N, d] in the LM head's dtype: the N selected positions at each
+            target layer, then the final-normed last hidden state; and
+            ``logits_fn(k, h[n, d]) -> [n, V_rows]``. Token-wise verbalizers are applied inside
+            ``logits_fn`` (so the chunked loss recomputes them chunk by chunk); a ``decoder``
+            verbalizer mixes the sequence, so its transform runs here on whole sequences and
+            ``logits_fn`` is the head alone.
+
+        Hidden states of another dtype are cast to the head's: under bf16 mixed precision
+        accelerate returns a prepared model's outputs in float32 (``convert_outputs_to_fp32``)
+        although a bf16 model computed them in bf16, so the cast back is exact.
         """
+        dtype = self.backbone.lm_head.weight.dtype
         if self.token_wise:
-            rows = [hidden_states[layer + 1][positions] for layer in self.layers]
+            rows = [hidden_states[layer + 1][positions].to(dtype) for layer in self.layers]
             fn = self.logits
         else:
-            rows = [self.transform(k, hidden_states[layer + 1], context)[positions]
+            rows = [self.transform(k, hidden_states[layer + 1].to(dtype), context)[positions]
                     for k, layer in enumerate(self.layers)]
             t = self.num_targets
             fn = lambda k, h: self.backbone.lm_head(h) if k == t else self.head(h)  # noqa: E731
-        rows.append(hidden_states[-1][positions])
+        rows.append(hidden_states[-1][positions].to(dtype))
         return torch.stack(rows), fn
 
     # -- persistence ------------------------------------------------------------------------

@@ -112,6 +112,15 @@ def test_matching_seed_of_one_process_is_unchanged():
     assert matching_seed(42, 3, 1) == int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def test_device_clock_waits_for_a_gpu_only(monkeypatch):
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
+    interact.device_clock(torch.device("cpu"))
+    assert waited == []
+    interact.device_clock(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]
+
+
 # -- the stage ---------------------------------------------------------------------------------
 
 

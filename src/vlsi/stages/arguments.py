@@ -3,7 +3,8 @@
 AdamW, ``cosine_with_min_lr`` from ``learning_rate`` to ``min_learning_rate``, bf16 where the
 hardware has it, checkpoints every ``save_steps``, ``remove_unused_columns=False`` (the
 collator needs ``num_image_tokens``), TensorBoard event files under ``OUT/runs/``
-(transformers' default; ``report_to`` picks other integrations). Any other
+(transformers' default; ``report_to`` picks other integrations), ``ddp_timeout`` from the
+config (:data:`vlsi.config.DEFAULT_DDP_TIMEOUT`, not transformers' 30 minutes). Any other
 ``TrainingArguments`` field of the config (``TrainingConfig.arguments``) is passed through
 last; :func:`check_arguments` lets transformers validate them before anything is loaded.
 """
@@ -70,6 +71,7 @@ def training_arguments(
         remove_unused_columns=False,
         report_to=list(tcfg.report_to),
         use_cpu=not torch.cuda.is_available(),
+        ddp_timeout=tcfg.ddp_timeout,
         disable_tqdm=False,
     )
     kwargs.update(tcfg.arguments)

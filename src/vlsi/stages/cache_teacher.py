@@ -129,7 +129,8 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizer
 
     tcfg = cfg.stage("interact")
     bf16 = bf16_available() if tcfg.bf16 == "auto" else bool(tcfg.bf16)
-    teacher = load_backbone(teacher_dir, dtype=torch.bfloat16 if bf16 else None)
+    teacher = load_backbone(teacher_dir, dtype=torch.bfloat16 if bf16 else None,
+                            attn_implementation=cfg.attn_implementation)
     teacher.model.requires_grad_(False).eval().to(state.device)
     verbalizers = load_verbalizers(teacher_verbalizers, teacher).requires_grad_(False).eval().to(state.device)
     dataset, collator, _ = load_training_data(cfg.data, student_dir)

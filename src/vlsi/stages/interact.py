@@ -31,7 +31,8 @@ and TensorBoard logs (``loss``, ``interaction_loss``, ``last_layer_loss``, ``mea
 ``matched_kld``, ``matching_entropy/<i>``: the entropy in nats of the distribution student
 target layer ``i``'s pair was drawn from; ``seconds/student_forward``, ``seconds/teacher_forward``
 (with the teacher's verbalizer inputs), ``seconds/scoring_pass``, ``seconds/gradient_pass`` and
-``seconds/student_backward``: where a micro-batch's time goes, means over the logging window), ``checkpoint-N/``, ``fingerprint.json`` and
+``seconds/student_backward``: where a micro-batch's time goes, means over the logging window;
+on a GPU each clock read waits for the device, :func:`device_clock`), ``checkpoint-N/``, ``fingerprint.json`` and
 ``step_complete.json`` last.
 """
 
@@ -80,6 +81,17 @@ def matching_seed(seed: int, step: int, draw: int) -> int:
     # the trailing ":0" keeps one-process seeds as they were when the process index was hashed
     digest = hashlib.sha256(f"vlsi-matching:{seed}:{step}:{draw}:0".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def device_clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once ``device`` has run the work queued on it.
+
+    CUDA runs kernels asynchronously: without the synchronize a clock read times their launch,
+    and their run lands in whichever later part first waits for the device. No-op on a CPU.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 class InteractTrainer(VlsiTrainerMixin, Trainer):
@@ -141,17 +153,20 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         seed = matching_seed(self.args.seed, step, draw)
         return torch.Generator().manual_seed(seed)
 
+    def _clock(self) -> float:
+        return device_clock(self.args.device)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        entered = time.perf_counter()
+        entered = self._clock()
         positions = prediction_positions(inputs["labels"])
-        clock = time.perf_counter()
+        clock = self._clock()
         # logits_to_keep=1: the models' own [B, T, V] logits are not needed (the chunked loss
         # recomputes the last layer's logits at response positions only)
         forward_kwargs = dict(output_hidden_states=True, use_cache=False, logits_to_keep=1)
         with capture_layer_context(self.student) as s_ctx:
             s_out = model(**self.student.model_inputs(inputs), **forward_kwargs)
-        student_forward = time.perf_counter() - clock
-        clock = time.perf_counter()
+        now = self._clock()
+        student_forward, clock = now - clock, now
         if self.teacher_cache is not None:
             t_stack, t_fn = self.teacher_cache.batch(inputs["sample_keys"], positions.sum(dim=1).tolist(),
                                                      positions.device), None
@@ -159,7 +174,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
             with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx:
                 t_out = self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
                 t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_out.hidden_states, positions, t_ctx)
-        teacher_forward = time.perf_counter() - clock
+        teacher_forward = self._clock() - clock
         s_stack, s_fn = self.student_verbalizers.response_inputs(s_out.hidden_states, positions, s_ctx)
 
         cfg = self.interaction
@@ -167,6 +182,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         if self.teacher is not None:
             heads, roots = heads + [self.teacher.final_norm, self.teacher.lm_head], (model, self.teacher_model)
         with whole_parameters(self, heads, fsdp_roots=roots):
+            clock = self._clock()
             result = interaction_loss(
                 s_stack, t_stack, s_fn, t_fn,
                 vocab_size=self.vocab_size,
@@ -179,23 +195,28 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                 matching_kwargs=dict(scale=cfg.scale, eps=cfg.eps, k=cfg.k, temperature=cfg.temperature,
                                      temperature_rule=cfg.temperature_rule),
             )
+            loss_seconds = self._clock() - clock
         if model.training:
             self._record(result)
             self.metrics.add("seconds/student_forward", student_forward)
             self.metrics.add("seconds/teacher_forward", teacher_forward)
-            for part, seconds in result.seconds.items():
-                self.metrics.add(f"seconds/{part}_pass", seconds)
+            if result.seconds:  # none without response tokens
+                # interaction_loss's scoring clock stops after a host copy of the selected weights,
+                # which waits for the device; its gradient clock does not: the gradient pass is
+                # the rest of the synchronized call
+                self.metrics.add("seconds/scoring_pass", result.seconds["scoring"])
+                self.metrics.add("seconds/gradient_pass", loss_seconds - result.seconds["scoring"])
         loss = self.finite_or_skipped(model, result.loss)
-        self._loss_seconds += time.perf_counter() - entered
+        self._loss_seconds += self._clock() - entered
         return (loss, s_out) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """``Trainer.training_step``, timed: ``seconds/student_backward`` is the micro-batch's
         time outside :meth:`compute_loss` (mostly the student's backward)."""
-        start = time.perf_counter()
+        start = self._clock()
         self._loss_seconds = 0.0
         loss = super().training_step(model, inputs, num_items_in_batch)
-        self.metrics.add("seconds/student_backward", time.perf_counter() - start - self._loss_seconds)
+        self.metrics.add("seconds/student_backward", self._clock() - start - self._loss_seconds)
         return loss
 
     def _record(self, result) -> None:
@@ -278,11 +299,11 @@ def run_interact(
                                 [s.id for s in dataset.samples])
             collator = KeyedCollator(collator)
         dtype = torch.bfloat16 if args.bf16 else None
-        student = load_backbone(student_dir, dtype=dtype)
+        student = load_backbone(student_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
         s_verb = load_verbalizers(student_verbalizers, student)
         t_verb, t_layers = None, pre.teacher.target_layers
         if cache is None:
-            teacher = load_backbone(teacher_dir, dtype=dtype)
+            teacher = load_backbone(teacher_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
             t_verb = load_verbalizers(teacher_verbalizers, teacher)
             teacher.model.requires_grad_(False).eval()
             t_layers = t_verb.layers

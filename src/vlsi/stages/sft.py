@@ -97,7 +97,8 @@ def run_sft(
                     "student_verbalizers": directory_identity(student_verbalizers) if student_verbalizers else None}
 
     def build(args, dataset, collator, resumed_step: int) -> Trainer:
-        backbone = load_backbone(student_dir, dtype=torch.bfloat16 if args.bf16 else None)
+        backbone = load_backbone(student_dir, dtype=torch.bfloat16 if args.bf16 else None,
+                                 attn_implementation=cfg.attn_implementation)
         model = with_lora(backbone, cfg.lora, adapter, seed=cfg.stage("sft").seed)
         start = f"adapter {adapter}" if adapter is not None else f"a fresh LoRA (r={cfg.lora.r})"
         print(f"sft: student {student_dir} from {start}: {trainable_summary(model)}", flush=True)

@@ -188,7 +188,8 @@ def run_verbalize(cfg: RunConfig, role: str, out_dir: str | Path, *, resume: boo
     parts: dict[str, Any] = {}
 
     def build(args, dataset, collator, resumed_step: int) -> Trainer:
-        backbone = load_backbone(model_dir, dtype=torch.bfloat16 if args.bf16 else None)
+        backbone = load_backbone(model_dir, dtype=torch.bfloat16 if args.bf16 else None,
+                                 attn_implementation=cfg.attn_implementation)
         backbone.model.requires_grad_(False).eval()
         set_seed(cfg.stage("verbalize").seed)
         # float32 master weights even on a bf16 backbone (mixed precision runs the matmuls in bf16)
