@@ -175,3 +175,32 @@ def test_response_inputs_of_float32_hidden_states_on_a_bf16_backbone(pair, arch)
         expected, _ = vset.response_inputs(out.hidden_states, positions, ctx)
         assert stack.dtype == torch.bfloat16 and torch.equal(stack, expected)
         assert fn(0, stack[0]).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("arch", ["verb-ffn", "decoder"])
+def test_response_inputs_gather_with_one_nonzero_for_all_layers(pair, arch):
+    """The positions are turned into indices once (one host sync on a GPU), not once per layer,
+    and the gather equals boolean-mask indexing."""
+    from torch.overrides import TorchFunctionMode
+
+    class CountNonzero(TorchFunctionMode):
+        calls = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in (torch.Tensor.nonzero, torch.nonzero) or (
+                    func is torch.Tensor.__getitem__ and torch.is_tensor(args[1]) and args[1].dtype == torch.bool):
+                CountNonzero.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    backbone = load_backbone(pair.teacher)
+    vset = VerbalizerSet(backbone, [1, 3, 5], arch)
+    ids = torch.randint(20, 300, (2, 8))
+    positions = torch.rand(2, 8, generator=torch.Generator().manual_seed(0)) > 0.4
+    with torch.no_grad():
+        out, ctx = _forward(backbone, ids)
+        with CountNonzero():
+            stack, _ = vset.response_inputs(out.hidden_states, positions, ctx)
+    assert CountNonzero.calls == 1
+    torch.testing.assert_close(stack[-1], out.hidden_states[-1][positions], rtol=0, atol=0)
+    if arch == "verb-ffn":
+        torch.testing.assert_close(stack[0], out.hidden_states[2][positions], rtol=0, atol=0)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vlsi.backbones import Backbone
 from vlsi.errors import VlsiError
@@ -185,6 +185,18 @@ class LayerContext:
     kwargs: dict[str, Any]
 
 
+def position_index(positions: Tensor) -> Tensor:
+    """Flat indices ``[N]`` of the true entries of a bool ``[B, T]`` mask (row-major order, as
+    ``x[positions]`` takes them); computed once, it gathers any number of ``[B, T, d]`` tensors
+    with :func:`gather_positions` without a ``nonzero`` sync each."""
+    return positions.reshape(-1).nonzero().squeeze(1)
+
+
+def gather_positions(x: Tensor, index: Tensor) -> Tensor:
+    """``x[positions]`` for ``x`` ``[B, T, d]`` and ``index = position_index(positions)``: ``[N, d]``."""
+    return x.reshape(-1, x.shape[-1]).index_select(0, index)
+
+
 class VerbalizerSet(nn.Module):
     """Verbalizers for the target layers of one backbone.
 
@@ -271,15 +283,16 @@ class VerbalizerSet(nn.Module):
         although a bf16 model computed them in bf16, so the cast back is exact.
         """
         dtype = self.backbone.lm_head.weight.dtype
+        index = position_index(positions)  # one host sync for all layers, not one per mask
         if self.token_wise:
-            rows = [hidden_states[layer + 1][positions].to(dtype) for layer in self.layers]
+            rows = [gather_positions(hidden_states[layer + 1], index).to(dtype) for layer in self.layers]
             fn = self.logits
         else:
-            rows = [self.transform(k, hidden_states[layer + 1].to(dtype), context)[positions]
+            rows = [gather_positions(self.transform(k, hidden_states[layer + 1].to(dtype), context), index)
                     for k, layer in enumerate(self.layers)]
             t = self.num_targets
             fn = lambda k, h: self.backbone.lm_head(h) if k == t else self.head(h)  # noqa: E731
-        rows.append(hidden_states[-1][positions].to(dtype))
+        rows.append(gather_positions(hidden_states[-1], index).to(dtype))
         return torch.stack(rows), fn
 
     # -- persistence ------------------------------------------------------------------------

@@ -40,7 +40,8 @@ from vlsi.layer_loss import LAYER_LOSS_STEPS, LayerLossCallback, LayerLossLog, w
 from vlsi.losses import CE_CHUNK_TOKENS, chunked_head_ce
 from vlsi.stages.callbacks import MeanMetrics
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
-from vlsi.verbalizer import LayerContext, VerbalizerSet, capture_layer_context, prediction_positions
+from vlsi.verbalizer import (LayerContext, VerbalizerSet, capture_layer_context, gather_positions, position_index,
+                            prediction_positions)
 
 ROLES = ("teacher", "student")
 
@@ -89,23 +90,25 @@ class VerbalizerTrainingModel(nn.Module):
         Returns:
             float32 ``[t]``, one mean loss per target layer (0 when ``N == 0``).
         """
-        n = max(int(positions.sum()), 1)
+        index = position_index(positions)  # one host sync per micro-batch, not one per layer
+        n = max(index.numel(), 1)
         losses = []
         for k, layer in enumerate(self.verbalizers.layers):
-            y = self._verbalized(k, hidden_states[layer + 1], positions, context)
+            y = self._verbalized(k, hidden_states[layer + 1], index, context)
             losses.append(chunked_head_ce(y, targets, self._head, self.chunk_size) / n)
         return torch.stack(losses)
 
-    def _verbalized(self, k: int, hidden: Tensor, positions: Tensor, context: LayerContext | None) -> Tensor:
-        """``T_k`` applied to the response positions: ``[B, T, d]`` -> ``[N, d]``.
+    def _verbalized(self, k: int, hidden: Tensor, index: Tensor, context: LayerContext | None) -> Tensor:
+        """``T_k`` applied to the response positions (``index``, :func:`vlsi.verbalizer.position_index`):
+        ``[B, T, d]`` -> ``[N, d]``.
 
         The verbalizers may be float32 master weights on a bf16 backbone: cast the input.
         """
         vset = self.verbalizers
         dtype = next(vset.verbalizers[k].parameters()).dtype
         if vset.verbalizers[k].token_wise:
-            return vset.transform(k, hidden[positions].to(dtype))
-        return vset.transform(k, hidden.to(dtype), context)[positions]
+            return vset.transform(k, gather_positions(hidden, index).to(dtype))
+        return gather_positions(vset.transform(k, hidden.to(dtype), context), index)
 
     def _head(self, y: Tensor) -> Tensor:
         """Backbone's final norm + LM head on ``[n, d]`` in the head's dtype -> ``[n, V_rows]``."""
