@@ -30,9 +30,10 @@ Outputs in ``OUT``: ``adapter/`` (the LoRA adapter), ``matches.json``, ``matches
 and TensorBoard logs (``loss``, ``interaction_loss``, ``last_layer_loss``, ``mean_kld``,
 ``matched_kld``, ``matching_entropy/<i>``: the entropy in nats of the distribution student
 target layer ``i``'s pair was drawn from; ``seconds/student_forward``, ``seconds/teacher_forward``
-(with the teacher's verbalizer inputs), ``seconds/scoring_pass``, ``seconds/gradient_pass`` and
-``seconds/student_backward``: where a micro-batch's time goes, means over the logging window), ``checkpoint-N/``, ``fingerprint.json`` and
-``step_complete.json`` last.
+(with the teacher's verbalizer inputs; from a cache, only moving the collated top-K to the
+device), ``seconds/scoring_pass``, ``seconds/gradient_pass`` and ``seconds/student_backward``:
+where a micro-batch's time goes, means over the logging window), ``checkpoint-N/``,
+``fingerprint.json`` and ``step_complete.json`` last.
 """
 
 from __future__ import annotations
