@@ -191,6 +191,12 @@ def test_with_a_complete_cache_interact_and_distill_need_no_teacher_weights(tmp_
     assert refused.returncode == 2 and "no *.safetensors weights, and the teacher cache" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
 
+    (cache / MANIFEST).write_text(json.dumps(cache_manifest))
+    shutil.rmtree(run / "1-teacher-verbalize")  # a step that runs the teacher: refused before anything runs
+    refused = run_cli("distill", str(TINY_CONFIG), *set_args(overrides))
+    assert refused.returncode == 2 and "which the unfinished teacher verbalization step needs" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
 
 def test_data_loader_workers_log_the_losses_of_the_training_process(tmp_path, verbalized, tiny_overrides, set_args,
                                                                      run_cli):
