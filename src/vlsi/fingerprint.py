@@ -33,7 +33,6 @@ from vlsi import __version__
 from vlsi.config import RunConfig
 from vlsi.errors import VlsiError
 from vlsi.files import canonical_digest, read_json, sha256_file, write_json_atomic
-from vlsi.teacher_cache import cache_complete, read_manifest
 
 FINGERPRINT = "fingerprint.json"
 NOT_RESULT_SETTINGS = frozenset({"logging_steps", "save_steps", "save_total_limit",
@@ -69,6 +68,8 @@ def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
     the teacher does not fit) takes the weights that the complete teacher cache the run reads
     (``interaction.teacher_cache``) recorded; path and ``config.json`` stay its own, so the cache
     of another teacher is still refused."""
+    from vlsi.teacher_cache import cache_complete, read_manifest
+
     identity = model_identity(Path(cfg.teacher).expanduser())
     cache = cfg.interaction.teacher_cache
     if not identity["weights"] and cache is not None and cache_complete(Path(cache)):
