@@ -73,7 +73,7 @@ def approximation(cfg, run, caches: dict[int, Path], batches: int) -> dict:
     """KLD relative error and matching TV of each cache against the online teacher."""
     from vlsi.backbones import load_backbone
     from vlsi.distributed import load_verbalizers
-    from vlsi.interaction import interaction_loss
+    from vlsi.interaction import SparseTeacher, interaction_loss
     from vlsi.matching import match
     from vlsi.stages.training_data import load_training_data
     from vlsi.teacher_cache import TeacherCache, item_key
@@ -104,7 +104,7 @@ def approximation(cfg, run, caches: dict[int, Path], batches: int) -> dict:
         online = interaction_loss(s_stack, t_stack, s_fn, t_fn, **common).kld
         p_online = match(online, i.strategy, **kw).probs
         for k, cache in opened.items():
-            sparse = cache.batch([item_key(it) for it in items], positions.sum(1).tolist(), positions.device)
+            sparse = SparseTeacher(*cache.lookup([item_key(it) for it in items], positions.sum(1).tolist()))
             cached = interaction_loss(s_stack, sparse, s_fn, None, **common).kld
             scored = torch.isfinite(online)
             errors[k]["kld_rel_err"].append(float(((cached - online).abs()[scored] / online[scored]).mean()))

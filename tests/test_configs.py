@@ -52,6 +52,7 @@ def test_real_configs_follow_the_paper(path):
         t = cfg.stage(stage)
         assert (t.learning_rate, t.min_learning_rate) == (1e-4, 1e-6)
         assert t.gradient_accumulation_steps == 16 and t.gradient_checkpointing and t.bf16 == "auto"
+        assert t.dataloader_num_workers > 0 and t.dataloader_pin_memory  # input work off the training process
         runs_72b = teacher_72b and stage in ("verbalize", "interact")
         assert t.per_device_train_batch_size == {(False, False): 4, (False, True): 2,
                                                  (True, False): 2, (True, True): 1}[llava, runs_72b]

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from vlsi.teacher_cache import (CacheError, bytes_per_token, check_manifest, id_bits, pack_ids, sample_key,
-                                top_k_of, unpack_ids)
+from vlsi.teacher_cache import (FORMAT, MANIFEST, CacheError, KeyedCollator, ShardWriter, TeacherCache,
+                                bytes_per_token, check_manifest, id_bits, item_key, pack_ids, sample_key, top_k_of,
+                                unpack_ids)
 
 
 @pytest.mark.parametrize("vocab", [2, 536, 151936, 152064])
@@ -81,3 +82,71 @@ def test_top_k_of_nan_logits_is_refused_before_storage():
     ids, values, tails = top_k_of(logp, 4)
     with pytest.raises(CacheError, match="sample 's1'"):
         refuse_nan(values, tails, [1, 1], ["s0", "s1"])
+
+
+def _cache_of(root, tokens: list[int], k: int = 4, vocab: int = 50):
+    """A cache of one sample per entry of ``tokens`` (response tokens), written with
+    :class:`ShardWriter` (2 samples a shard); returns the items and their stored tensors."""
+    from vlsi.files import write_json_atomic
+
+    root.mkdir()
+    bits = id_bits(vocab)
+    write_json_atomic(root / MANIFEST, {"format": FORMAT, "layers": [1, 5], "top_k": k, "id_bits": bits,
+                                        "processes": 1, "complete": True})
+    writer, g = ShardWriter(root, 0, bits, "float16", samples_per_shard=2), torch.Generator().manual_seed(0)
+    items, stored = [], {}
+    for n, count in enumerate(tokens):
+        item = {"id": f"s{n}", "input_ids": list(range(count + 3)), "labels": [-100, -100] + [7] * count + [-100]}
+        ids = torch.stack([torch.randperm(vocab, generator=g)[:k] for _ in range(count * 3)]).reshape(count, 3, k)
+        logp, tail = torch.randn(count, 3, k, generator=g), torch.rand(count, 3, generator=g)
+        writer.add(item_key(item), ids, logp, tail)
+        items.append(item)
+        stored[item_key(item)] = (ids, logp.half(), tail)
+    writer.flush()
+    return items, stored
+
+
+def _pad_labels(items):
+    width = max(len(it["labels"]) for it in items)
+    return {"labels": torch.tensor([it["labels"] + [-100] * (width - len(it["labels"])) for it in items])}
+
+
+def test_the_collator_reads_the_batch_teacher_from_the_cache(tmp_path):
+    """KeyedCollator returns the cached top-K of its samples, in batch order, concatenated over
+    their response tokens; the same in data-loader workers."""
+    from torch.utils.data import DataLoader
+
+    items, stored = _cache_of(tmp_path / "cache", [3, 1, 4, 2, 5])
+    cache = TeacherCache.open(tmp_path / "cache")
+    collator = KeyedCollator(_pad_labels, cache)
+    batch = collator([items[2], items[0]])
+    for n, name in enumerate(("ids", "logp", "tail")):
+        # what TeacherCache.batch gave the loss before: the samples' [L, T, ...] joined on T
+        want = torch.cat([stored[item_key(items[i])][n].transpose(0, 1) for i in (2, 0)], dim=1)
+        assert batch[f"teacher_{name}"].dtype == want.dtype and torch.equal(batch[f"teacher_{name}"], want), name
+    assert batch["teacher_ids"].shape == (3, 7, 4) and batch["teacher_tail"].shape == (3, 7)
+
+    def load(workers: int) -> list[dict]:
+        collator = KeyedCollator(_pad_labels, TeacherCache.open(tmp_path / "cache"))
+        return list(DataLoader(items, batch_size=2, collate_fn=collator, num_workers=workers))
+
+    in_process, in_workers = load(0), load(2)
+    assert len(in_workers) == 3
+    for a, b in zip(in_process, in_workers):
+        assert a["sample_keys"] == b["sample_keys"]
+        assert all(torch.equal(a[f"teacher_{n}"], b[f"teacher_{n}"]) for n in ("ids", "logp", "tail"))
+
+
+def test_a_corrupt_shard_is_caught_in_a_worker_as_one_line(tmp_path):
+    from torch.utils.data import DataLoader
+
+    items, _ = _cache_of(tmp_path / "cache", [2, 2, 2])
+    shard = tmp_path / "cache" / "shard-00-00001.safetensors"  # the third sample
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    collator = KeyedCollator(_pad_labels, TeacherCache.open(tmp_path / "cache"))
+    batches = list(DataLoader(items, batch_size=1, collate_fn=collator, num_workers=2))
+    assert [("teacher_error" in b) for b in batches] == [False, False, True]
+    assert "shard-00-00001.safetensors is corrupt" in batches[2]["teacher_error"]
+    assert "\n" not in batches[2]["teacher_error"]

@@ -182,7 +182,10 @@ class TrainingConfig:
     save_steps: int = _f(500, "optimizer steps between checkpoints (one is also saved at the end)")
     save_total_limit: int | None = _f(2, "checkpoints kept (older ones are deleted)")
     seed: int = _f(42, "seed of initialisation, data order and matching draws")
-    dataloader_num_workers: int = _f(0, "data-loading worker processes")
+    dataloader_num_workers: int = _f(0, "data-loading worker processes (0: the training process "
+                                        "decodes images and reads the teacher cache itself)")
+    dataloader_pin_memory: bool = _f(True, "collate into pinned memory; batches then reach the GPU "
+                                           "by non-blocking copies")
     report_to: list[str] = _f(factory=lambda: ["tensorboard"], help="logging integrations "
                                                                      "(TrainingArguments.report_to)")
     max_consecutive_nonfinite: int = _f(5, "non-finite losses in a row that stop the run")

@@ -11,10 +11,11 @@ The inputs of a step:
 * the settings of that step only: the ``verbalize`` / ``interact`` / ``sft`` training settings,
   the verbalizer architecture and target layers, the interaction and LoRA settings, the data
   settings. Settings that cannot change a result are left out (:data:`NOT_RESULT_SETTINGS`:
-  logging, checkpoint frequency and retention, data loader workers);
+  logging, checkpoint frequency and retention, data loader workers and memory);
 * model identities (:func:`model_identity`): the resolved path, the SHA-256 of ``config.json``
   and of each weight file (files over 128 MB by their size, first and last 8 MB, whose header
-  already names every tensor, so a 144 GB teacher is not read whole);
+  already names every tensor, so a 144 GB teacher is not read whole); a teacher without its
+  weights takes theirs from the teacher cache's manifest (:func:`teacher_identity`);
 * data files by content (SHA-256; images are not hashed, their paths come from the files);
 * what the step reads from earlier steps (verbalizers, the interaction adapter): the digest of
   the earlier step's own fingerprint when it has one, else of its weight files;
@@ -35,7 +36,8 @@ from vlsi.files import canonical_digest, read_json, sha256_file, write_json_atom
 
 FINGERPRINT = "fingerprint.json"
 NOT_RESULT_SETTINGS = frozenset({"logging_steps", "save_steps", "save_total_limit",
-                                 "dataloader_num_workers", "report_to", "max_consecutive_nonfinite",
+                                 "dataloader_num_workers", "dataloader_pin_memory", "report_to",
+                                 "max_consecutive_nonfinite",
                                  "logging_dir", "disable_tqdm", "ddp_timeout"})
 SAMPLE_BYTES = 8 << 20
 WHOLE_FILE_LIMIT = 128 << 20
@@ -59,6 +61,20 @@ def model_identity(path: str | Path) -> dict[str, Any]:
     weights = sorted(p for p in root.iterdir() if p.suffix in WEIGHT_SUFFIXES or p.name.endswith(".index.json"))
     return {"path": str(root), "config": file_digest(root / "config.json"),
             "weights": {p.name: file_digest(p) for p in weights}}
+
+
+def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
+    """The teacher's :func:`model_identity`. A teacher directory without weight files (a machine
+    the teacher does not fit) takes the weights that the complete teacher cache the run reads
+    (``interaction.teacher_cache``) recorded; path and ``config.json`` stay its own, so the cache
+    of another teacher is still refused."""
+    from vlsi.teacher_cache import cache_complete, read_manifest
+
+    identity = model_identity(Path(cfg.teacher).expanduser())
+    cache = cfg.interaction.teacher_cache
+    if not identity["weights"] and cache is not None and cache_complete(Path(cache)):
+        identity["weights"] = read_manifest(Path(cache))["teacher"].get("weights", {})
+    return identity
 
 
 def data_identity(cfg: RunConfig) -> dict[str, Any]:
@@ -91,11 +107,12 @@ def step_inputs(cfg: RunConfig, step: str, upstream: dict[str, str | None] | Non
     if step in ("teacher-verbalize", "student-verbalize"):
         role = step.split("-")[0]
         layers = cfg.verbalizer.teacher_layers if role == "teacher" else cfg.verbalizer.student_layers
-        return {**common, "step": step, "model": model_identity(getattr(cfg, role)),
+        model = teacher_identity(cfg) if role == "teacher" else model_identity(cfg.student)
+        return {**common, "step": step, "model": model,
                 "verbalizer": {"architecture": cfg.verbalizer.architecture, "layers": layers},
                 "training": _settings(cfg, "verbalize")}
     if step == "interact":
-        return {**common, "step": step, "teacher": model_identity(cfg.teacher),
+        return {**common, "step": step, "teacher": teacher_identity(cfg),
                 "student": model_identity(cfg.student), "verbalizer": dataclasses.asdict(cfg.verbalizer),
                 "interaction": dataclasses.asdict(cfg.interaction), "lora": dataclasses.asdict(cfg.lora),
                 "training": _settings(cfg, "interact")}

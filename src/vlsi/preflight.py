@@ -5,7 +5,8 @@ sample of the data, so a mistake costs seconds, not a verbalized teacher:
 
 * model paths, ``model_type`` in the supported list, the same family for teacher and student;
 * sizes: parameter counts from the safetensors headers (no weights loaded); a student larger
-  than its teacher is refused (swapped paths);
+  than its teacher is refused (swapped paths). An interaction that reads a complete teacher
+  cache needs only the teacher's ``config.json`` and tokenizer: its size is the cache's record;
 * target layers of both models (explicit lists or the default rule) and ``t_s <= t_l``;
 * the tokenizers agree on every id of the shared vocabulary;
 * verbalizers read by a step fit their backbone and were trained on the configured layers;
@@ -75,14 +76,34 @@ def safetensors_parameters(path: Path) -> int:
     return total
 
 
-def model_facts(path: str | Path, role: str, layers: list[int] | None) -> ModelFacts:
+def cached_teacher_parameters(cfg: RunConfig) -> int | None:
+    """With no ``*.safetensors`` in the teacher's directory, the teacher's size as recorded by the
+    complete teacher cache the run reads (``interaction.teacher_cache``), which stands in for the
+    weights; ``None`` where the weights are there (or no cache could stand in)."""
+    from vlsi.teacher_cache import cache_complete, read_manifest
+
+    root, cache = checkpoint_dir(cfg.teacher), cfg.interaction.teacher_cache
+    if cache is None or any(root.glob("*.safetensors")):
+        return None
+    if not cache_complete(Path(cache)):
+        raise VlsiError(f"{root}: no *.safetensors weights, and the teacher cache {cache} is not complete "
+                        "(make it where the teacher's weights are: `vlsi cache-teacher CONFIG`)")
+    parameters = read_manifest(Path(cache)).get("teacher_parameters")
+    if parameters is None:
+        raise VlsiError(f"{root}: no *.safetensors weights, and the teacher cache {cache} does not record the "
+                        "teacher's size (made by an older version); remake it where the weights are")
+    return int(parameters)
+
+
+def model_facts(path: str | Path, role: str, layers: list[int] | None, parameters: int | None = None) -> ModelFacts:
+    """``parameters``: the count to use instead of the safetensors headers' (a cached teacher)."""
     root = checkpoint_dir(path)
     model_type = read_model_type(root)
     family_for(model_type)  # the supported list
     text = text_config(root)
     try:
         facts = ModelFacts(root, model_type, int(text["num_hidden_layers"]), int(text["hidden_size"]),
-                           int(text["vocab_size"]), safetensors_parameters(root))
+                           int(text["vocab_size"]), parameters or safetensors_parameters(root))
     except (KeyError, TypeError, ValueError) as err:
         raise VlsiError(f"{root / 'config.json'}: cannot read the text model's shape ({err})") from None
     try:
@@ -198,7 +219,10 @@ def check_run(cfg: RunConfig, steps: tuple[str, ...], *, out: Path | None = None
     check_attn_implementation(cfg.attn_implementation)
     needs_teacher = any(s in steps for s in ("teacher-verbalize", "interact"))
     student = model_facts(cfg.student, "student", cfg.verbalizer.student_layers)
-    teacher = model_facts(cfg.teacher, "teacher", cfg.verbalizer.teacher_layers) if needs_teacher else None
+    teacher = None
+    if needs_teacher:  # a complete teacher cache stands in for the weights of an interaction's teacher
+        cached = cached_teacher_parameters(cfg) if "interact" in steps else None
+        teacher = model_facts(cfg.teacher, "teacher", cfg.verbalizer.teacher_layers, cached)
     vocab = None
     if teacher is not None:
         check_pair(teacher, student)

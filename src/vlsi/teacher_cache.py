@@ -25,7 +25,7 @@ Checks on opening (:meth:`TeacherCache.open`), each failure one line: the manife
 the run would make (data files and their hashes, max length and image bounds, the tokenizer and
 preprocessing files, teacher, teacher verbalizers and layers, K, shared vocabulary); every
 shard present at its recorded size; every sample of the data present. A shard's sha256 is
-checked the first time it is read.
+checked the first time a process reads it (each data-loader worker checks the shards it reads).
 """
 
 from __future__ import annotations
@@ -92,13 +92,29 @@ def item_key(item: dict[str, Any]) -> str:
 
 
 class KeyedCollator:
-    """A collator that also passes each sample's :func:`item_key` (``batch["sample_keys"]``)."""
+    """A collator that also passes each sample's :func:`item_key` (``batch["sample_keys"]``) and,
+    given a cache, the micro-batch's teacher read from it (:meth:`TeacherCache.lookup`):
+    ``teacher_ids``/``teacher_logp`` ``[t_l + 1, N, K]`` and ``teacher_tail`` ``[t_l + 1, N]``, N
+    the batch's response tokens in batch order. It runs where the batch is collated (the
+    data-loader workers, if any), so the training loop only copies the tensors to the device.
+    A cache error there is passed on as ``batch["teacher_error"]``, raised by the training loop as
+    one line (a worker's exception would come back wrapped in its traceback)."""
 
-    def __init__(self, collator: Any):
-        self.collator = collator
+    def __init__(self, collator: Any, cache: TeacherCache | None = None):
+        self.collator, self.cache = collator, cache
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        return {**self.collator(items), "sample_keys": [item_key(it) for it in items]}
+        batch = {**self.collator(items), "sample_keys": [item_key(it) for it in items]}
+        if self.cache is None:
+            return batch
+        from vlsi.verbalizer import prediction_positions
+
+        tokens = prediction_positions(batch["labels"]).sum(dim=1).tolist()
+        try:
+            ids, logp, tail = self.cache.lookup(batch["sample_keys"], tokens)
+        except CacheError as err:
+            return {**batch, "teacher_error": str(err)}
+        return {**batch, "teacher_ids": ids, "teacher_logp": logp, "teacher_tail": tail}
 
 
 def bytes_per_token(k: int, layers: int, vocab_size: int, dtype: str = "float16") -> float:
@@ -270,7 +286,10 @@ class TeacherCache:
         self._verified.add(shard["file"])
 
     def sample(self, key: str) -> tuple[Tensor, Tensor, Tensor]:
-        """One sample's ids ``[L, T, K]`` (int64), log-probabilities ``[L, T, K]`` and tail ``[L, T]``."""
+        """One sample's ids ``[L, T, K]`` (int64), log-probabilities ``[L, T, K]`` and tail ``[L, T]``.
+
+        The shard is opened here, in the calling process (a data-loader worker has its own
+        handles), and its sha256 checked the first time this process reads it."""
         from safetensors import safe_open
 
         if key not in self.entries:
@@ -282,11 +301,10 @@ class TeacherCache:
         ids = unpack_ids(packed, self.bits, tokens * self.layers * self.k).reshape(tokens, self.layers, self.k)
         return ids.transpose(0, 1), logp.transpose(0, 1), tail.transpose(0, 1)
 
-    def batch(self, keys: list[str], tokens: list[int], device: torch.device) -> Any:
-        """The :class:`~vlsi.interaction.SparseTeacher` of a micro-batch: samples in batch order,
-        each with ``tokens[b]`` response tokens (checked against the cache)."""
-        from vlsi.interaction import SparseTeacher
-
+    def lookup(self, keys: list[str], tokens: list[int]) -> tuple[Tensor, Tensor, Tensor]:
+        """A micro-batch's samples in batch order, each with ``tokens[b]`` response tokens
+        (checked against the cache), concatenated: ids ``[L, N, K]`` (int64), log-probabilities
+        ``[L, N, K]`` and tail ``[L, N]``, N = ``sum(tokens)``, in CPU memory."""
         parts = []
         for key, count in zip(keys, tokens):
             ids, logp, tail = self.sample(key)
@@ -294,6 +312,4 @@ class TeacherCache:
                 raise CacheError(f"teacher cache {self.root}: sample {key} has {ids.shape[1]} response tokens "
                                  f"cached but {count} in this batch (other data or tokenizer)")
             parts.append((ids, logp, tail))
-        return SparseTeacher(torch.cat([p[0] for p in parts], dim=1).to(device),
-                             torch.cat([p[1] for p in parts], dim=1).to(device),
-                             torch.cat([p[2] for p in parts], dim=1).to(device))
+        return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(3))

@@ -144,3 +144,74 @@ def test_refusals_are_one_line(tmp_path, verbalized, tiny_overrides, tiny_config
         opened.sample(next(k for k, (s, _) in opened.entries.items() if s["file"] == shard.name))
     with pytest.raises(VlsiError, match="not a teacher cache"):
         TeacherCache.open(tmp_path)
+
+
+def _losses(step_dir: Path) -> list[list[float]]:
+    """Step, loss and interaction-loss terms of each logged step of an interaction's metrics."""
+    rows = [json.loads(line) for line in (step_dir / "metrics.jsonl").read_text().splitlines()]
+    keys = ("step", "loss", "interaction_loss", "last_layer_loss", "mean_kld", "matched_kld")
+    return [[r[key] for key in keys] for r in rows if "interaction_loss" in r]
+
+
+def test_with_a_complete_cache_interact_and_distill_need_no_teacher_weights(tmp_path, tiny_pair, tiny_overrides,
+                                                                            set_args, run_cli):
+    """The teacher's *.safetensors removed after caching: `vlsi interact --teacher-cache` and
+    `vlsi distill` run on its config.json and tokenizer, with the teacher's identity of before."""
+    from vlsi.fingerprint import model_identity
+
+    teacher, run, cache = tmp_path / "teacher", tmp_path / "run", tmp_path / "cache"
+    shutil.copytree(tiny_pair("qwen2_vl").teacher, teacher)
+    k = {"interaction.teacher_cache_top_k": 8}
+    overrides = tiny_overrides(run, **STEPS, **k, teacher=str(teacher), **{"interaction.teacher_cache": str(cache)})
+    for role in ("teacher", "student"):
+        done = run_cli("verbalize", str(TINY_CONFIG), "--role", role, *set_args(overrides))
+        assert done.returncode == 0, done.stderr[-3000:]
+    made = run_cli("cache-teacher", str(TINY_CONFIG), *set_args(overrides), "--top-k", "8")
+    assert made.returncode == 0, made.stderr[-3000:]
+    identity = model_identity(teacher)
+    for weights in teacher.glob("*.safetensors"):
+        weights.unlink()
+
+    alone = run_cli("interact", str(TINY_CONFIG), *set_args(tiny_overrides(run, **STEPS, **k, teacher=str(teacher))),
+                    "--teacher-cache", str(cache), "--out", str(tmp_path / "interact"))
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert "teacher: none loaded" in alone.stdout
+    distill = run_cli("distill", str(TINY_CONFIG), *set_args(overrides), timeout=300)
+    assert distill.returncode == 0, distill.stderr[-3000:]
+    for step in ("teacher verbalization", "student verbalization", "teacher cache"):
+        assert f"{step}: done, skipped" in distill.stdout, step
+    assert (run / "4-sft" / "model" / "model.safetensors").is_file()
+    for step_dir in (tmp_path / "interact", run / "3-interact"):
+        assert json.loads((step_dir / "fingerprint.json").read_text())["inputs"]["teacher"] == identity
+    assert _losses(run / "3-interact") == _losses(tmp_path / "interact")
+
+    cache_manifest = json.loads((cache / MANIFEST).read_text())
+    (cache / MANIFEST).write_text(json.dumps({**cache_manifest, "complete": False}))
+    refused = run_cli("interact", str(TINY_CONFIG), *set_args(overrides), "--out", str(tmp_path / "again"))
+    assert refused.returncode == 2 and "no *.safetensors weights, and the teacher cache" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+    (cache / MANIFEST).write_text(json.dumps(cache_manifest))
+    shutil.rmtree(run / "1-teacher-verbalize")  # a step that runs the teacher: refused before anything runs
+    refused = run_cli("distill", str(TINY_CONFIG), *set_args(overrides))
+    assert refused.returncode == 2 and "which the unfinished teacher verbalization step needs" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_data_loader_workers_log_the_losses_of_the_training_process(tmp_path, verbalized, tiny_overrides, set_args,
+                                                                     run_cli):
+    """The cache read in 2 data-loader workers: the same logged losses as read by the training process."""
+    cache, student = tmp_path / "cache", tmp_path / "student-verbalizers"
+    overrides = tiny_overrides(verbalized, **STEPS, **{"interaction.teacher_cache_top_k": 8})
+    assert _cache(run_cli, set_args, overrides, cache, "--top-k", "8").returncode == 0
+    made = run_cli("verbalize", str(TINY_CONFIG), "--role", "student", *set_args(overrides), "--out", str(student))
+    assert made.returncode == 0, made.stderr[-3000:]
+    logged = {}
+    for workers in (0, 2):
+        out = tmp_path / f"interact-{workers}"
+        settings = {**overrides, "training.dataloader_num_workers": workers}
+        done = run_cli("interact", str(TINY_CONFIG), *set_args(settings), "--teacher-cache", str(cache),
+                       "--student-verbalizers", str(student), "--out", str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+        logged[workers] = _losses(out)
+    assert [row[0] for row in logged[2]] == [1, 2] and logged[2] == logged[0]

@@ -2,7 +2,8 @@
 
 AdamW, ``cosine_with_min_lr`` from ``learning_rate`` to ``min_learning_rate``, bf16 where the
 hardware has it, checkpoints every ``save_steps``, ``remove_unused_columns=False`` (the
-collator needs ``num_image_tokens``), TensorBoard event files under ``OUT/runs/``
+collator needs ``num_image_tokens``), batches in pinned memory copied to the device without
+blocking (``dataloader_pin_memory``), TensorBoard event files under ``OUT/runs/``
 (transformers' default; ``report_to`` picks other integrations), ``ddp_timeout`` from the
 config (:data:`vlsi.config.DEFAULT_DDP_TIMEOUT`, not transformers' 30 minutes). Any other
 ``TrainingArguments`` field of the config (``TrainingConfig.arguments``) is passed through
@@ -68,6 +69,8 @@ def training_arguments(
         seed=tcfg.seed,
         data_seed=tcfg.seed,
         dataloader_num_workers=tcfg.dataloader_num_workers,
+        dataloader_pin_memory=tcfg.dataloader_pin_memory,
+        accelerator_config={"non_blocking": tcfg.dataloader_pin_memory},  # async copies need pinned memory
         remove_unused_columns=False,
         report_to=list(tcfg.report_to),
         use_cpu=not torch.cuda.is_available(),

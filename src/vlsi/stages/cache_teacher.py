@@ -28,7 +28,7 @@ from vlsi.backbones import checkpoint_dir, load_backbone
 from vlsi.config import RunConfig
 from vlsi.distributed import load_verbalizers
 from vlsi.faults import kill_if_asked
-from vlsi.fingerprint import data_identity, directory_identity, model_identity
+from vlsi.fingerprint import data_identity, directory_identity, teacher_identity
 from vlsi.files import read_json, write_json_atomic
 from vlsi.preflight import Preflight, check_run
 from vlsi.stages.arguments import bf16_available
@@ -45,7 +45,7 @@ def expected_manifest(cfg: RunConfig, teacher_verbalizers: str | Path, top_k: in
                       layers: list[int]) -> dict[str, Any]:
     """What a cache made for this run records; ``top_k=None`` leaves K unchecked."""
     expected = {"data": data_identity(cfg), "preprocessing": preprocessing_digest(checkpoint_dir(cfg.student)),
-                "teacher": model_identity(checkpoint_dir(cfg.teacher)),
+                "teacher": teacher_identity(cfg),
                 "teacher_verbalizers": directory_identity(teacher_verbalizers), "layers": list(layers),
                 "vocab_size": vocab}
     if top_k is not None:
@@ -53,8 +53,10 @@ def expected_manifest(cfg: RunConfig, teacher_verbalizers: str | Path, top_k: in
     return expected
 
 
-def _prepare(root: Path, expected: dict[str, Any], storage: str, processes: int, is_main: bool) -> dict[str, Any]:
-    """The manifest of ``root``: an existing one must match this run; else (main) it is written."""
+def _prepare(root: Path, expected: dict[str, Any], storage: str, processes: int, is_main: bool,
+             teacher_parameters: int) -> dict[str, Any]:
+    """The manifest of ``root``: an existing one must match this run; else (main) it is written,
+    with the teacher's size (pre-flight reads it where the teacher's weights are absent)."""
     path = root / MANIFEST
     if path.is_file():
         manifest = read_json(path)
@@ -63,8 +65,8 @@ def _prepare(root: Path, expected: dict[str, Any], storage: str, processes: int,
             raise CacheError(f"{root} holds a cache written as {manifest['storage']} by {manifest['processes']} "
                              f"process(es); rerun it the same way or use another --out")
         return manifest
-    manifest = {"format": FORMAT, **expected, "storage": storage, "id_bits": id_bits(expected["vocab_size"]),
-                "processes": processes, "complete": False}
+    manifest = {"format": FORMAT, **expected, "teacher_parameters": teacher_parameters, "storage": storage,
+                "id_bits": id_bits(expected["vocab_size"]), "processes": processes, "complete": False}
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(path, manifest)
@@ -120,11 +122,14 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizer
     teacher_dir, student_dir = checkpoint_dir(cfg.teacher), checkpoint_dir(cfg.student)
     layers = pre.teacher.target_layers
     expected = expected_manifest(cfg, teacher_verbalizers, top_k, pre.vocab, layers)
-    manifest = _prepare(root, expected, storage, state.num_processes, state.is_main_process)
+    manifest = _prepare(root, expected, storage, state.num_processes, state.is_main_process,
+                        pre.teacher.parameters)
     if manifest.get("complete"):
         if state.is_main_process:
             print(f"cache-teacher: {root} is complete", flush=True)
         return root
+    if not any(teacher_dir.glob("*.safetensors")):
+        raise CacheError(f"{teacher_dir}: no *.safetensors weights; the teacher must run to make the cache {root}")
     state.wait_for_everyone()
 
     tcfg = cfg.stage("interact")

@@ -12,7 +12,8 @@ Four steps, one sub-directory each, under the config's ``output_dir``::
 
 With ``interaction.teacher_cache: DIR`` a fifth step runs before the interaction: ``vlsi
 cache-teacher`` into DIR (skipped when DIR holds a complete cache of the same inputs), and the
-interaction step reads the teacher from it.
+interaction step reads the teacher from it. Once the cache and the teacher verbalization are
+complete, the teacher's directory needs only its ``config.json`` and tokenizer files.
 
 Before anything trains, every check of :mod:`vlsi.preflight` runs and a short plan is printed.
 Every step directory records what its result depends on (``fingerprint.json``,
@@ -178,6 +179,11 @@ def run_distill(cfg: RunConfig, *, resume: bool = True, restart_changed: bool = 
     ]
     # Decide every step's fate before running any, so all processes take the same decisions.
     plans = [_plan(step_dir, resume, _done_check(name)) for name, step_dir, _ in steps]
+    running_teacher = [name for (name, _, _), decision in zip(steps, plans)
+                       if decision.action != "skip" and name in ("teacher verbalization", "teacher cache")]
+    if running_teacher and not any(pre.teacher.path.glob("*.safetensors")):  # a complete cache stood in
+        raise VlsiError(f"{pre.teacher.path}: no *.safetensors weights, which the unfinished {running_teacher[0]} "
+                        "step needs")
     for k, ((name, step_dir, run_step), decision) in enumerate(zip(steps, plans), start=1):
         if main:
             print(f"[{k}/{len(steps)}] {name}: {decision.describe(step_dir)}", flush=True)

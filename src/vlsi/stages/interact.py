@@ -30,9 +30,10 @@ Outputs in ``OUT``: ``adapter/`` (the LoRA adapter), ``matches.json``, ``matches
 and TensorBoard logs (``loss``, ``interaction_loss``, ``last_layer_loss``, ``mean_kld``,
 ``matched_kld``, ``matching_entropy/<i>``: the entropy in nats of the distribution student
 target layer ``i``'s pair was drawn from; ``seconds/student_forward``, ``seconds/teacher_forward``
-(with the teacher's verbalizer inputs), ``seconds/scoring_pass``, ``seconds/gradient_pass`` and
-``seconds/student_backward``: where a micro-batch's time goes, means over the logging window;
-on a GPU each clock read waits for the device, :func:`device_clock`), ``checkpoint-N/``, ``fingerprint.json`` and
+(with the teacher's verbalizer inputs; from a cache, only moving the collated top-K to the
+device), ``seconds/scoring_pass``, ``seconds/gradient_pass`` and ``seconds/student_backward``:
+where a micro-batch's time goes, means over the logging window; on a GPU each clock read waits
+for the device, :func:`device_clock`), ``checkpoint-N/``, ``fingerprint.json`` and
 ``step_complete.json`` last.
 """
 
@@ -54,14 +55,14 @@ from vlsi.config import InteractionConfig, RunConfig
 from vlsi.distributed import describe_footprint, load_verbalizers, place_frozen_model, whole_parameters
 from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.heatmap import save_match_heatmaps
-from vlsi.interaction import interaction_loss
+from vlsi.interaction import SparseTeacher, interaction_loss
 from vlsi.lora import save_adapter, with_lora
 from vlsi.preflight import Preflight, check_run
 from vlsi.recorder import MatchLog, MatchRecorder
 from vlsi.stages.cache_teacher import expected_manifest
 from vlsi.stages.callbacks import MeanMetrics
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
-from vlsi.teacher_cache import KeyedCollator, TeacherCache, sample_key
+from vlsi.teacher_cache import CacheError, KeyedCollator, TeacherCache, sample_key
 from vlsi.verbalizer import VerbalizerSet, capture_layer_context, prediction_positions
 
 MATCHES_LOG = "matches.jsonl"
@@ -158,6 +159,8 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         entered = self._clock()
+        if "teacher_error" in inputs:  # the collator could not read the teacher cache
+            raise CacheError(inputs["teacher_error"])
         positions = prediction_positions(inputs["labels"])
         clock = self._clock()
         # logits_to_keep=1: the models' own [B, T, V] logits are not needed (the chunked loss
@@ -167,9 +170,10 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
             s_out = model(**self.student.model_inputs(inputs), **forward_kwargs)
         now = self._clock()
         student_forward, clock = now - clock, now
-        if self.teacher_cache is not None:
-            t_stack, t_fn = self.teacher_cache.batch(inputs["sample_keys"], positions.sum(dim=1).tolist(),
-                                                     positions.device), None
+        if self.teacher_cache is not None:  # read by the collator (KeyedCollator), placed with the batch
+            t_stack = SparseTeacher(*(inputs[f"teacher_{name}"].to(positions.device, non_blocking=True)
+                                      for name in ("ids", "logp", "tail")))
+            t_fn = None
         else:
             with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx:
                 t_out = self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
@@ -297,7 +301,7 @@ def run_interact(
         if cache is not None:  # before any model loads
             cache.check_samples([sample_key(s.id, s.input_ids, s.labels, s.num_image_tokens) for s in dataset.samples],
                                 [s.id for s in dataset.samples])
-            collator = KeyedCollator(collator)
+            collator = KeyedCollator(collator, cache)
         dtype = torch.bfloat16 if args.bf16 else None
         student = load_backbone(student_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
         s_verb = load_verbalizers(student_verbalizers, student)
