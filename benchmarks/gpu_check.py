@@ -80,8 +80,9 @@ PARTS = {
     "d": "tiny vlsi distill / interact under accelerate launch (plain, FSDP, ZeRO-3)",
     "e": "batched greedy generation equals one-by-one",
 }
-# Seconds per part on the GPU: 410 in all, under the 8 minutes the run is given (see
-# docs/benchmarks.md "GPU check" for what each part is expected to take).
+# Seconds per part on the GPU: 410 in all, under the 8 minutes the run is given. Each is about
+# twice what the part is expected to need (an estimate: nothing has run on a GPU yet); (b) is
+# dominated by drawing the random verbalizers on the CPU in each bench worker.
 GPU_CAPS = {"a": 55, "b": 130, "c": 90, "d": 110, "e": 25}
 SMOKE_CAPS = {"a": 120, "b": 120, "c": 120, "d": 300, "e": 120}
 
@@ -678,13 +679,15 @@ def part_c(s: dict, rec: Recorder, device: Any) -> None:
         t_cfg = real_shape_config(s["teacher"], tokenizer, num_layers=s["teacher_layers"], width=s["width"],
                                   vision_depth=s["vision_depth"])
         s_cfg = real_shape_config(s["student"], tokenizer, num_layers=s["student_layers"],
-                                  width=None if s["width"] is None else s["width"] // 2, vision_depth=s["vision_depth"])
+                                  width=None if s["width"] is None else s["width"] // 2,
+                                  vision_depth=s["vision_depth"])
         teacher = Backbone(_build_model(t_cfg, dtype, device, seed=0))
         teacher.model.requires_grad_(False)
         student = Backbone(_build_model(s_cfg, dtype, device, seed=1))
         t_layers, s_layers = s["target_layers"] or (None, None)
         t_verb = VerbalizerSet(teacher, t_layers).requires_grad_(False).eval()
         s_verb = VerbalizerSet(student, s_layers).requires_grad_(False).eval()
+        p_t, p_s = _decoder_parameters(teacher), _decoder_parameters(student)  # before LoRA joins them
         model = with_lora(student, LoraSettings(r=s["lora_r"], alpha=s["lora_r"], dropout=0.0), seed=0)
         if s["gradient_checkpointing"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -692,11 +695,10 @@ def part_c(s: dict, rec: Recorder, device: Any) -> None:
         vocab = min(teacher.vocab_size, student.vocab_size)
         inputs = _text_batch(tokenizer, s["batch"], s["seq_len"], s["response_len"], device, seed=0)
         state.update(teacher=teacher, student=student, t_verb=t_verb, s_verb=s_verb, model=model, vocab=vocab,
-                     inputs=inputs, t_cfg=t_cfg, s_cfg=s_cfg)
+                     inputs=inputs, t_cfg=t_cfg, s_cfg=s_cfg, p_t=p_t, p_s=p_s)
         c.figure(teacher_parameters=sum(p.numel() for p in teacher.model.parameters()),
                  student_parameters=sum(p.numel() for p in student.model.parameters()),
-                 teacher_decoder_parameters=_decoder_parameters(teacher),
-                 student_decoder_parameters=_decoder_parameters(student),
+                 teacher_decoder_parameters=p_t, student_decoder_parameters=p_s,
                  lora_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
                  teacher_layers=teacher.num_layers, student_layers=student.num_layers,
                  teacher_target_layers=t_verb.layers, student_target_layers=s_verb.layers, shared_vocab=vocab,
@@ -708,7 +710,7 @@ def part_c(s: dict, rec: Recorder, device: Any) -> None:
     step = InteractionStep(state["model"], state["student"], state["teacher"], state["s_verb"], state["t_verb"],
                            state["vocab"], s["chunk"], device)
     tokens, n = s["batch"] * s["seq_len"], s["batch"] * s["response_len"]
-    p_t, p_s = _decoder_parameters(state["teacher"]), _decoder_parameters(state["student"])
+    p_t, p_s = state["p_t"], state["p_s"]
     for op in ("kld", "none"):
         with rec.check(f"interaction step, intermediate op {op}") as c:
             with PeakMemory(device) as mem:
