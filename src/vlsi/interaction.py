@@ -74,7 +74,7 @@ class InteractionResult:
             intermediate op is ``none`` or there is no response token).
         pair_losses: float32 ``[t_s, t_l]`` mean op loss of the selected pairs, 0 elsewhere.
         last_loss: mean last-layer loss (0.0 when the last op is ``none``).
-        matching_entropy: float32 ``[t_s]``, entropy (nats) of the distribution each student
+        matching_entropy: float32 ``[t_s]`` on the device, entropy (nats) of the distribution each student
             layer's pair was drawn from (:meth:`vlsi.matching.Matching.entropy`); NaN when no
             pair was selected.
         seconds: wall time of the chunked loss's parts, ``scoring`` (scoring pass and
@@ -234,7 +234,7 @@ def _empty_result(problem: _Problem) -> InteractionResult:
         weights=torch.zeros(shape, device=device),
         pair_losses=torch.zeros(shape, device=device),
         last_loss=0.0,
-        matching_entropy=torch.full((problem.t_s,), float("nan")),
+        matching_entropy=torch.full((problem.t_s,), float("nan"), device=device),
     )
 
 
@@ -569,9 +569,9 @@ def _result(problem: _Problem, loss: Tensor, kld: Tensor, matching: Matching | N
     device = problem.student_hidden.device
     if matching is None:
         weights = torch.zeros(problem.t_s, problem.t_l, device=device)
-        entropy = torch.full((problem.t_s,), float("nan"))
+        entropy = torch.full((problem.t_s,), float("nan"), device=device)
     else:
-        weights, entropy = matching.weights, matching.entropy().cpu()
+        weights, entropy = matching.weights, matching.entropy()
     means = sums / problem.n_tokens
     pair_losses = (means[: problem.t_s, : problem.t_l] * (weights > 0)).float()
     return InteractionResult(loss, kld, weights, pair_losses, float(means[problem.t_s, problem.t_l]),
