@@ -580,27 +580,30 @@ class InteractionStep:
         import torch
 
         from vlsi.interaction import interaction_loss
-        from vlsi.verbalizer import capture_layer_context, prediction_positions
+        from vlsi.verbalizer import capture_hidden_states, capture_layer_context, prediction_positions
 
-        kwargs = dict(output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        kwargs = dict(use_cache=False, logits_to_keep=1)
         model_inputs = self.student.model_inputs(inputs)
         positions = prediction_positions(inputs["labels"])
         seconds: dict[str, float] = {}
         _sync(self.device)
         clock = time.perf_counter()
-        with capture_layer_context(self.student) as s_ctx:
-            s_out = self.model(**model_inputs, **kwargs)
+        with capture_layer_context(self.student) as s_ctx, \
+                capture_hidden_states(self.student, self.s_verb.layers) as s_states:
+            self.model(**model_inputs, **kwargs)
         _sync(self.device)
         seconds["student_forward"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx:
-            t_out = self.teacher.model(**self.teacher.model_inputs(inputs), **kwargs)
-            t_stack, t_fn = self.t_verb.response_inputs(t_out.hidden_states, positions, t_ctx)
-        del t_out
+        with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx, \
+                capture_hidden_states(self.teacher, self.t_verb.layers) as t_states:
+            self.teacher.model(**self.teacher.model_inputs(inputs), **kwargs)
+            t_stack, t_fn = self.t_verb.response_inputs(t_states, positions, t_ctx)
+        del t_states
         _sync(self.device)
         seconds["teacher_forward"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        s_stack, s_fn = self.s_verb.response_inputs(s_out.hidden_states, positions, s_ctx)
+        s_stack, s_fn = self.s_verb.response_inputs(s_states, positions, s_ctx)
+        del s_states
         result = interaction_loss(s_stack, t_stack, s_fn, t_fn, vocab_size=self.vocab, intermediate_op=intermediate_op,
                                   chunk_size=self.chunk, generator=torch.Generator().manual_seed(seed))
         _sync(self.device)

@@ -204,3 +204,27 @@ def test_response_inputs_gather_with_one_nonzero_for_all_layers(pair, arch):
     torch.testing.assert_close(stack[-1], out.hidden_states[-1][positions], rtol=0, atol=0)
     if arch == "verb-ffn":
         torch.testing.assert_close(stack[0], out.hidden_states[2][positions], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "llava_onevision"])
+def test_captured_states_are_the_output_hidden_states_of_the_target_layers(tiny_pair, family):
+    """capture_hidden_states keeps only the target layers and the last, bit for bit what
+    ``output_hidden_states`` gives there, with and without grad."""
+    from vlsi.verbalizer import capture_hidden_states
+
+    backbone = load_backbone(tiny_pair(family).teacher)
+    ids = torch.randint(20, 300, (2, 8))
+    inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+    if family == "qwen2_vl":
+        inputs["mm_token_type_ids"] = torch.zeros_like(ids)
+    layers = [1, 3]
+    full = backbone.model(**inputs, output_hidden_states=True).hidden_states
+    with capture_hidden_states(backbone, layers) as states:
+        backbone.model(**inputs)
+    assert sorted(states) == [-1, 2, 4]
+    for key in (2, 4, -1):
+        assert torch.equal(states[key], full[key]), key
+    assert states[-1].requires_grad  # the graph is kept for the student's backward
+    states.clear()
+    backbone.model(**inputs)  # hooks are gone after the context
+    assert states == {}

@@ -365,6 +365,37 @@ def prediction_positions(labels: torch.Tensor, ignore_index: int = -100) -> torc
 
 
 @contextmanager
+def capture_hidden_states(backbone: Backbone, layers: list[int]) -> Iterator[dict[int, Tensor]]:
+    """The hidden states a step reads, recorded by forward hooks during the backbone's forward.
+
+    Stands in for ``output_hidden_states=True``, which keeps all ``L + 1`` states of the
+    forward alive (81 at 72B) when only the target layers and the last are read. The dict is
+    keyed as that tuple is indexed: ``states[l + 1]`` is the output of decoder layer ``l`` (for
+    ``l`` in ``layers``) and ``states[-1]`` the final-normed last hidden state, each ``[B, T, d]``.
+    Hooks are removed on exit, before any backward (gradient checkpointing recomputes layers
+    then)::
+
+        with capture_hidden_states(bb, vset.layers) as states:
+            bb.model(**inputs, use_cache=False)
+        stack, fn = vset.response_inputs(states, positions, ctx)
+    """
+    states: dict[int, Tensor] = {}
+
+    def keep(key: int):
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            states[key] = output[0] if isinstance(output, tuple) else output
+        return hook
+
+    handles = [backbone.decoder_layers[layer].register_forward_hook(keep(layer + 1)) for layer in sorted(set(layers))]
+    handles.append(backbone.final_norm.register_forward_hook(keep(-1)))
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def capture_layer_context(backbone: Backbone) -> Iterator[LayerContext]:
     """Record the keyword arguments (rotary embeddings, mask, positions) of decoder layer 0.
 

@@ -35,7 +35,7 @@ from vlsi.stages.arguments import bf16_available
 from vlsi.stages.training_data import load_training_data, preprocessing_digest
 from vlsi.teacher_cache import (FORMAT, MANIFEST, STORAGE_DTYPES, CacheError, ShardWriter, check_manifest, id_bits,
                                 item_key, top_k_of)
-from vlsi.verbalizer import capture_layer_context, prediction_positions
+from vlsi.verbalizer import capture_hidden_states, capture_layer_context, prediction_positions
 
 DEFAULT_TOP_K = 32
 SAMPLES_PER_SHARD = 256
@@ -150,10 +150,10 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizer
         items = [dataset[i] for i in todo[first:first + batch_size]]
         batch = {k: v.to(state.device) if torch.is_tensor(v) else v for k, v in collator(items).items()}
         positions = prediction_positions(batch["labels"])
-        with torch.no_grad(), capture_layer_context(teacher) as context:
-            out = teacher.model(**teacher.model_inputs(batch), output_hidden_states=True, use_cache=False,
-                                logits_to_keep=1)
-            t_stack, t_fn = verbalizers.response_inputs(out.hidden_states, positions, context)
+        with torch.no_grad(), capture_layer_context(teacher) as context, \
+                capture_hidden_states(teacher, verbalizers.layers) as states:
+            teacher.model(**teacher.model_inputs(batch), use_cache=False, logits_to_keep=1)
+            t_stack, t_fn = verbalizers.response_inputs(states, positions, context)
         ids, values, tails = _layer_top_k(t_stack, t_fn, pre.vocab, top_k, cfg.interaction.chunk_size)
         counts = positions.sum(dim=1).tolist()
         refuse_nan(values, tails, counts, [item["id"] for item in items])

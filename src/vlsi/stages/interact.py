@@ -63,7 +63,7 @@ from vlsi.stages.cache_teacher import expected_manifest
 from vlsi.stages.callbacks import MeanMetrics
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
 from vlsi.teacher_cache import CacheError, KeyedCollator, TeacherCache, sample_key
-from vlsi.verbalizer import VerbalizerSet, capture_layer_context, prediction_positions
+from vlsi.verbalizer import VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions
 
 MATCHES_LOG = "matches.jsonl"
 ADAPTER_DIR = "adapter"
@@ -164,9 +164,11 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         positions = prediction_positions(inputs["labels"])
         clock = self._clock()
         # logits_to_keep=1: the models' own [B, T, V] logits are not needed (the chunked loss
-        # recomputes the last layer's logits at response positions only)
-        forward_kwargs = dict(output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        with capture_layer_context(self.student) as s_ctx:
+        # recomputes the last layer's logits at response positions only); only the target
+        # layers' and the last hidden states are kept (capture_hidden_states)
+        forward_kwargs = dict(use_cache=False, logits_to_keep=1)
+        with capture_layer_context(self.student) as s_ctx, \
+                capture_hidden_states(self.student, self.student_verbalizers.layers) as s_states:
             s_out = model(**self.student.model_inputs(inputs), **forward_kwargs)
         now = self._clock()
         student_forward, clock = now - clock, now
@@ -175,11 +177,14 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                                       for name in ("ids", "logp", "tail")))
             t_fn = None
         else:
-            with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx:
-                t_out = self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
-                t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_out.hidden_states, positions, t_ctx)
+            with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx, \
+                    capture_hidden_states(self.teacher, self.teacher_verbalizers.layers) as t_states:
+                self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
+                t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_states, positions, t_ctx)
+                del t_states
         teacher_forward = self._clock() - clock
-        s_stack, s_fn = self.student_verbalizers.response_inputs(s_out.hidden_states, positions, s_ctx)
+        s_stack, s_fn = self.student_verbalizers.response_inputs(s_states, positions, s_ctx)
+        del s_states
 
         cfg = self.interaction
         heads, roots = [self.student.final_norm, self.student.lm_head], (model,)

@@ -40,8 +40,8 @@ from vlsi.layer_loss import LAYER_LOSS_STEPS, LayerLossCallback, LayerLossLog, w
 from vlsi.losses import CE_CHUNK_TOKENS, chunked_head_ce
 from vlsi.stages.callbacks import MeanMetrics
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
-from vlsi.verbalizer import (LayerContext, VerbalizerSet, capture_layer_context, gather_positions, position_index,
-                            prediction_positions)
+from vlsi.verbalizer import (LayerContext, VerbalizerSet, capture_hidden_states, capture_layer_context,
+                            gather_positions, position_index, prediction_positions)
 
 ROLES = ("teacher", "student")
 
@@ -82,7 +82,9 @@ class VerbalizerTrainingModel(nn.Module):
         """Per-layer mean next-token CE over the response positions.
 
         Args:
-            hidden_states: the backbone's ``output_hidden_states``, L + 1 tensors ``[B, T, d]``.
+            hidden_states: the backbone's hidden states indexed as ``output_hidden_states`` is
+                (``[l + 1]`` = decoder layer ``l``, ``[B, T, d]``): that tuple, or the target
+                layers' alone (:func:`vlsi.verbalizer.capture_hidden_states`).
             positions: bool ``[B, T]`` (:func:`vlsi.verbalizer.prediction_positions`), ``N`` of them true.
             targets: ``[N]`` next-token ids of those positions (:func:`response_targets`).
             context: the backbone's layer context (``decoder`` verbalizers only).
@@ -147,13 +149,14 @@ class VerbalizeTrainer(VlsiTrainerMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         bb = self.backbone
         positions = prediction_positions(inputs["labels"])
-        with torch.no_grad(), capture_layer_context(bb) as context:
-            # logits_to_keep=1: the backbone's own [B, T, V] logits are not needed
-            out = self.backbone_model(**bb.model_inputs(inputs), output_hidden_states=True,
-                                      use_cache=False, logits_to_keep=1)
+        with torch.no_grad(), capture_layer_context(bb) as context, \
+                capture_hidden_states(bb, self.model.verbalizers.layers) as states:
+            # logits_to_keep=1: the backbone's own [B, T, V] logits are not needed; only the
+            # target layers' hidden states are kept
+            self.backbone_model(**bb.model_inputs(inputs), use_cache=False, logits_to_keep=1)
         with whole_parameters(self, [bb.final_norm, bb.lm_head], fsdp_roots=(self.backbone_model,)):
             # through the DDP/DeepSpeed/FSDP wrapper, so that gradients are reduced: [t]
-            per_layer = model(hidden_states=out.hidden_states, positions=positions,
+            per_layer = model(hidden_states=states, positions=positions,
                               targets=response_targets(inputs["labels"], positions), context=context)
         detached = per_layer.detach().float().cpu()
         for layer, value in zip(self.model.verbalizers.layers, detached.tolist()):
