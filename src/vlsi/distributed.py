@@ -179,6 +179,53 @@ def _deepspeed_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> 
     return engine
 
 
+def shards_parameters(trainer: Trainer) -> bool:
+    """ZeRO-3 or FSDP on several processes: every forward gathers parameters collectively."""
+    if trainer.accelerator.num_processes < 2:
+        return False
+    if trainer.is_deepspeed_enabled:
+        return trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    return trainer.is_fsdp_enabled
+
+
+@contextlib.contextmanager
+def vision_on_every_process(trainer: Trainer, backbone: Backbone, batch: dict[str, Any]) -> Iterator[None]:
+    """Around a forward of ``backbone``'s model: a batch without images still runs the vision tower.
+
+    Under :func:`shards_parameters` each vision module gathers its parameters collectively, so
+    a process whose micro-batch is text-only must run the tower too, in the same order as an
+    image batch: right after the input embeddings (a forward hook on them runs
+    :meth:`Backbone.dummy_image_features`). Its output is dropped: no feature enters the
+    sequence. The vision parts are frozen in every step, so no backward runs through them on
+    any process (a trainable tower is refused). Elsewhere, and for batches with images, this
+    does nothing.
+    """
+    if not shards_parameters(trainer):
+        yield
+        return
+    if any(p.requires_grad for p in backbone.vision_parameters()):
+        raise VlsiError(f"{backbone.family.model_type}: the vision parts must be frozen under ZeRO-3/FSDP "
+                        "(text-only micro-batches run them forward only)")
+    if "pixel_values" in batch:
+        yield
+        return
+    ran = False
+
+    def run_vision(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        nonlocal ran
+        if not ran:
+            ran = True
+            backbone.dummy_image_features(output.device)
+
+    handle = backbone.model.get_input_embeddings().register_forward_hook(run_vision)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if not ran:
+        raise VlsiError("a text-only batch reached no input embedding: the vision tower did not run")
+
+
 @contextlib.contextmanager
 def whole_parameters(trainer: Trainer, modules: list[nn.Module],
                      fsdp_roots: tuple[nn.Module, ...] = ()) -> Iterator[None]:

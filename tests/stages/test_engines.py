@@ -22,7 +22,9 @@ enables FSDP only on accelerator devices; the shim keeps it on for CPU processes
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -84,14 +86,25 @@ def reference(tmp_path_factory, tiny_overrides, set_args, cli_env) -> Path:
     return out
 
 
-def _launch(engine: str, out: Path, settings: list[str], env: dict[str, str], kill: str | None):
+def _launch(engine: str, out: Path, settings: list[str], env: dict[str, str], kill: str | None,
+            timeout: float = 400) -> subprocess.CompletedProcess:
+    """``vlsi distill`` on two processes; past ``timeout`` every process of the launch is killed
+    and the test fails (a hung collective never returns)."""
     config, target, _ = ENGINES[engine]
     command = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(REPO / "accelerate_configs" / config), "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), *target, "distill", str(TINY_CONFIG), *settings]
     env = {**env, "VLSI_KILL_AT": kill or ""}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: one session
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{engine}: no result after {timeout:.0f} s (hung?)\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def _held_megabytes(outputs: list[str], role: str) -> tuple[float, str]:
@@ -147,3 +160,24 @@ def test_two_processes_agree_with_one(engine, tmp_path, reference, tiny_pair, ti
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], atol=WEIGHT_ATOL, rtol=0, msg=lambda m: f"{name} {key}: {m}")
     assert (out / "3-interact" / "matches.jsonl").read_text() == (reference / "3-interact" / "matches.jsonl").read_text()
+
+
+SHARDED = [engine for engine in ENGINES if engine != "zero2"]
+
+
+@pytest.mark.parametrize("engine", SHARDED)
+def test_text_only_sample_on_one_process(engine, tmp_path, synth_dir, tiny_overrides, set_args, cli_env):
+    """One process gets a text-only sample, the other an image: every step runs to the end."""
+    records = json.loads((synth_dir / "train.json").read_text())[:1]
+    records.append({"id": "text-only", "conversations": [
+        {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"}]})
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    settings = set_args(tiny_overrides(out, **{
+        "data.train": [str(data)], "training.max_steps": 1, "training.per_device_train_batch_size": 1}))
+    proc = _launch(engine, out, settings, cli_env, None, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for step in STEPS:
+        done = json.loads((out / step / "step_complete.json").read_text())
+        assert done["global_step"] == 1 and done["data"]["data_kept"] == 2, (step, done)

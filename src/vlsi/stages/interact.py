@@ -50,7 +50,8 @@ from transformers import Trainer
 
 from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
 from vlsi.config import InteractionConfig, RunConfig
-from vlsi.distributed import describe_footprint, load_verbalizers, place_frozen_model, whole_parameters
+from vlsi.distributed import (describe_footprint, load_verbalizers, place_frozen_model, vision_on_every_process,
+                              whole_parameters)
 from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.heatmap import save_match_heatmaps
 from vlsi.interaction import interaction_loss
@@ -148,7 +149,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         # logits_to_keep=1: the models' own [B, T, V] logits are not needed (the chunked loss
         # recomputes the last layer's logits at response positions only)
         forward_kwargs = dict(output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        with capture_layer_context(self.student) as s_ctx:
+        with capture_layer_context(self.student) as s_ctx, vision_on_every_process(self, self.student, inputs):
             s_out = model(**self.student.model_inputs(inputs), **forward_kwargs)
         student_forward = time.perf_counter() - clock
         clock = time.perf_counter()
@@ -156,7 +157,8 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
             t_stack, t_fn = self.teacher_cache.batch(inputs["sample_keys"], positions.sum(dim=1).tolist(),
                                                      positions.device), None
         else:
-            with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx:
+            with (torch.no_grad(), capture_layer_context(self.teacher) as t_ctx,
+                  vision_on_every_process(self, self.teacher, inputs)):
                 t_out = self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
                 t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_out.hidden_states, positions, t_ctx)
         teacher_forward = time.perf_counter() - clock
