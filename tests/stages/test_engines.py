@@ -181,3 +181,45 @@ def test_text_only_sample_on_one_process(engine, tmp_path, synth_dir, tiny_overr
     for step in STEPS:
         done = json.loads((out / step / "step_complete.json").read_text())
         assert done["global_step"] == 1 and done["data"]["data_kept"] == 2, (step, done)
+
+
+NAN_AT = "verbalize:step:2,interact:step:2,sft:step:2"  # VLSI_NAN_AT: every training stage
+
+
+def _nan_run(tiny_overrides, set_args, out: Path, accumulate: int) -> list[str]:
+    return set_args(tiny_overrides(out, **{
+        "training.max_steps": 3, "training.per_device_train_batch_size": 1,
+        "training.gradient_accumulation_steps": accumulate}))
+
+
+@pytest.fixture(scope="module")
+def nan_reference(tmp_path_factory, tiny_overrides, set_args, cli_env) -> Path:
+    """One process, two micro-batches per step, both NaN at step 2 of every stage."""
+    out = tmp_path_factory.mktemp("one_process_nan") / "run"
+    proc = subprocess.run([sys.executable, "-m", "vlsi.cli", "distill", str(TINY_CONFIG),
+                           *_nan_run(tiny_overrides, set_args, out, accumulate=2)],
+                          cwd=REPO, env={**cli_env, "VLSI_NAN_AT": NAN_AT}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("engine", SHARDED)
+def test_nonfinite_loss_is_skipped(engine, tmp_path, nan_reference, tiny_overrides, set_args, cli_env):
+    """NaN on the main process at step 2 of 3: both processes skip it, it is counted, and the
+    run ends as the one-process run with the same NaN (a skip is a zero gradient)."""
+    out = tmp_path / "run"
+    env = {**cli_env, "VLSI_NAN_AT": NAN_AT}
+    proc = _launch(engine, out, _nan_run(tiny_overrides, set_args, out, accumulate=1), env, None, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for step in STEPS:
+        done = json.loads((out / step / "step_complete.json").read_text())
+        assert (done["global_step"], done["nonfinite_skipped"]) == (3, 1), step
+        ours, theirs = _losses(out / step / "metrics.jsonl"), _losses(nan_reference / step / "metrics.jsonl")
+        assert sorted(ours) == sorted(theirs) == [1, 2, 3] and ours[2] == theirs[2] == 0.0, step
+        for n in (1, 3):
+            assert ours[n] == pytest.approx(theirs[n], rel=LOSS_RTOL), (step, n)
+    for name in WEIGHTS:
+        ours, theirs = load_file(out / name), load_file(nan_reference / name)
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], atol=WEIGHT_ATOL, rtol=0, msg=lambda m: f"{name} {key}: {m}")

@@ -99,6 +99,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         match_log: where the main process records the selected pairs (``None`` elsewhere).
     """
 
+    stage = "interact"
     loss_is_scaled_for_ga = False  # the loss is a per-micro-batch mean
 
     def __init__(

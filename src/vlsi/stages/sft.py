@@ -51,6 +51,7 @@ class SFTTrainer(VlsiTrainerMixin, Trainer):
     token of the optimizer step, not a mean of per-micro-batch means.
     """
 
+    stage = "sft"
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.student = Backbone(self.model.get_base_model())

@@ -122,6 +122,7 @@ class VerbalizeTrainer(VlsiTrainerMixin, Trainer):
     DDP or ZeRO-1/2 suit this stage.
     """
 
+    stage = "verbalize"
     # the loss is a per-micro-batch mean: Trainer divides it by the accumulation steps
     loss_is_scaled_for_ga = False
 
