@@ -2,8 +2,8 @@
 
 A :class:`Family` names the image placeholder and the config attribute holding its id, the
 vision parts to freeze, the image inputs of ``forward``, and two rule objects: how images are
-preprocessed, counted and collated (:class:`GridImages` for the Qwen families,
-:class:`TiledImages` for LLaVA-OneVision), and how an offline tiny checkpoint of the family is
+preprocessed, counted and collated, and the smallest dummy image (:class:`GridImages` for the
+Qwen families, :class:`TiledImages` for LLaVA-OneVision), and how an offline tiny checkpoint of the family is
 built (``tiny_config``, ``tiny_image_processor``). The rest of the package reaches a family
 only through its entry (:data:`FAMILIES`, chosen by the config's ``model_type``); adding a
 backbone is adding an entry (``docs/adding-a-backbone.md``).

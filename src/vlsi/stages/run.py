@@ -13,8 +13,10 @@ trainer, its loss and its outputs):
    digest), then a barrier so no process leaves before the files exist.
 
 :class:`VlsiTrainerMixin` gives every stage's Trainer the non-finite loss guard: a training
-loss that is not finite skips its micro-batch (a zero that touches every trainable parameter,
-so DDP still reduces) and is counted; ``max_consecutive_nonfinite`` in a row stop the run.
+loss that is not finite on any process skips its micro-batch on all of them (a zero gradient
+for every trainable parameter, reduced as usual under DDP, ZeRO and FSDP2:
+:func:`vlsi.distributed.zero_for_every_parameter`) and is counted;
+``max_consecutive_nonfinite`` in a row stop the run.
 """
 
 from __future__ import annotations
