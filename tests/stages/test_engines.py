@@ -222,4 +222,5 @@ def test_nonfinite_loss_is_skipped(engine, tmp_path, nan_reference, tiny_overrid
     for name in WEIGHTS:
         ours, theirs = load_file(out / name), load_file(nan_reference / name)
         for key in ours:
-            torch.testing.assert_close(ours[key], theirs[key], atol=WEIGHT_ATOL, rtol=0, msg=lambda m: f"{name} {key}: {m}")
+            torch.testing.assert_close(ours[key], theirs[key], atol=WEIGHT_ATOL, rtol=0,
+                                       msg=lambda m: f"{name} {key}: {m}")
