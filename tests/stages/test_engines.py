@@ -17,6 +17,10 @@ Launchers: ``accelerate launch --config_file accelerate_configs/deepspeed_zero{2
 the CPU accelerate runs DeepSpeed's CPU accelerator through torchrun) and ``accelerate launch
 --config_file accelerate_configs/fsdp.yaml`` with :mod:`fsdp_on_cpu` as the script (accelerate
 enables FSDP only on accelerator devices; the shim keeps it on for CPU processes).
+
+Under ZeRO-3 and FSDP2 two more runs: a text-only sample on one process beside an image on the
+other, and a NaN loss injected on the main process (``VLSI_NAN_AT``), against one process with
+the same NaN (docs/engines.md).
 """
 
 from __future__ import annotations
