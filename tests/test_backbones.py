@@ -135,3 +135,25 @@ def test_model_inputs_selects_family_keys(pairs):
     bb.family = FAMILIES["qwen2_vl"]
     assert set(bb.model_inputs(batch)) == {"input_ids", "attention_mask", "pixel_values",
                                            "image_grid_thw", "mm_token_type_ids"}
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_dummy_image_runs_the_vision_modules_of_a_real_image_in_order(pairs, family):
+    """What a text-only batch runs under ZeRO-3/FSDP (vision_on_every_process)."""
+    d = pairs[family].student
+    bb, enc = load_backbone(d), ImageEncoder.from_pretrained(d)
+    called: list[str] = []
+    for attr in bb.family.vision_attrs:
+        part = getattr(bb.model.model, attr)
+        if isinstance(part, torch.nn.Module):
+            for name, module in part.named_modules(prefix=attr):
+                module.register_forward_pre_hook(lambda m, a, name=name: called.append(name))
+    real = enc([Image.new("RGB", (70, 40), (200, 30, 30))]).tensors
+    if not bb.family.uses_mm_token_type_ids:
+        real["batch_num_images"] = torch.tensor([1])
+    with torch.no_grad():
+        bb.model.get_image_features(**real)
+        from_image, called[:] = list(called), []
+        features = bb.dummy_image_features(torch.device("cpu"))
+    assert called == from_image and len(called) > 1
+    assert all(torch.isfinite(f).all() for f in features.pooler_output)

@@ -138,6 +138,11 @@ class Backbone:
         """Regex for ``peft.LoraConfig(target_modules=...)``: the LM's linear layers only."""
         return LORA_TARGET_PATTERN
 
+    def dummy_image_features(self, device: torch.device) -> Any:
+        """The vision encoder + projector run on the family's smallest all-zero image
+        (``Family.images.dummy``); what ``get_image_features`` returns, for no sequence."""
+        return self.model.get_image_features(**self.family.images.dummy(self.config, device))
+
     # -- inputs -----------------------------------------------------------------------------
     @property
     def image_token_id(self) -> int:

@@ -179,6 +179,53 @@ def _deepspeed_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> 
     return engine
 
 
+def shards_parameters(trainer: Trainer) -> bool:
+    """ZeRO-3 or FSDP on several processes: every forward gathers parameters collectively."""
+    if trainer.accelerator.num_processes < 2:
+        return False
+    if trainer.is_deepspeed_enabled:
+        return trainer.accelerator.state.deepspeed_plugin.zero_stage == 3
+    return trainer.is_fsdp_enabled
+
+
+@contextlib.contextmanager
+def vision_on_every_process(trainer: Trainer, backbone: Backbone, batch: dict[str, Any]) -> Iterator[None]:
+    """Around a forward of ``backbone``'s model: a batch without images still runs the vision tower.
+
+    Under :func:`shards_parameters` each vision module gathers its parameters collectively, so
+    a process whose micro-batch is text-only must run the tower too, in the same order as an
+    image batch: right after the input embeddings (a forward hook on them runs
+    :meth:`Backbone.dummy_image_features`). Its output is dropped: no feature enters the
+    sequence. The vision parts are frozen in every step, so no backward runs through them on
+    any process (a trainable tower is refused). Elsewhere, and for batches with images, this
+    does nothing.
+    """
+    if not shards_parameters(trainer):
+        yield
+        return
+    if any(p.requires_grad for p in backbone.vision_parameters()):
+        raise VlsiError(f"{backbone.family.model_type}: the vision parts must be frozen under ZeRO-3/FSDP "
+                        "(text-only micro-batches run them forward only)")
+    if "pixel_values" in batch:
+        yield
+        return
+    ran = False
+
+    def run_vision(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+        nonlocal ran
+        if not ran:
+            ran = True
+            backbone.dummy_image_features(output.device)
+
+    handle = backbone.model.get_input_embeddings().register_forward_hook(run_vision)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if not ran:
+        raise VlsiError("a text-only batch reached no input embedding: the vision tower did not run")
+
+
 @contextlib.contextmanager
 def whole_parameters(trainer: Trainer, modules: list[nn.Module],
                      fsdp_roots: tuple[nn.Module, ...] = ()) -> Iterator[None]:
@@ -208,6 +255,38 @@ def whole_parameters(trainer: Trainer, modules: list[nn.Module],
                 for unit in _fsdp_owners(root, modules):
                     stack.enter_context(_unsharded(unit))
         yield
+
+
+def zero_for_every_parameter(trainer: Trainer, model: nn.Module, loss: torch.Tensor
+                              ) -> tuple[torch.Tensor, list[Any]]:
+    """A scalar 0 in place of the non-finite ``loss``, whose backward gives each trainable
+    parameter of ``model`` a zero gradient; returns it and hooks to remove after that backward.
+
+    The Trainer's backward then reduces and steps as for any micro-batch, on every process:
+
+    * ZeRO-3 (parameters are whole only inside their modules' forward and backward): the zero
+      is ``loss`` masked to 0 (on every process), so the backward runs through the micro-batch's own
+      graph and DeepSpeed gathers, accumulates and reduce-scatters as usual; a hook on each
+      trainable parameter replaces its gradient, which may be NaN, by zeros;
+    * FSDP2: every unit is resharded and the zero built from the local shards
+      (``DTensor.to_local``), so the zero gradients land in the sharded ``.grad`` directly;
+    * otherwise: ``sum((p * 0).sum())`` over the parameters.
+    """
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        hooks = [p.register_hook(torch.zeros_like) for p in params]
+        return loss.masked_fill(torch.ones_like(loss, dtype=torch.bool), 0.0), hooks
+    if trainer.is_fsdp_enabled:
+        from torch.distributed.fsdp import FSDPModule
+
+        for unit in model.modules():
+            if isinstance(unit, FSDPModule):
+                unit.reshard()  # the root stays unsharded after its forward
+        params = [p for p in model.parameters() if p.requires_grad]  # now the sharded ones
+    parts = [((p.to_local() if isinstance(p, DTensor) else p) * 0).sum() for p in params]
+    return sum(parts, torch.zeros((), device=loss.device)), []
 
 
 def _fsdp_owners(root: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:

@@ -2,8 +2,8 @@
 
 A :class:`Family` names the image placeholder and the config attribute holding its id, the
 vision parts to freeze, the image inputs of ``forward``, and two rule objects: how images are
-preprocessed, counted and collated (:class:`GridImages` for the Qwen families,
-:class:`TiledImages` for LLaVA-OneVision), and how an offline tiny checkpoint of the family is
+preprocessed, counted and collated, and the smallest dummy image (:class:`GridImages` for the
+Qwen families, :class:`TiledImages` for LLaVA-OneVision), and how an offline tiny checkpoint of the family is
 built (``tiny_config``, ``tiny_image_processor``). The rest of the package reaches a family
 only through its entry (:data:`FAMILIES`, chosen by the config's ``model_type``); adding a
 backbone is adding an entry (``docs/adding-a-backbone.md``).
@@ -73,6 +73,14 @@ class GridImages:
         return {"pixel_values": torch.cat([it["pixel_values"] for it in with_images]),
                 "image_grid_thw": torch.cat([it["image_grid_thw"] for it in with_images])}
 
+    def dummy(self, config: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """``get_image_features`` inputs of the smallest image: one merged token of zero patches."""
+        vcfg = config.vision_config
+        m = vcfg.spatial_merge_size
+        width = vcfg.in_channels * vcfg.temporal_patch_size * vcfg.patch_size**2
+        return {"pixel_values": torch.zeros(m * m, width, device=device),
+                "image_grid_thw": torch.tensor([[1, m, m]], device=device)}
+
 
 class TiledImages:
     """LLaVA-OneVision: anyres tiles of a fixed size, resized here to the pixel bounds.
@@ -133,6 +141,16 @@ class TiledImages:
         return {"pixel_values": torch.cat(pixel_values),
                 "image_sizes": torch.cat([it["image_sizes"] for it in with_images]),
                 "batch_num_images": torch.tensor([len(it.get("num_image_tokens", ())) for it in items])}
+
+    def dummy(self, config: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        """``get_image_features`` inputs of one black image of one tile's size (anyres tiles included)."""
+        from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
+
+        s = config.vision_config.image_size
+        tiles = image_size_to_num_patches((s, s), config.image_grid_pinpoints, s)
+        return {"pixel_values": torch.zeros(1, tiles, config.vision_config.num_channels, s, s, device=device),
+                "image_sizes": torch.tensor([[s, s]], device=device),
+                "batch_num_images": torch.tensor([1], device=device)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Kill points for the resume tests: a run kills itself (SIGKILL) where a test asks it to.
+"""Faults the tests inject: kill points (SIGKILL) and non-finite losses.
 
 ``VLSI_KILL_AT`` holds comma-separated points; when the running stage reaches one, the process
 sends itself SIGKILL (as the OOM killer or a preempted node would). Points:
@@ -11,6 +11,9 @@ sends itself SIGKILL (as the OOM killer or a preempted node would). Points:
   (mid-shard when N is not a multiple of the shard size).
 
 Stages are ``verbalize``, ``interact`` and ``sft``. Unset, nothing happens.
+
+``VLSI_NAN_AT`` holds comma-separated ``<stage>:step:<N>``: the training loss of optimizer step N
+(every micro-batch of it) is NaN on the main process, as an overflow there would make it.
 """
 
 from __future__ import annotations
@@ -18,11 +21,23 @@ from __future__ import annotations
 import os
 import signal
 
+import torch
+
 KILL_ENV = "VLSI_KILL_AT"
+NAN_ENV = "VLSI_NAN_AT"
+
+
+def _asked(env: str, point: str) -> bool:
+    wanted = os.environ.get(env, "")
+    return bool(wanted) and point in {p.strip() for p in wanted.split(",")}
 
 
 def kill_if_asked(point: str) -> None:
     """SIGKILL this process if ``point`` is one of ``VLSI_KILL_AT``'s."""
-    wanted = os.environ.get(KILL_ENV, "")
-    if wanted and point in {p.strip() for p in wanted.split(",")}:
+    if _asked(KILL_ENV, point):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nan_if_asked(point: str, loss: torch.Tensor) -> torch.Tensor:
+    """``loss`` times NaN (still in its graph) if ``point`` is one of ``VLSI_NAN_AT``'s."""
+    return loss * float("nan") if _asked(NAN_ENV, point) else loss

@@ -17,12 +17,18 @@ Launchers: ``accelerate launch --config_file accelerate_configs/deepspeed_zero{2
 the CPU accelerate runs DeepSpeed's CPU accelerator through torchrun) and ``accelerate launch
 --config_file accelerate_configs/fsdp.yaml`` with :mod:`fsdp_on_cpu` as the script (accelerate
 enables FSDP only on accelerator devices; the shim keeps it on for CPU processes).
+
+Under ZeRO-3 and FSDP2 two more runs: a text-only sample on one process beside an image on the
+other, and a NaN loss injected on the main process (``VLSI_NAN_AT``), against one process with
+the same NaN (docs/engines.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -84,14 +90,25 @@ def reference(tmp_path_factory, tiny_overrides, set_args, cli_env) -> Path:
     return out
 
 
-def _launch(engine: str, out: Path, settings: list[str], env: dict[str, str], kill: str | None):
+def _launch(engine: str, out: Path, settings: list[str], env: dict[str, str], kill: str | None,
+            timeout: float = 400) -> subprocess.CompletedProcess:
+    """``vlsi distill`` on two processes; past ``timeout`` every process of the launch is killed
+    and the test fails (a hung collective never returns)."""
     config, target, _ = ENGINES[engine]
     command = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(REPO / "accelerate_configs" / config), "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                "--main_process_port", str(_free_port()), *target, "distill", str(TINY_CONFIG), *settings]
     env = {**env, "VLSI_KILL_AT": kill or ""}
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and its workers: one session
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"{engine}: no result after {timeout:.0f} s (hung?)\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def _held_megabytes(outputs: list[str], role: str) -> tuple[float, str]:
@@ -147,3 +164,67 @@ def test_two_processes_agree_with_one(engine, tmp_path, reference, tiny_pair, ti
         for key in ours:
             torch.testing.assert_close(ours[key], theirs[key], atol=WEIGHT_ATOL, rtol=0, msg=lambda m: f"{name} {key}: {m}")
     assert (out / "3-interact" / "matches.jsonl").read_text() == (reference / "3-interact" / "matches.jsonl").read_text()
+
+
+SHARDED = [engine for engine in ENGINES if engine != "zero2"]
+
+
+@pytest.mark.parametrize("engine", SHARDED)
+def test_text_only_sample_on_one_process(engine, tmp_path, synth_dir, tiny_overrides, set_args, cli_env):
+    """One process gets a text-only sample, the other an image: every step runs to the end."""
+    records = json.loads((synth_dir / "train.json").read_text())[:1]
+    records.append({"id": "text-only", "conversations": [
+        {"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "red"}]})
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    out = tmp_path / "run"
+    settings = set_args(tiny_overrides(out, **{
+        "data.train": [str(data)], "training.max_steps": 1, "training.per_device_train_batch_size": 1}))
+    proc = _launch(engine, out, settings, cli_env, None, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for step in STEPS:
+        done = json.loads((out / step / "step_complete.json").read_text())
+        assert done["global_step"] == 1 and done["data"]["data_kept"] == 2, (step, done)
+
+
+NAN_AT = "verbalize:step:2,interact:step:2,sft:step:2"  # VLSI_NAN_AT: every training stage
+
+
+def _nan_run(tiny_overrides, set_args, out: Path, accumulate: int) -> list[str]:
+    return set_args(tiny_overrides(out, **{
+        "training.max_steps": 3, "training.per_device_train_batch_size": 1,
+        "training.gradient_accumulation_steps": accumulate}))
+
+
+@pytest.fixture(scope="module")
+def nan_reference(tmp_path_factory, tiny_overrides, set_args, cli_env) -> Path:
+    """One process, two micro-batches per step, both NaN at step 2 of every stage."""
+    out = tmp_path_factory.mktemp("one_process_nan") / "run"
+    proc = subprocess.run([sys.executable, "-m", "vlsi.cli", "distill", str(TINY_CONFIG),
+                           *_nan_run(tiny_overrides, set_args, out, accumulate=2)],
+                          cwd=REPO, env={**cli_env, "VLSI_NAN_AT": NAN_AT}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("engine", SHARDED)
+def test_nonfinite_loss_is_skipped(engine, tmp_path, nan_reference, tiny_overrides, set_args, cli_env):
+    """NaN on the main process at step 2 of 3: both processes skip it, it is counted, and the
+    run ends as the one-process run with the same NaN (a skip is a zero gradient)."""
+    out = tmp_path / "run"
+    env = {**cli_env, "VLSI_NAN_AT": NAN_AT}
+    proc = _launch(engine, out, _nan_run(tiny_overrides, set_args, out, accumulate=1), env, None, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for step in STEPS:
+        done = json.loads((out / step / "step_complete.json").read_text())
+        assert (done["global_step"], done["nonfinite_skipped"]) == (3, 1), step
+        ours, theirs = _losses(out / step / "metrics.jsonl"), _losses(nan_reference / step / "metrics.jsonl")
+        assert sorted(ours) == sorted(theirs) == [1, 2, 3] and ours[2] == theirs[2] == 0.0, step
+        for n in (1, 3):
+            assert ours[n] == pytest.approx(theirs[n], rel=LOSS_RTOL), (step, n)
+    for name in WEIGHTS:
+        ours, theirs = load_file(out / name), load_file(nan_reference / name)
+        for key in ours:
+            torch.testing.assert_close(ours[key], theirs[key], atol=WEIGHT_ATOL, rtol=0,
+                                       msg=lambda m: f"{name} {key}: {m}")

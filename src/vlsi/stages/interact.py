@@ -52,7 +52,8 @@ from transformers import Trainer
 
 from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
 from vlsi.config import InteractionConfig, RunConfig
-from vlsi.distributed import describe_footprint, load_verbalizers, place_frozen_model, whole_parameters
+from vlsi.distributed import (describe_footprint, load_verbalizers, place_frozen_model, vision_on_every_process,
+                              whole_parameters)
 from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.heatmap import save_match_heatmaps
 from vlsi.interaction import SparseTeacher, interaction_loss
@@ -111,6 +112,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         match_log: where the main process records the selected pairs (``None`` elsewhere).
     """
 
+    stage = "interact"
     loss_is_scaled_for_ga = False  # the loss is a per-micro-batch mean
 
     def __init__(
@@ -167,7 +169,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         # recomputes the last layer's logits at response positions only); only the target
         # layers' and the last hidden states are kept (capture_hidden_states)
         forward_kwargs = dict(use_cache=False, logits_to_keep=1)
-        with capture_layer_context(self.student) as s_ctx, \
+        with capture_layer_context(self.student) as s_ctx, vision_on_every_process(self, self.student, inputs), \
                 capture_hidden_states(self.student, self.student_verbalizers.layers) as s_states:
             s_out = model(**self.student.model_inputs(inputs), **forward_kwargs)
         now = self._clock()
@@ -178,6 +180,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
             t_fn = None
         else:
             with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx, \
+                    vision_on_every_process(self, self.teacher, inputs), \
                     capture_hidden_states(self.teacher, self.teacher_verbalizers.layers) as t_states:
                 self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
                 t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_states, positions, t_ctx)

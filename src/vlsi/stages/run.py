@@ -13,8 +13,10 @@ trainer, its loss and its outputs):
    digest), then a barrier so no process leaves before the files exist.
 
 :class:`VlsiTrainerMixin` gives every stage's Trainer the non-finite loss guard: a training
-loss that is not finite skips its micro-batch (a zero that touches every trainable parameter,
-so DDP still reduces) and is counted; ``max_consecutive_nonfinite`` in a row stop the run.
+loss that is not finite on any process skips its micro-batch on all of them (a zero gradient
+for every trainable parameter, reduced as usual under DDP, ZeRO and FSDP2:
+:func:`vlsi.distributed.zero_for_every_parameter`) and is counted;
+``max_consecutive_nonfinite`` in a row stop the run.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ from transformers import Trainer, TrainingArguments
 
 from vlsi import fingerprint
 from vlsi.config import RunConfig
-from vlsi.distributed import is_main_process, load_sharded_checkpoint
+from vlsi.distributed import is_main_process, load_sharded_checkpoint, zero_for_every_parameter
 from vlsi.errors import VlsiError
-from vlsi.faults import kill_if_asked
+from vlsi.faults import kill_if_asked, nan_if_asked
 from vlsi.files import truncate_jsonl, utc_now, write_json_atomic
 from vlsi.stages.arguments import training_arguments
 from vlsi.stages.callbacks import METRICS, stage_callbacks, use_loss_progress_bar
@@ -55,16 +57,21 @@ class VlsiTrainerMixin:
     """Put first in the bases (``class MyTrainer(VlsiTrainerMixin, Trainer)``); the stage's
     ``compute_loss`` returns ``self.finite_or_skipped(model, loss)`` for its training loss."""
 
+    stage = ""  # the stage's name in fault points (vlsi.faults)
+
     def __init__(self, *args: Any, max_consecutive_nonfinite: int = 5, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.nonfinite_skipped = 0
         self._nonfinite_in_a_row = 0
+        self._skip_hooks: list[Any] = []
 
     def finite_or_skipped(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
         """``loss``, or a graph-connected zero when it is not finite on any process."""
         if not model.training:
             return loss
+        if self.is_world_process_zero():
+            loss = nan_if_asked(f"{self.stage}:step:{self.state.global_step + 1}", loss)
         finite = torch.isfinite(loss.detach()).all().float().reshape(1)
         if self.accelerator.num_processes > 1:
             finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
@@ -79,8 +86,16 @@ class VlsiTrainerMixin:
                 f"{self._nonfinite_in_a_row} non-finite losses in a row at step "
                 f"{self.state.global_step}; stopping (last good checkpoint kept in "
                 f"{self.args.output_dir}). Lower the learning rate or check the data.")
-        zero = sum((p * 0).sum() for p in model.parameters() if p.requires_grad)
-        return zero if isinstance(zero, torch.Tensor) else torch.zeros((), device=loss.device)
+        zero, self._skip_hooks = zero_for_every_parameter(self, model, loss)
+        return zero
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        try:
+            return super().training_step(*args, **kwargs)
+        finally:
+            for hook in self._skip_hooks:  # a skipped micro-batch's, its backward done
+                hook.remove()
+            self._skip_hooks = []
 
 
 @dataclass

@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from vlsi.backbones import checkpoint_dir, load_backbone, load_model
+from vlsi.backbones import Backbone, checkpoint_dir, load_backbone, load_model
 from vlsi.config import RunConfig
-from vlsi.distributed import unpartitioned_loading
+from vlsi.distributed import unpartitioned_loading, vision_on_every_process
 from vlsi.export import export_student
 from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.lora import save_adapter, trainable_summary, with_adapter, with_lora
@@ -51,9 +51,15 @@ class SFTTrainer(VlsiTrainerMixin, Trainer):
     token of the optimizer step, not a mean of per-micro-batch means.
     """
 
+    stage = "sft"
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.student = Backbone(self.model.get_base_model())
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                   num_items_in_batch=num_items_in_batch)
+        with vision_on_every_process(self, self.student, inputs):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
         loss = self.finite_or_skipped(model, out[0] if return_outputs else out)
         return (loss, out[1]) if return_outputs else loss
 

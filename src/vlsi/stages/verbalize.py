@@ -33,7 +33,7 @@ from transformers import Trainer, set_seed
 from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
 from vlsi.config import RunConfig
 from vlsi.distributed import (deepspeed_without_engine, describe_footprint, full_parameters,
-                              place_frozen_model, whole_parameters)
+                              place_frozen_model, vision_on_every_process, whole_parameters)
 from vlsi.errors import VlsiError
 from vlsi.fingerprint import step_inputs
 from vlsi.layer_loss import LAYER_LOSS_STEPS, LayerLossCallback, LayerLossLog, write_layer_loss_table
@@ -127,6 +127,7 @@ class VerbalizeTrainer(VlsiTrainerMixin, Trainer):
     DDP or ZeRO-1/2 suit this stage.
     """
 
+    stage = "verbalize"
     # the loss is a per-micro-batch mean: Trainer divides it by the accumulation steps
     loss_is_scaled_for_ga = False
 
@@ -149,7 +150,7 @@ class VerbalizeTrainer(VlsiTrainerMixin, Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         bb = self.backbone
         positions = prediction_positions(inputs["labels"])
-        with torch.no_grad(), capture_layer_context(bb) as context, \
+        with torch.no_grad(), capture_layer_context(bb) as context, vision_on_every_process(self, bb, inputs), \
                 capture_hidden_states(bb, self.model.verbalizers.layers) as states:
             # logits_to_keep=1: the backbone's own [B, T, V] logits are not needed; only the
             # target layers' hidden states are kept
