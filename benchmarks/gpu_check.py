@@ -588,9 +588,8 @@ class InteractionStep:
         seconds: dict[str, float] = {}
         _sync(self.device)
         clock = time.perf_counter()
-        with capture_layer_context(self.student) as s_ctx, \
-                capture_hidden_states(self.student, self.s_verb.layers) as s_states:
-            self.model(**model_inputs, **kwargs)
+        with capture_layer_context(self.student) as s_ctx:
+            s_out = self.model(**model_inputs, **kwargs, output_hidden_states=True)
         _sync(self.device)
         seconds["student_forward"] = time.perf_counter() - clock
         clock = time.perf_counter()
@@ -602,8 +601,7 @@ class InteractionStep:
         _sync(self.device)
         seconds["teacher_forward"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        s_stack, s_fn = self.s_verb.response_inputs(s_states, positions, s_ctx)
-        del s_states
+        s_stack, s_fn = self.s_verb.response_inputs(s_out.hidden_states, positions, s_ctx)
         result = interaction_loss(s_stack, t_stack, s_fn, t_fn, vocab_size=self.vocab, intermediate_op=intermediate_op,
                                   chunk_size=self.chunk, generator=torch.Generator().manual_seed(seed))
         _sync(self.device)

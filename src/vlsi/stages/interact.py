@@ -166,12 +166,12 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         positions = prediction_positions(inputs["labels"])
         clock = self._clock()
         # logits_to_keep=1: the models' own [B, T, V] logits are not needed (the chunked loss
-        # recomputes the last layer's logits at response positions only); only the target
-        # layers' and the last hidden states are kept (capture_hidden_states)
+        # recomputes the last layer's logits at response positions only). The student's
+        # forward keeps all its hidden states (autograd keeps them for the backward anyway);
+        # the teacher's no-grad forward only its target layers' and the last one
         forward_kwargs = dict(use_cache=False, logits_to_keep=1)
-        with capture_layer_context(self.student) as s_ctx, vision_on_every_process(self, self.student, inputs), \
-                capture_hidden_states(self.student, self.student_verbalizers.layers) as s_states:
-            s_out = model(**self.student.model_inputs(inputs), **forward_kwargs)
+        with capture_layer_context(self.student) as s_ctx, vision_on_every_process(self, self.student, inputs):
+            s_out = model(**self.student.model_inputs(inputs), **forward_kwargs, output_hidden_states=True)
         now = self._clock()
         student_forward, clock = now - clock, now
         if self.teacher_cache is not None:  # read by the collator (KeyedCollator), placed with the batch
@@ -186,8 +186,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                 t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_states, positions, t_ctx)
                 del t_states
         teacher_forward = self._clock() - clock
-        s_stack, s_fn = self.student_verbalizers.response_inputs(s_states, positions, s_ctx)
-        del s_states
+        s_stack, s_fn = self.student_verbalizers.response_inputs(s_out.hidden_states, positions, s_ctx)
 
         cfg = self.interaction
         heads, roots = [self.student.final_norm, self.student.lm_head], (model,)
