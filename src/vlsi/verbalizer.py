@@ -371,8 +371,7 @@ def capture_hidden_states(backbone: Backbone, layers: list[int]) -> Iterator[dic
     Stands in for ``output_hidden_states=True`` in no-grad forwards (a frozen teacher or
     backbone), where that tuple keeps all ``L + 1`` states alive (81 at 72B) when only the
     target layers and the last are read. A forward with grad keeps its states for the backward
-    anyway and uses the tuple (with hooks instead, the student's backward crashed under FSDP2
-    on two CPU processes; docs/engines.md). The dict is
+    anyway and uses the tuple (docs/engines.md says why). The dict is
     keyed as that tuple is indexed: ``states[l + 1]`` is the output of decoder layer ``l`` (for
     ``l`` in ``layers``) and ``states[-1]`` the final-normed last hidden state, each ``[B, T, d]``.
     Hooks are removed on exit, before any backward (gradient checkpointing recomputes layers
