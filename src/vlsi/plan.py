@@ -305,11 +305,25 @@ def _sft_step(student: ModelShape, setup: Setup) -> StepPlan:
     return StepPlan("sft", parts)
 
 
+STEPS = ("teacher-verbalize", "student-verbalize", "interact", "sft")
+
+
+def plan_step(step: str, teacher: ModelShape | None, student: ModelShape | None, setup: Setup) -> StepPlan:
+    """Per-GPU bytes of one of :data:`STEPS`; a model the step does not run may be ``None``."""
+    needs = {"teacher-verbalize": (teacher,), "student-verbalize": (student,), "interact": (teacher, student),
+             "sft": (student,)}[step]
+    if any(m is None for m in needs):
+        raise VlsiError(f"the {step} step's plan needs the shapes of the models it runs")
+    if step.endswith("-verbalize"):
+        return _verbalize_step(step.split("-")[0], needs[0], setup)
+    if step == "sft":
+        return _sft_step(student, setup)
+    return _interact_step(teacher, student, setup, min(teacher.vocab_size, student.vocab_size))
+
+
 def plan_steps(teacher: ModelShape, student: ModelShape, setup: Setup) -> list[StepPlan]:
     """Per-GPU bytes of each step: teacher and student verbalization, interaction, SFT."""
-    vocab = min(teacher.vocab_size, student.vocab_size)
-    return [_verbalize_step("teacher", teacher, setup), _verbalize_step("student", student, setup),
-            _interact_step(teacher, student, setup, vocab), _sft_step(student, setup)]
+    return [plan_step(step, teacher, student, setup) for step in STEPS]
 
 
 def _fits(steps: list[StepPlan], gpu_bytes: int) -> bool:
@@ -342,7 +356,7 @@ def suggestions(teacher: ModelShape, student: ModelShape, setup: Setup, gpu_byte
     return [text for text, option in candidates if _fits(plan_steps(teacher, student, option), gpu_bytes)]
 
 
-def _gb(n: float) -> str:
+def gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
@@ -355,7 +369,7 @@ def format_plan(teacher: ModelShape, student: ModelShape, setup: Setup, gpu_byte
         f"student: {student.name}: {student.parameters / 1e9:.2f}B parameters, {student.num_layers} layers x "
         f"{student.hidden_size}, {len(student.target_layers)} target layers, LoRA r={setup.lora_r} "
         f"({student.lora_parameters(setup.lora_r) / 1e6:.1f}M parameters)",
-        f"{setup.gpus} GPU(s) of {_gb(gpu_bytes)} under {setup.engine}; tokens per micro-batch = batch x "
+        f"{setup.gpus} GPU(s) of {gb(gpu_bytes)} under {setup.engine}; tokens per micro-batch = batch x "
         f"max_length {setup.max_length}, response tokens per sample "
         f"{setup.max_length if setup.response_tokens is None else setup.response_tokens}; "
         f"interaction chunk {setup.chunk_size}",
@@ -363,8 +377,8 @@ def format_plan(teacher: ModelShape, student: ModelShape, setup: Setup, gpu_byte
     usable = USABLE_FRACTION * gpu_bytes
     for step in steps:
         verdict = "fits" if step.total <= usable else "DOES NOT FIT"
-        lines.append(f"{step.step}: {_gb(step.total)} per GPU ({verdict}; usable {_gb(usable)})")
-        lines += [f"    {name:<22} {_gb(size):>10}" for name, size in step.parts.items() if size]
+        lines.append(f"{step.step}: {gb(step.total)} per GPU ({verdict}; usable {gb(usable)})")
+        lines += [f"    {name:<22} {gb(size):>10}" for name, size in step.parts.items() if size]
     if _fits(steps, gpu_bytes):
         lines.append("the run fits")
     else:
