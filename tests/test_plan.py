@@ -83,6 +83,49 @@ def test_checkpointing_chunk_and_batch_move_their_own_parts():
     assert interact(batch={"verbalize": 1, "interact": 2, "sft": 1}).total > interact().total
 
 
+
+def _steps(teacher, student, **change) -> dict:
+    return {s.step: s for s in plan_steps(teacher, student, _setup(**change))}
+
+
+def test_interaction_counts_bf16_verbalizers_the_stacks_and_both_heads_gathered():
+    teacher, student = _pair()
+    t_l, t_s = len(teacher.target_layers), len(student.target_layers)
+    batch = {"verbalize": 1, "interact": 2, "sft": 1}
+    parts = _steps(teacher, student, batch=batch)["interact"].parts
+    n = 2 * 4096  # response tokens: every token of batch x max_length
+    # VerbalizerSet casts the frozen verbalizers to the LM head's dtype: bf16, not float32
+    assert parts["verbalizers (frozen)"] == 3 * (t_l * 8192**2 + t_s * 1536**2) * 2
+    # [t + 1, N, d] stacks of both sides (the student's in bf16: DeepSpeed makes no float32 copy)
+    assert parts["stacked hidden states"] == ((t_l + 1) * 8192 + (t_s + 1) * 1536) * n * 2
+    # the loss gathers both final norms and LM heads at once under ZeRO-3
+    assert teacher.head == 152064 * 8192 + 8192
+    assert parts["gathered heads"] == (teacher.head + student.head) * 2
+    assert _steps(teacher, student, batch=batch, engine="ddp")["interact"].parts["gathered heads"] == 0
+
+
+def test_autocast_copies_only_where_accelerate_makes_them():
+    """bf16 autocast under DDP/FSDP returns float32 outputs; DeepSpeed and no mixed precision do not."""
+    teacher, student = _pair()
+    batch = {"verbalize": 1, "interact": 2, "sft": 4}
+    ddp = _steps(teacher, student, batch=batch, engine="ddp")
+    assert ddp["interact"].parts["autocast copies"] == (student.num_layers + 1) * 2 * 4096 * student.hidden_size * 4
+    assert ddp["sft"].parts["autocast copies"] == 4 * 4096 * student.vocab_size * 4
+    assert _steps(teacher, student, batch=batch, engine="fsdp")["sft"].parts["autocast copies"] > 0
+    for change in ({"engine": "zero3"}, {"engine": "zero2"}, {"engine": "ddp", "autocast": False}):
+        steps = _steps(teacher, student, batch=batch, **change)
+        assert steps["interact"].parts["autocast copies"] == steps["sft"].parts["autocast copies"] == 0
+
+
+def test_a_teacher_cache_leaves_the_teacher_out_of_the_interaction():
+    teacher, student = _pair()
+    online = _steps(teacher, student)["interact"].parts
+    cached = _steps(teacher, student, teacher_cache=True)["interact"].parts
+    assert online["teacher weights"] > 0 == cached["teacher weights"]
+    assert cached["gathered heads"] == student.head * 2
+    assert cached["verbalizers (frozen)"] == 3 * len(student.target_layers) * 1536**2 * 2
+    assert cached["activations"] < online["activations"]
+
 def test_a_72b_teacher_under_ddp_does_not_fit_and_the_plan_says_what_would(capsys):
     code = main(["plan", str(REPO / "configs/qwen2vl-72b-to-2b.yaml"), "--teacher-shape", "qwen2-vl-72b",
                  "--student-shape", "qwen2-vl-2b", "--gpus", "8", "--gpu-memory", "80GB", "--engine", "ddp"])

@@ -251,9 +251,18 @@ def whole_parameters(trainer: Trainer, modules: list[nn.Module],
             for module in modules:
                 stack.enter_context(deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None))
         elif trainer.is_fsdp_enabled:
-            for root in fsdp_roots:
-                for unit in _fsdp_owners(root, modules):
-                    stack.enter_context(_unsharded(unit))
+            stack.enter_context(fsdp_whole(fsdp_roots, modules))
+        yield
+
+
+@contextlib.contextmanager
+def fsdp_whole(roots: tuple[nn.Module, ...], modules: list[nn.Module]) -> Iterator[None]:
+    """Unshard, for the duration, the FSDP2 units of ``roots`` that own ``modules`` (every
+    process calls it: unsharding is a collective)."""
+    with contextlib.ExitStack() as stack:
+        for root in roots:
+            for unit in _fsdp_owners(root, modules):
+                stack.enter_context(_unsharded(unit))
         yield
 
 

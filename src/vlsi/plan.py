@@ -10,7 +10,8 @@
   with their gradient and two AdamW moments, 16 bytes a parameter; ``zero2`` shards the
   gradient and moments, ``zero3`` / ``fsdp`` all four;
 * ``verbalizers``: ``3 d^2`` per target layer; trained (16 bytes a parameter, sharded as the
-  LoRA states) in the verbalize steps, frozen float32 in the interaction step;
+  LoRA states) in the verbalize steps, frozen in the interaction step in their backbone's dtype
+  (:class:`vlsi.verbalizer.VerbalizerSet` casts them to the LM head's), replicated;
 * ``activations``: what the student's backward keeps, per token and decoder layer
   ``bytes x (6 d + 2 d_kv + 4 I)`` (attention inputs and output, MLP gate, up, their product;
   attention itself through SDPA keeps no ``T x T`` matrix), or one ``d`` per layer with
@@ -21,8 +22,24 @@
   ``[t_s + 1, T, d_s]`` gradient buffer; the verbalization CE's ``1024 x V`` chunk (logits,
   their float32 copy and gradient); SFT's own loss over ``[B, T, V]`` logits (bf16 logits, the
   float32 copy the loss makes, and its gradient: 10 bytes a logit);
+* ``stacked hidden states``: the interaction's ``[t + 1, N, d]`` stacks of response positions
+  (:meth:`VerbalizerSet.response_inputs`), teacher (none with a teacher cache) and student;
+* ``autocast copies``: with bf16 mixed precision under ``ddp`` / ``fsdp`` accelerate's autocast
+  wrapper returns the trained model's outputs as float32 copies: the student's
+  ``(L + 1) x T x d`` hidden states in the interaction step, SFT's ``[B, T, V]`` logits. DeepSpeed
+  casts the model itself and makes no copies; without mixed precision (every CPU run, hence
+  ``benchmarks/plan_check.py``) there are none;
 * ``gathered``: under ``zero3`` / ``fsdp`` the largest block gathered whole (decoder layer or LM
-  head), twice for prefetch.
+  head), twice for prefetch;
+* ``gathered heads``: under ``zero3`` / ``fsdp`` the final norms and LM heads the chunked loss
+  gathers whole at once (:func:`vlsi.distributed.whole_parameters`): the backbone's in a
+  verbalize step, the teacher's and the student's together in the interaction step. They are
+  gathered after the forward's blocks are freed, so this term and ``gathered`` never coexist:
+  summing them errs high by the smaller.
+
+With a teacher cache (``interaction.teacher_cache``) the interaction step holds no teacher, its
+verbalizers or forward (the cache's top-K entries, ``K / d`` of the teacher's stack, are not
+counted).
 
 A step fits when its total is at most 90% of ``--gpu-memory`` (the rest is the CUDA context,
 the allocator's fragmentation and NCCL buffers). What is not counted: the vision tower's
@@ -60,6 +77,7 @@ class ModelShape:
     vocab_size: int  # LM-head rows
     weight_bytes: int  # bytes per parameter in the checkpoint's dtype
     largest_block: int  # parameters of the largest decoder layer or of the LM head
+    head: int  # parameters of the final norm and the LM head
     lora_in_out: int  # sum of in + out features over the LoRA-targeted linear layers
     target_layers: list[int] = field(default_factory=list)
 
@@ -89,6 +107,7 @@ def _meta_shape(config: Any, name: str, weight_bytes: int) -> ModelShape:
         hidden_size=int(text.hidden_size), intermediate_size=int(text.intermediate_size),
         kv_size=int(getattr(text, "num_key_value_heads", heads)) * head_dim, vocab_size=int(head.shape[0]),
         weight_bytes=weight_bytes, largest_block=largest, lora_in_out=lora,
+        head=head.numel() + int(text.hidden_size),
     )
 
 
@@ -156,6 +175,12 @@ class Setup:
     lora_r: int
     autocast: bool  # bf16 mixed precision: the float32 verbalizers' activations are bf16
     response_tokens: int | None = None  # per sample; None: max_length (every token supervised)
+    teacher_cache: bool = False  # the interaction step reads the teacher from a cache
+
+    @property
+    def fp32_outputs(self) -> bool:
+        """accelerate's autocast wrapper (bf16, not DeepSpeed) returns float32 copies of outputs."""
+        return self.autocast and self.engine in ("ddp", "fsdp")
 
     def tokens(self, stage: str) -> int:
         """Tokens of one micro-batch of ``stage`` (upper bound: every sample max_length long)."""
@@ -176,7 +201,8 @@ def setup_from_config(cfg: RunConfig, gpus: int, engine: str, response_tokens: i
     return Setup(gpus, engine, {k: s.per_device_train_batch_size for k, s in stages.items()},
                  {k: s.gradient_checkpointing for k, s in stages.items()}, cfg.data.max_length,
                  cfg.interaction.chunk_size, cfg.lora.r,
-                 autocast=all(s.bf16 in ("auto", True) for s in stages.values()), response_tokens=response_tokens)
+                 autocast=all(s.bf16 in ("auto", True) for s in stages.values()), response_tokens=response_tokens,
+                 teacher_cache=cfg.interaction.teacher_cache is not None)
 
 
 def _shards(setup: Setup) -> tuple[int, int, int]:
@@ -208,8 +234,17 @@ def _frozen_forward(m: ModelShape, tokens: int) -> int:
     return hidden + tokens * m.weight_bytes * (4 * m.hidden_size + 2 * m.intermediate_size)
 
 
+def _sharded(setup: Setup) -> bool:
+    return setup.engine in ("zero3", "fsdp")
+
+
 def _gathered(m: ModelShape, setup: Setup) -> int:
-    return 2 * m.largest_block * m.weight_bytes if setup.engine in ("zero3", "fsdp") else 0
+    return 2 * m.largest_block * m.weight_bytes if _sharded(setup) else 0
+
+
+def _gathered_heads(models: list[ModelShape], setup: Setup) -> int:
+    """Final norms + LM heads the loss gathers at once (sharded engines only)."""
+    return sum(m.head * m.weight_bytes for m in models) if _sharded(setup) else 0
 
 
 def _verbalize_step(role: str, m: ModelShape, setup: Setup) -> StepPlan:
@@ -226,6 +261,7 @@ def _verbalize_step(role: str, m: ModelShape, setup: Setup) -> StepPlan:
         + len(m.target_layers) * responses * m.hidden_size * 5 * (2 if setup.autocast else 4),
         "loss working set": min(CE_CHUNK_TOKENS, responses) * m.vocab_size * 10,
         "gathered": _gathered(m, setup),
+        "gathered heads": _gathered_heads([m], setup),
     }
     return StepPlan(f"{role}-verbalize", parts)
 
@@ -234,17 +270,23 @@ def _interact_step(teacher: ModelShape, student: ModelShape, setup: Setup, vocab
     frozen, _, _ = _shards(setup)
     tokens, responses = setup.tokens("interact"), setup.responses("interact")
     t_s, t_l = len(student.target_layers), len(teacher.target_layers)
-    verb = 3 * (teacher.hidden_size**2 * t_l + student.hidden_size**2 * t_s)
     chunk = min(setup.chunk_size, responses)
+    online = not setup.teacher_cache  # 0 or 1: the teacher's parts
+    s_bytes = 4 if setup.fp32_outputs else student.weight_bytes  # the student's hidden states
     parts = {
-        "teacher weights": teacher.parameters * teacher.weight_bytes // frozen,
+        "teacher weights": online * teacher.parameters * teacher.weight_bytes // frozen,
         "student weights": student.parameters * student.weight_bytes // frozen,
         "lora + optimizer": _trainable(student.lora_parameters(setup.lora_r), setup),
-        "verbalizers (frozen)": verb * 4,
+        "verbalizers (frozen)": 3 * (online * teacher.hidden_size**2 * t_l * teacher.weight_bytes
+                                     + student.hidden_size**2 * t_s * student.weight_bytes),
         "activations": _student_activations(student, tokens, setup.checkpointing["interact"])
-        + _frozen_forward(teacher, tokens),
+        + online * _frozen_forward(teacher, tokens),
+        "stacked hidden states": online * (t_l + 1) * responses * teacher.hidden_size * teacher.weight_bytes
+        + (t_s + 1) * responses * student.hidden_size * s_bytes,
+        "autocast copies": setup.fp32_outputs * (student.num_layers + 1) * tokens * student.hidden_size * 4,
         "loss working set": (t_s + 4) * chunk * vocab * 4 + (t_s + 1) * responses * student.hidden_size * 4,
-        "gathered": max(_gathered(teacher, setup), _gathered(student, setup)),
+        "gathered": max(online * _gathered(teacher, setup), _gathered(student, setup)),
+        "gathered heads": _gathered_heads([student] + [teacher] * online, setup),
     }
     return StepPlan("interact", parts)
 
@@ -257,16 +299,31 @@ def _sft_step(student: ModelShape, setup: Setup) -> StepPlan:
         "lora + optimizer": _trainable(student.lora_parameters(setup.lora_r), setup),
         "activations": _student_activations(student, tokens, setup.checkpointing["sft"]),
         "loss working set": tokens * student.vocab_size * 10,
+        "autocast copies": setup.fp32_outputs * tokens * student.vocab_size * 4,  # float32 logits
         "gathered": _gathered(student, setup),
     }
     return StepPlan("sft", parts)
 
 
+STEPS = ("teacher-verbalize", "student-verbalize", "interact", "sft")
+
+
+def plan_step(step: str, teacher: ModelShape | None, student: ModelShape | None, setup: Setup) -> StepPlan:
+    """Per-GPU bytes of one of :data:`STEPS`; a model the step does not run may be ``None``."""
+    needs = {"teacher-verbalize": (teacher,), "student-verbalize": (student,), "interact": (teacher, student),
+             "sft": (student,)}[step]
+    if any(m is None for m in needs):
+        raise VlsiError(f"the {step} step's plan needs the shapes of the models it runs")
+    if step.endswith("-verbalize"):
+        return _verbalize_step(step.split("-")[0], needs[0], setup)
+    if step == "sft":
+        return _sft_step(student, setup)
+    return _interact_step(teacher, student, setup, min(teacher.vocab_size, student.vocab_size))
+
+
 def plan_steps(teacher: ModelShape, student: ModelShape, setup: Setup) -> list[StepPlan]:
     """Per-GPU bytes of each step: teacher and student verbalization, interaction, SFT."""
-    vocab = min(teacher.vocab_size, student.vocab_size)
-    return [_verbalize_step("teacher", teacher, setup), _verbalize_step("student", student, setup),
-            _interact_step(teacher, student, setup, vocab), _sft_step(student, setup)]
+    return [plan_step(step, teacher, student, setup) for step in STEPS]
 
 
 def _fits(steps: list[StepPlan], gpu_bytes: int) -> bool:
@@ -299,7 +356,7 @@ def suggestions(teacher: ModelShape, student: ModelShape, setup: Setup, gpu_byte
     return [text for text, option in candidates if _fits(plan_steps(teacher, student, option), gpu_bytes)]
 
 
-def _gb(n: float) -> str:
+def gb(n: float) -> str:
     return f"{n / 1e9:,.1f} GB"
 
 
@@ -312,7 +369,7 @@ def format_plan(teacher: ModelShape, student: ModelShape, setup: Setup, gpu_byte
         f"student: {student.name}: {student.parameters / 1e9:.2f}B parameters, {student.num_layers} layers x "
         f"{student.hidden_size}, {len(student.target_layers)} target layers, LoRA r={setup.lora_r} "
         f"({student.lora_parameters(setup.lora_r) / 1e6:.1f}M parameters)",
-        f"{setup.gpus} GPU(s) of {_gb(gpu_bytes)} under {setup.engine}; tokens per micro-batch = batch x "
+        f"{setup.gpus} GPU(s) of {gb(gpu_bytes)} under {setup.engine}; tokens per micro-batch = batch x "
         f"max_length {setup.max_length}, response tokens per sample "
         f"{setup.max_length if setup.response_tokens is None else setup.response_tokens}; "
         f"interaction chunk {setup.chunk_size}",
@@ -320,8 +377,8 @@ def format_plan(teacher: ModelShape, student: ModelShape, setup: Setup, gpu_byte
     usable = USABLE_FRACTION * gpu_bytes
     for step in steps:
         verdict = "fits" if step.total <= usable else "DOES NOT FIT"
-        lines.append(f"{step.step}: {_gb(step.total)} per GPU ({verdict}; usable {_gb(usable)})")
-        lines += [f"    {name:<22} {_gb(size):>10}" for name, size in step.parts.items() if size]
+        lines.append(f"{step.step}: {gb(step.total)} per GPU ({verdict}; usable {gb(usable)})")
+        lines += [f"    {name:<22} {gb(size):>10}" for name, size in step.parts.items() if size]
     if _fits(steps, gpu_bytes):
         lines.append("the run fits")
     else:

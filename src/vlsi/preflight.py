@@ -15,7 +15,10 @@ sample of the data, so a mistake costs seconds, not a verbalized teacher:
 * the training settings, validated by transformers (``TrainingArguments``);
 * the attention kernel (``attn_implementation``) can run here (``flash_attention_2``: the
   ``flash_attn`` package and a CUDA GPU);
-* the output directory is not inside a model directory.
+* the output directory is not inside a model directory;
+* on CUDA, every step fits this GPU under the launch's engine (:func:`check_gpu_memory`, with
+  :mod:`vlsi.plan`'s figures): a 72B teacher under DDP is refused here, not by an OOM after
+  it loaded. On a CPU there is no per-GPU budget and nothing is checked.
 
 The run identity of each step directory is checked by the stages themselves
 (:mod:`vlsi.fingerprint`). :func:`plan_lines` describes the run in a few lines.
@@ -24,8 +27,9 @@ The run identity of each step directory is checked by the stages themselves
 from __future__ import annotations
 
 import json
+import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +37,13 @@ from vlsi.backbones import check_attn_implementation, checkpoint_dir, load_token
 from vlsi.families import family_for
 from vlsi.config import STAGES, RunConfig
 from vlsi.errors import VlsiError
+from vlsi.plan import ENGINES, STEPS, USABLE_FRACTION, ModelShape, Setup, gb, plan_step, setup_from_config, shape_from_checkpoint
 from vlsi.verbalizer import CONFIG_NAME, WEIGHTS_NAME, validate_target_layers
 from vlsi.vocab import check_tokenizers, shared_vocab_size
 
 DATA_SAMPLE = 32  # records read and encoded before training
+ENGINE_FILES = {"ddp": "accelerate_configs/multi_gpu_ddp.yaml", "zero2": "accelerate_configs/deepspeed_zero2.yaml",
+                "zero3": "accelerate_configs/deepspeed_zero3.yaml", "fsdp": "accelerate_configs/fsdp.yaml"}
 
 
 @dataclass
@@ -202,6 +209,71 @@ def check_output_dir(out: Path, models: list[Path]) -> None:
                             "directory of its own")
 
 
+def launch_engine(args: Any) -> tuple[str, str]:
+    """``(plan engine, name)`` of this launch, from its ``TrainingArguments``.
+
+    The DeepSpeed plugin's ZeRO stage (``zero3``; ``zero2``; ZeRO-0/1 keep whole gradients:
+    ``ddp``), else FSDP (``TrainingArguments.fsdp`` or accelerate's ``ACCELERATE_USE_FSDP``),
+    else ``ddp``; the name counts the processes, e.g. ``DDP x 8``.
+    """
+    world = args.world_size
+    if args.deepspeed_plugin is not None:
+        stage = int(args.deepspeed_plugin.zero_stage)
+        engine, name = {3: "zero3", 2: "zero2"}.get(stage, "ddp"), f"ZeRO-{stage}"
+    elif args.fsdp_plugin_args is not None or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        engine, name = "fsdp", "FSDP"
+    else:
+        engine, name = "ddp", "DDP" if world > 1 else "one process"
+    return engine, f"{name} x {world}" if world > 1 else name
+
+
+def gpu_memory(args: Any) -> int | None:
+    """Bytes of this process's GPU (``torch.cuda.mem_get_info``); ``None`` on a CPU run."""
+    import torch
+
+    if args.use_cpu or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.mem_get_info(args.device)[1])
+
+
+def check_fit(steps: tuple[str, ...], teacher: ModelShape | None, student: ModelShape | None, setup: Setup,
+              gpu_bytes: int, launch: str) -> None:
+    """Refuse the first of ``steps`` whose planned bytes per GPU exceed ``USABLE_FRACTION`` of
+    ``gpu_bytes``: one line with the step, the prediction and its largest part, the GPU, and the
+    first engine (least sharded) under which every step of ``steps`` fits."""
+    usable = USABLE_FRACTION * gpu_bytes
+    planned = [step for step in STEPS if step in steps]
+    over = next((p for p in (plan_step(s, teacher, student, setup) for s in planned) if p.total > usable), None)
+    if over is None:
+        return
+    fits = [e for e in ENGINES if e != setup.engine and all(
+        plan_step(s, teacher, student, replace(setup, engine=e)).total <= usable for s in planned)]
+    part, size = max(over.parts.items(), key=lambda item: item[1])
+    fix = (f"{fits[0]} would fit ({ENGINE_FILES[fits[0]]})" if fits else
+           f"no engine fits {setup.gpus} such GPU(s) (`vlsi plan CONFIG --gpus N --gpu-memory SIZE` says what would)")
+    raise VlsiError(f"{over.step}: predicted {gb(over.total)} per GPU under {launch} ({part} {gb(size)}), more than "
+                    f"the {gb(usable)} usable of this GPU's {gb(gpu_bytes)} (`vlsi plan` lists every part); {fix}")
+
+
+def check_gpu_memory(cfg: RunConfig, steps: tuple[str, ...], teacher: ModelShape | None,
+                     student: ModelShape | None, args: Any) -> None:
+    """On CUDA, :func:`check_fit` for this launch (engine and processes from ``args``, the
+    stage's ``TrainingArguments``); nothing on a CPU run."""
+    gpu_bytes = gpu_memory(args)
+    if gpu_bytes is None:
+        return
+    engine, launch = launch_engine(args)
+    check_fit(steps, teacher, student, setup_from_config(cfg, args.world_size, engine), gpu_bytes, launch)
+
+
+def plan_shape(path: str | Path, layers: list[int] | None) -> ModelShape:
+    """The plan's shape of a checkpoint (built on the meta device), with its target layers
+    (``layers``, or the default rule for ``None``)."""
+    shape = shape_from_checkpoint(path)
+    shape.target_layers = validate_target_layers(layers, shape.num_layers)
+    return shape
+
+
 @dataclass
 class Preflight:
     teacher: ModelFacts | None
@@ -211,9 +283,11 @@ class Preflight:
 
 
 def check_run(cfg: RunConfig, steps: tuple[str, ...], *, out: Path | None = None,
-              teacher_verbalizers: Path | None = None, student_verbalizers: Path | None = None) -> Preflight:
+              teacher_verbalizers: Path | None = None, student_verbalizers: Path | None = None,
+              memory: bool = True) -> Preflight:
     """Every check of the module docstring that applies to ``steps``
-    (``teacher-verbalize``, ``student-verbalize``, ``interact``, ``sft``)."""
+    (``teacher-verbalize``, ``student-verbalize``, ``interact``, ``sft``); ``memory=False``
+    leaves out the GPU memory check (``cache-teacher`` places its teacher itself)."""
     from vlsi.stages.arguments import check_arguments
 
     check_attn_implementation(cfg.attn_implementation)
@@ -236,10 +310,14 @@ def check_run(cfg: RunConfig, steps: tuple[str, ...], *, out: Path | None = None
                                                   cfg.verbalizer.student_layers)
     if teacher is not None and (teacher_verbalizers or student_verbalizers):
         check_layer_counts(student.target_layers, teacher.target_layers)
+    args = None
     for name in STAGES:
         if name == "interact" and "interact" not in steps:
             continue
-        check_arguments(cfg.stage(name), name)
+        args = check_arguments(cfg.stage(name), name)
+    if memory and gpu_memory(args) is not None:
+        check_gpu_memory(cfg, steps, plan_shape(teacher.path, teacher.target_layers) if teacher else None,
+                         plan_shape(student.path, student.target_layers), args)
     data = check_data(cfg, student.path)
     if out is not None:
         check_output_dir(out, [student.path] + ([teacher.path] if teacher else []))

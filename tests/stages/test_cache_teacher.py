@@ -215,3 +215,77 @@ def test_data_loader_workers_log_the_losses_of_the_training_process(tmp_path, ve
         assert done.returncode == 0, done.stderr[-3000:]
         logged[workers] = _losses(out)
     assert [row[0] for row in logged[2]] == [1, 2] and logged[2] == logged[0]
+
+
+def _config_dir(root: Path, size: str) -> Path:
+    """A checkpoint directory holding only the ``config.json`` of a published Qwen2-VL shape."""
+    from vlsi.real_shapes import QWEN2_VL_TEXT, real_shape_config
+
+    class _Ids:
+        def convert_tokens_to_ids(self, token: str) -> int:
+            return 0
+
+    config = real_shape_config(size, _Ids(), num_layers=QWEN2_VL_TEXT[size]["num_hidden_layers"])
+    config.dtype = "bfloat16"
+    config.save_pretrained(root / size)
+    return root / size
+
+
+def test_a_multi_process_launch_shards_the_teacher_and_one_gpu_too_small_is_refused(tmp_path, monkeypatch):
+    """The placement decision on a (faked) 80 GB GPU, sizes from the 72B config built on the meta device."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from vlsi.stages.cache_teacher import _placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
+    t72, t7 = _config_dir(tmp_path, "72b"), _config_dir(tmp_path, "7b")
+    layers = list(range(1, 79, 4))
+
+    def launch(processes: int) -> SimpleNamespace:
+        return SimpleNamespace(device=torch.device("cuda", 0), num_processes=processes)
+
+    assert _placement(launch(8), t72, layers, bf16=True) == "shard"  # not .to(device) on every GPU
+    assert _placement(launch(1), t7, list(range(1, 27, 4)), bf16=True) == "device"
+    with pytest.raises(VlsiError, match=r"^cache-teacher: the teacher takes .* per GPU over 1 process\(es\) .* "
+                                        r"this GPU's 80\.0 GB; it needs at least 3 processes") as err:
+        _placement(launch(1), t72, layers, bf16=True)
+    assert "\n" not in str(err.value)
+    # on a CPU launch there is no per-GPU budget: several processes still shard
+    cpu = SimpleNamespace(device=torch.device("cpu"), num_processes=2)
+    assert _placement(cpu, t72, layers, bf16=False) == "shard"
+
+
+@pytest.mark.slow
+def test_two_processes_shard_the_teacher_and_write_what_one_process_writes(tmp_path, verbalized, tiny_overrides,
+                                                                          set_args, run_cli, cli_env):
+    """``accelerate launch --multi_gpu --num_processes 2`` on the CPU (gloo): the FSDP2-sharded teacher
+    gives every sample the same top-K as the whole teacher in one process."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    overrides = set_args(tiny_overrides(verbalized, **STEPS))
+    one, two = tmp_path / "one", tmp_path / "two"
+    done = _cache(run_cli, set_args, tiny_overrides(verbalized, **STEPS), one, "--top-k", "8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "vlsi.cli", "cache-teacher", str(TINY_CONFIG),
+               *overrides, "--out", str(two), "--top-k", "8"]
+    proc = subprocess.run(command, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = TeacherCache.open(one), TeacherCache.open(two)
+    assert json.loads((two / MANIFEST).read_text())["processes"] == 2 and set(a.entries) == set(b.entries)
+    for key in a.entries:
+        (ids_a, values_a, tail_a), (ids_b, values_b, tail_b) = a.sample(key), b.sample(key)
+        assert torch.equal(ids_a, ids_b)
+        torch.testing.assert_close(values_b, values_a, atol=1e-3, rtol=0)
+        torch.testing.assert_close(tail_b, tail_a, atol=1e-3, rtol=0)

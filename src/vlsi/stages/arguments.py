@@ -86,7 +86,7 @@ def training_arguments(
         raise VlsiError(f"{stage}: transformers refuses these training arguments ({first})") from None
 
 
-def check_arguments(tcfg: TrainingConfig, stage: str) -> None:
+def check_arguments(tcfg: TrainingConfig, stage: str) -> TrainingArguments:
     """Build the stage's ``TrainingArguments`` once, into a scratch directory (pre-flight)."""
     with tempfile.TemporaryDirectory() as scratch:
-        training_arguments(tcfg, scratch, stage=stage)
+        return training_arguments(tcfg, scratch, stage=stage)

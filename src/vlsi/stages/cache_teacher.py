@@ -13,10 +13,20 @@ interaction step would give it (bf16 where the GPU has it, else the checkpoint's
 Under ``accelerate launch`` / ``torchrun`` each process takes every N-th sample and writes its
 own shards and index; the main process writes the manifest and marks the cache complete when
 all are done. Rerunning after a kill continues after the last finished shard.
+
+Where the teacher lives (:func:`teacher_placement`): one process holds it whole on its device
+(refused, before loading, on a GPU too small for it); several processes shard it with FSDP2
+(:func:`vlsi.distributed.shard_frozen_model`), whatever the launch's config names (no Trainer
+runs here): each GPU holds 1/N of the weights and the verbalizers whole, every process runs the
+same number of forwards (the gathers are collectives; a process out of samples repeats one and
+writes nothing). Under a DDP or DeepSpeed launch every process reads the whole checkpoint into
+CPU memory before sharding; with ``accelerate_configs/fsdp.yaml`` (``cpu_ram_efficient_loading``)
+only the first does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -26,11 +36,13 @@ from tqdm.auto import tqdm
 
 from vlsi.backbones import checkpoint_dir, load_backbone
 from vlsi.config import RunConfig
-from vlsi.distributed import load_verbalizers
+from vlsi.distributed import fsdp_whole, load_verbalizers, shard_frozen_model
+from vlsi.errors import VlsiError
 from vlsi.faults import kill_if_asked
 from vlsi.fingerprint import data_identity, directory_identity, teacher_identity
 from vlsi.files import read_json, write_json_atomic
-from vlsi.preflight import Preflight, check_run
+from vlsi.plan import USABLE_FRACTION, gb
+from vlsi.preflight import Preflight, check_run, plan_shape
 from vlsi.stages.arguments import bf16_available
 from vlsi.stages.training_data import load_training_data, preprocessing_digest
 from vlsi.teacher_cache import (FORMAT, MANIFEST, STORAGE_DTYPES, CacheError, ShardWriter, check_manifest, id_bits,
@@ -39,6 +51,44 @@ from vlsi.verbalizer import capture_hidden_states, capture_layer_context, predic
 
 DEFAULT_TOP_K = 32
 SAMPLES_PER_SHARD = 256
+
+
+def teacher_placement(processes: int, weight_bytes: int, verbalizer_bytes: int, gpu_bytes: int | None) -> str:
+    """``"shard"`` (FSDP2 over several processes) or ``"device"`` (one process, whole teacher).
+
+    ``weight_bytes``: the teacher's weights as loaded; ``verbalizer_bytes``: its verbalizers,
+    whole on every process; ``gpu_bytes``: one GPU's memory, ``None`` on a CPU (no budget).
+
+    Raises:
+        VlsiError: the weights' share plus the verbalizers exceed ``USABLE_FRACTION`` of a GPU.
+    """
+    placement = "shard" if processes > 1 else "device"
+    per_gpu = weight_bytes // processes + verbalizer_bytes
+    if gpu_bytes is None or per_gpu <= USABLE_FRACTION * gpu_bytes:
+        return placement
+    usable = USABLE_FRACTION * gpu_bytes - verbalizer_bytes
+    need = f"at least {-(-weight_bytes // int(usable))} processes" if usable > 0 else "GPUs with more memory"
+    raise VlsiError(f"cache-teacher: the teacher takes {gb(per_gpu)} per GPU over {processes} process(es) "
+                    f"(weights {gb(weight_bytes)} / {processes} + verbalizers {gb(verbalizer_bytes)}), more than the "
+                    f"{gb(USABLE_FRACTION * gpu_bytes)} usable of this GPU's {gb(gpu_bytes)}; it needs {need} "
+                    f"(accelerate launch --num_processes N -m vlsi.cli cache-teacher ...)")
+
+
+def _placement(state: Any, teacher_dir: Path, layers: list[int], bf16: bool) -> str:
+    """:func:`teacher_placement` for this launch; the sizes from the teacher's config (CUDA only)."""
+    if state.device.type != "cuda":
+        return teacher_placement(state.num_processes, 0, 0, None)
+    shape = plan_shape(teacher_dir, layers)
+    per = 2 if bf16 else shape.weight_bytes
+    return teacher_placement(state.num_processes, shape.parameters * per,
+                             3 * shape.hidden_size**2 * len(layers) * per, torch.cuda.mem_get_info(state.device)[1])
+
+
+def _rounds(batches: int, state: Any) -> int:
+    """The most batches any process has left: every process runs that many sharded forwards."""
+    count = torch.tensor([batches], device=state.device)
+    torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return int(count.item())
 
 
 def expected_manifest(cfg: RunConfig, teacher_verbalizers: str | Path, top_k: int | None, vocab: int,
@@ -115,7 +165,7 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizer
     if storage not in STORAGE_DTYPES:
         raise CacheError(f"unknown cache storage {storage!r}; supported: {', '.join(STORAGE_DTYPES)}")
     root = Path(out_dir)
-    pre = preflight or check_run(cfg, ("interact",), teacher_verbalizers=Path(teacher_verbalizers))
+    pre = preflight or check_run(cfg, ("interact",), teacher_verbalizers=Path(teacher_verbalizers), memory=False)
     if top_k < 1 or top_k > pre.vocab:
         raise CacheError(f"--top-k must be in [1, {pre.vocab}] (the shared vocabulary), got {top_k}")
     state = PartialState()
@@ -134,27 +184,49 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizer
 
     tcfg = cfg.stage("interact")
     bf16 = bf16_available() if tcfg.bf16 == "auto" else bool(tcfg.bf16)
+    placement = _placement(state, teacher_dir, layers, bf16)
+    if placement == "shard":
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # a ZeRO-3 launch would partition the teacher as it loads
     teacher = load_backbone(teacher_dir, dtype=torch.bfloat16 if bf16 else None,
                             attn_implementation=cfg.attn_implementation)
-    teacher.model.requires_grad_(False).eval().to(state.device)
-    verbalizers = load_verbalizers(teacher_verbalizers, teacher).requires_grad_(False).eval().to(state.device)
+    teacher.model.requires_grad_(False).eval()
+    verbalizers = load_verbalizers(teacher_verbalizers, teacher).requires_grad_(False).eval()
+    if placement == "shard":
+        teacher_model = shard_frozen_model(teacher.model, state.device)
+    else:
+        teacher_model = teacher.model.to(state.device)
+    verbalizers.to(state.device)
+
+    def whole_heads():  # the final norm and LM head the verbalized logits use, gathered if sharded
+        if placement == "shard":
+            return fsdp_whole((teacher_model,), [teacher.final_norm, teacher.lm_head])
+        return contextlib.nullcontext()
+
     dataset, collator, _ = load_training_data(cfg.data, student_dir)
     mine = list(range(state.process_index, len(dataset), state.num_processes))
     writer = ShardWriter(root, state.process_index, manifest["id_bits"], storage, samples_per_shard)
     todo = mine[writer.done:]
     batch_size = tcfg.per_device_train_batch_size
+    batches = [todo[first:first + batch_size] for first in range(0, len(todo), batch_size)]
+    rounds = _rounds(len(batches), state) if placement == "shard" else len(batches)
     progress = tqdm(total=len(mine), initial=writer.done, desc=f"cache-teacher [{state.process_index}]",
                     unit="sample", disable=not state.is_local_main_process)
     start, tokens, added = time.perf_counter(), 0, 0
-    for first in range(0, len(todo), batch_size):
-        items = [dataset[i] for i in todo[first:first + batch_size]]
+    for round_ in range(rounds):
+        repeat = round_ >= len(batches)  # this process is done: keep the collectives in step
+        items = [dataset[i] for i in ((mine[:1] or [0]) if repeat else batches[round_])]
         batch = {k: v.to(state.device) if torch.is_tensor(v) else v for k, v in collator(items).items()}
         positions = prediction_positions(batch["labels"])
         with torch.no_grad(), capture_layer_context(teacher) as context, \
                 capture_hidden_states(teacher, verbalizers.layers) as states:
-            teacher.model(**teacher.model_inputs(batch), use_cache=False, logits_to_keep=1)
+            teacher_model(**teacher.model_inputs(batch), use_cache=False, logits_to_keep=1)
             t_stack, t_fn = verbalizers.response_inputs(states, positions, context)
-        ids, values, tails = _layer_top_k(t_stack, t_fn, pre.vocab, top_k, cfg.interaction.chunk_size)
+        with whole_heads():
+            ids, values, tails = _layer_top_k(t_stack, t_fn, pre.vocab, top_k, cfg.interaction.chunk_size)
+        if repeat:
+            continue
         counts = positions.sum(dim=1).tolist()
         refuse_nan(values, tails, counts, [item["id"] for item in items])
         offset = 0

@@ -38,6 +38,7 @@ from vlsi.errors import VlsiError
 from vlsi.fingerprint import step_inputs
 from vlsi.layer_loss import LAYER_LOSS_STEPS, LayerLossCallback, LayerLossLog, write_layer_loss_table
 from vlsi.losses import CE_CHUNK_TOKENS, chunked_head_ce
+from vlsi.preflight import check_gpu_memory, gpu_memory, plan_shape
 from vlsi.stages.callbacks import MeanMetrics
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
 from vlsi.verbalizer import (LayerContext, VerbalizerSet, capture_hidden_states, capture_layer_context,
@@ -123,8 +124,10 @@ class VerbalizeTrainer(VlsiTrainerMixin, Trainer):
     The frozen backbone is held beside the trained model, like a reference model
     (:func:`vlsi.distributed.place_frozen_model`), and run under ``no_grad`` in
     :meth:`compute_loss`; its hidden states go into the trained model's forward. Logs ``loss``
-    (sum over layers) and ``loss_layer_<idx>``. The verbalizers are small (3 d^2 per layer), so
-    DDP or ZeRO-1/2 suit this stage.
+    (sum over layers) and ``loss_layer_<idx>``. Under DDP or ZeRO-1/2 every process holds the
+    whole backbone and the verbalizers' optimizer states (16 bytes a parameter, 3 d^2 per
+    layer): fine for a 2B/7B backbone, not for a 72B teacher, which needs ZeRO-3 or FSDP2
+    (``vlsi plan`` says which fits; the stage refuses, before loading, what does not).
     """
 
     stage = "verbalize"
@@ -195,6 +198,9 @@ def run_verbalize(cfg: RunConfig, role: str, out_dir: str | Path, *, resume: boo
     parts: dict[str, Any] = {}
 
     def build(args, dataset, collator, resumed_step: int) -> Trainer:
+        if gpu_memory(args) is not None:  # before the backbone loads: refuse what cannot fit
+            shape = plan_shape(model_dir, layers)
+            check_gpu_memory(cfg, (f"{role}-verbalize",), *((shape, None) if role == "teacher" else (None, shape)), args)
         backbone = load_backbone(model_dir, dtype=torch.bfloat16 if args.bf16 else None,
                                  attn_implementation=cfg.attn_implementation)
         backbone.model.requires_grad_(False).eval()
