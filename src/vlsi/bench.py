@@ -72,11 +72,12 @@ def _random_verbalizers(layers: int, width: int, vocab_size: int, *, dtype: Any,
     """
     import torch
 
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def draw(*shape: int, std: float) -> torch.Tensor:
-        # drawn in the target dtype: no float32 temporary spikes the process peak before the loss
-        return (torch.randn(*shape, generator=g, dtype=dtype) * std).to(device)
+        # drawn on the device (billions of numbers at d = 8192) in the target dtype: no float32
+        # temporary spikes the process peak before the loss
+        return torch.randn(*shape, generator=g, dtype=dtype, device=device) * std
 
     gate = [draw(width, width, std=width**-0.5) for _ in range(layers)]
     up = [draw(width, width, std=width**-0.5) for _ in range(layers)]
