@@ -271,3 +271,19 @@ def test_trainable_verbalizer_parameters_are_refused_without_student_grad():
         interaction_loss(student_hidden, teacher_hidden, lambda i, h: head(h), identity, vocab_size=20)
     with torch.no_grad():  # nobody asks for a gradient: nothing to refuse
         interaction_loss(student_hidden, teacher_hidden, lambda i, h: head(h), identity, vocab_size=20)
+
+
+def test_autocast_does_not_lower_the_loss_to_bf16():
+    """A bf16 Trainer runs compute_loss under autocast, which casts matmuls to bf16: the loss
+    turns it off, so its float32 inner products stay float32."""
+    g = torch.Generator().manual_seed(10)
+    student = torch.randn(3, 16, 2000, generator=g) * 4
+    teacher = torch.randn(5, 16, 2000, generator=g) * 4
+    plain, plain_grad = chunked(student, teacher, chunk_size=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, cast_grad = chunked(student, teacher, chunk_size=5)
+    assert torch.equal(cast.weights, plain.weights)
+    assert_close_rel(cast.loss, plain.loss, 1e-6)
+    scored = torch.isfinite(plain.kld)
+    assert_close_rel(cast.kld[scored], plain.kld[scored], 1e-6)
+    assert_close_rel(cast_grad, plain_grad, 1e-6)

@@ -620,6 +620,18 @@ def interaction_loss(
         :class:`InteractionResult`.
     """
     _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, chunk_size)
+    # autocast (a bf16 Trainer) would run the float32 inner products and the batched scoring
+    # matmul in bf16: off here, the verbalizers run in their weights' dtype
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        return _interaction_loss(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn, vocab_size,
+                                 strategy, intermediate_op, last_op, divergence, chunk_size, generator,
+                                 matching_kwargs, weights)
+
+
+def _interaction_loss(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn, vocab_size, strategy,
+                      intermediate_op, last_op, divergence, chunk_size, generator, matching_kwargs,
+                      weights) -> InteractionResult:
+    """:func:`interaction_loss` once its arguments are checked, autocast off."""
     problem = _Problem(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
                        vocab_size, intermediate_op, last_op, divergence)
     if problem.n_tokens == 0:
