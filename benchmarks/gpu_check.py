@@ -782,6 +782,9 @@ def _launch(rec: Recorder, c: Check, command: list[str], log_path: Path, reserve
             code = "timeout"
     rec.data["child_pgids"].remove(proc.pid)
     stderr = log_path.with_suffix(".err").read_text(errors="replace")
+    if code != 0:  # the whole stderr (progress bars left out) into this part's log under OUT/logs
+        print("\n".join(line for line in stderr.splitlines() if "it/s]" not in line and "s/it]" not in line),
+              flush=True)
     c.figure(exit_code=code, seconds=round(time.perf_counter() - start, 2), stderr_tail=_tail(stderr, 80),
              stdout_tail=_tail(log_path.with_suffix(".out").read_text(errors="replace"), 5))
     return code
