@@ -15,8 +15,9 @@
 * ``activations``: what the student's backward keeps, per token and decoder layer
   ``bytes x (6 d + 2 d_kv + 4 I)`` (attention inputs and output, MLP gate, up, their product;
   attention itself through SDPA keeps no ``T x T`` matrix), or one ``d`` per layer with
-  gradient checkpointing plus one layer recomputed; every ``output_hidden_states`` tensor of a
-  frozen forward (``(L + 1) x T x d``); tokens = per-device batch x ``data.max_length``, an
+  gradient checkpointing plus one layer recomputed; a frozen forward keeps its target layers'
+  and last hidden states (``(t + 1) x T x d``, :func:`vlsi.verbalizer.capture_hidden_states`)
+  and one layer's working set; tokens = per-device batch x ``data.max_length``, an
   upper bound, of which ``--response-tokens`` per sample are supervised (default: all);
 * ``loss working set``: the interaction loss's ``(t_s + 4) x chunk x V`` float32 buffers and its
   ``[t_s + 1, T, d_s]`` gradient buffer; the verbalization CE's ``1024 x V`` chunk (logits,
@@ -229,8 +230,9 @@ def _student_activations(m: ModelShape, tokens: int, checkpointing: bool) -> int
 
 
 def _frozen_forward(m: ModelShape, tokens: int) -> int:
-    """``output_hidden_states`` of a no-grad forward, plus one layer's transient working set."""
-    hidden = (m.num_layers + 1) * tokens * m.hidden_size * m.weight_bytes
+    """A no-grad forward: the target layers' and the last hidden states it keeps
+    (:func:`vlsi.verbalizer.capture_hidden_states`), plus one layer's transient working set."""
+    hidden = (len(m.target_layers) + 1) * tokens * m.hidden_size * m.weight_bytes
     return hidden + tokens * m.weight_bytes * (4 * m.hidden_size + 2 * m.intermediate_size)
 
 
