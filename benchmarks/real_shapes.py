@@ -151,6 +151,13 @@ def main() -> None:
                                          "--teacher-verbalizers", str(run / "1-teacher-verbalize"),
                                          "--student-verbalizers", str(run / "2-student-verbalize"),
                                          "--out", str(run / "3-interact")], out / "interact.log")
+    # the same step with last-layer KD only (intermediate op none), for the cost of the layers
+    steps["interaction, op none"] = run_measured([*cli, "interact", str(config),
+                                                  "--teacher-verbalizers", str(run / "1-teacher-verbalize"),
+                                                  "--student-verbalizers", str(run / "2-student-verbalize"),
+                                                  "--out", str(run / "3-interact-none"),
+                                                  "--set", "interaction.intermediate_op=none"],
+                                                 out / "interact_none.log")
     steps["sft + export"] = run_measured([*cli, "sft", str(config), "--adapter", str(run / "3-interact" / "adapter"),
                                           "--student-verbalizers", str(run / "2-student-verbalize"),
                                           "--out", str(run / "4-sft")], out / "sft.log")
@@ -160,14 +167,20 @@ def main() -> None:
     steps["stock reload + forward"] = run_measured([py, "-c", reload], out / "reload.log")
     report["reload_logits_shape"] = (out / "reload.log").read_text().strip().splitlines()[-1]
     report["checks"] = checks(run, student)
-    rows = [json.loads(line) for line in (run / "3-interact" / "metrics.jsonl").read_text().splitlines()]
-    split = {k.split("/", 1)[1]: v for r in rows for k, v in r.items() if k.startswith("seconds/")}
-    report["interaction_split_s"] = {k: round(v, 2) for k, v in split.items()}
+    for key, step_dir in (("interaction_split_s", "3-interact"), ("interaction_none_split_s", "3-interact-none")):
+        rows = [json.loads(line) for line in (run / step_dir / "metrics.jsonl").read_text().splitlines()]
+        split = {k.split("/", 1)[1]: v for r in rows for k, v in r.items() if k.startswith("seconds/")}
+        report[key] = {k: round(v, 2) for k, v in split.items()}
+    # per micro-batch: the loss and the two models' passes, without process start-up and loading
+    step_s = {key: sum(report[key].values()) for key in ("interaction_split_s", "interaction_none_split_s")}
+    report["vlsi_over_last_layer_kd"] = round(step_s["interaction_split_s"] / step_s["interaction_none_split_s"], 2)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'step':<24} {'seconds':>8} {'peak RSS GiB':>13}")
     for name, row in steps.items():
         print(f"{name:<24} {row['seconds']:>8} {row['peak_rss_gib']:>13}")
     print("interaction step split (s):", report["interaction_split_s"])
+    print("same step, op none (s):", report["interaction_none_split_s"])
+    print("VLsI / last-layer KD per micro-batch:", report["vlsi_over_last_layer_kd"])
     print("checks:", json.dumps(report["checks"]))
 
 
