@@ -51,9 +51,10 @@ checks the prediction against measured peaks.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from vlsi.config import RunConfig
 from vlsi.errors import VlsiError
@@ -86,13 +87,34 @@ class ModelShape:
         return r * self.lora_in_out
 
 
+@contextmanager
+def _outside_zero3_init() -> Iterator[None]:
+    """Build models as plain modules even inside a ZeRO-3 launch.
+
+    Once a ZeRO-3 launch's ``TrainingArguments`` exist, transformers builds every model inside
+    ``deepspeed.zero.Init``, which cannot initialise meta tensors; the global DeepSpeed config
+    is unset for the duration and set back as it was.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    if not hf_deepspeed.is_deepspeed_zero3_enabled():
+        yield
+        return
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref()  # transformers has no public getter of the object
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed.set_hf_deepspeed_config(saved)
+
+
 def _meta_shape(config: Any, name: str, weight_bytes: int) -> ModelShape:
     import torch
     from transformers import AutoModelForImageTextToText
 
     from vlsi.backbones import LORA_TARGET_PATTERN
 
-    with torch.device("meta"):
+    with _outside_zero3_init(), torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(config)
     text = config.get_text_config()
     pattern = re.compile(LORA_TARGET_PATTERN)

@@ -114,3 +114,35 @@ def test_check_run_and_the_verbalize_step_refuse_before_loading(monkeypatch, tmp
 
 
 torch.set_num_threads(1)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_the_plan_builds_its_meta_models_inside_a_zero3_launch(monkeypatch, tmp_path, tiny_pair):
+    """A ZeRO-3 launch's TrainingArguments make transformers build every model inside
+    ``deepspeed.zero.Init``, which cannot initialise meta tensors: the GPU memory check of
+    ``vlsi interact`` under deepspeed_zero3.yaml stopped there on a GPU. The plan's shapes are
+    built outside it, and the launch's DeepSpeed config is back afterwards."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    from vlsi.plan import shape_from_checkpoint
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                           MASTER_PORT=str(_free_port())).items():  # a one-process launch's environment
+        monkeypatch.setenv(key, value)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    try:
+        assert is_deepspeed_zero3_enabled()
+        shape = shape_from_checkpoint(tiny_pair().teacher)
+        assert shape.parameters > 0 and shape.num_layers > 0
+        assert is_deepspeed_zero3_enabled() and launch_engine(args)[0] == "zero3"
+    finally:
+        unset_hf_deepspeed_config()
