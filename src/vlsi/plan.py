@@ -18,7 +18,9 @@
   gradient checkpointing plus one layer recomputed; a frozen forward keeps its target layers'
   and last hidden states (``(t + 1) x T x d``, :func:`vlsi.verbalizer.capture_hidden_states`)
   and one layer's working set; tokens = per-device batch x ``data.max_length``, an
-  upper bound, of which ``--response-tokens`` per sample are supervised (default: all);
+  upper bound, of which ``--response-tokens`` per sample are supervised (default: all); in a
+  verbalize step the trained verbalizers' ``5 d`` a token and layer, or with checkpointing
+  (``gradient_checkpointing``) their inputs and one layer recomputed;
 * ``loss working set``: the interaction loss's ``(t_s + 4) x chunk x V`` float32 buffers and its
   ``[t_s + 1, T, d_s]`` gradient buffer; the verbalization CE's ``1024 x V`` chunk (logits,
   their float32 copy and gradient); SFT's own loss over ``[B, T, V]`` logits (bf16 logits, the
@@ -271,6 +273,15 @@ def _gathered_heads(models: list[ModelShape], setup: Setup) -> int:
     return sum(m.head * m.weight_bytes for m in models) if _sharded(setup) else 0
 
 
+def _verbalizer_activations(m: ModelShape, responses: int, setup: Setup) -> int:
+    """What the trained verb-FFNs keep for the backward: input, gate, up, their product and output
+    (5 d a token) per target layer, or with checkpointing (the verbalize stage's
+    ``gradient_checkpointing``) each layer's input and one layer's five recomputed."""
+    per_value = 2 if setup.autocast else 4
+    kept = len(m.target_layers) + 5 if setup.checkpointing["verbalize"] else 5 * len(m.target_layers)
+    return kept * responses * m.hidden_size * per_value
+
+
 def _verbalize_step(role: str, m: ModelShape, setup: Setup) -> StepPlan:
     from vlsi.losses import CE_CHUNK_TOKENS
 
@@ -280,9 +291,7 @@ def _verbalize_step(role: str, m: ModelShape, setup: Setup) -> StepPlan:
     parts = {
         f"{role} weights": m.parameters * m.weight_bytes // frozen,
         "verbalizers (trained)": _trainable(verb, setup),
-        "activations": _frozen_forward(m, tokens)
-        # verb-FFN input, gate, up, their product, output
-        + len(m.target_layers) * responses * m.hidden_size * 5 * (2 if setup.autocast else 4),
+        "activations": _frozen_forward(m, tokens) + _verbalizer_activations(m, responses, setup),
         "loss working set": min(CE_CHUNK_TOKENS, responses) * m.vocab_size * 10,
         "gathered": _gathered(m, setup),
         "gathered heads": _gathered_heads([m], setup),

@@ -185,3 +185,43 @@ def test_user_errors_are_one_line(tiny_pair, data_file, tmp_path):
     with pytest.raises(VlsiError, match="model path not found") as err:
         run_verbalize(cfg, "teacher", tmp_path / "out")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("architecture", ["verb-ffn", "decoder"])
+def test_checkpointed_transforms_give_the_same_loss_and_gradients_and_keep_less(tiny_pair, architecture):
+    """``training.gradient_checkpointing`` recomputes each verbalizer transform in the backward:
+    the same per-layer losses and gradients, fewer bytes kept for the backward."""
+    from vlsi.stages.verbalize import VerbalizerTrainingModel
+    from vlsi.verbalizer import capture_hidden_states, capture_layer_context
+
+    backbone = load_backbone(tiny_pair().teacher)
+    backbone.model.requires_grad_(False)
+    ids = torch.randint(20, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    positions = prediction_positions(labels)
+    torch.manual_seed(0)
+    vset = VerbalizerSet(backbone, [1, 3], architecture).float()
+    with torch.no_grad():
+        for p in vset.parameters():
+            p.normal_(0, 0.05)
+    with torch.no_grad(), capture_layer_context(backbone) as context, \
+            capture_hidden_states(backbone, vset.layers) as states:
+        backbone.model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.zeros_like(ids))
+
+    results = {}
+    for checkpointed in (False, True):
+        model = VerbalizerTrainingModel(vset, chunk_size=5, checkpoint_transforms=checkpointed)
+        vset.zero_grad(set_to_none=True)
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            losses = model(hidden_states=states, positions=positions, targets=response_targets(labels, positions),
+                           context=context)
+        losses.sum().backward()
+        results[checkpointed] = (losses.detach(), [p.grad.clone() for p in vset.parameters()], sum(kept))
+    (plain, plain_grads, plain_bytes), (ckpt, ckpt_grads, ckpt_bytes) = results[False], results[True]
+    torch.testing.assert_close(ckpt, plain, rtol=0, atol=0)
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert ckpt_bytes < plain_bytes, (ckpt_bytes, plain_bytes)

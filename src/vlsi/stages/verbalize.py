@@ -22,12 +22,14 @@ paper's appendix B); ``metrics.jsonl`` and TensorBoard logs (``loss``, ``loss_la
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, set_seed
 
 from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
@@ -64,10 +66,14 @@ class VerbalizerTrainingModel(nn.Module):
     hidden states: the trained model's forward then never calls into another model.
     """
 
-    def __init__(self, verbalizers: VerbalizerSet, chunk_size: int = CE_CHUNK_TOKENS):
+    def __init__(self, verbalizers: VerbalizerSet, chunk_size: int = CE_CHUNK_TOKENS,
+                 checkpoint_transforms: bool = False):
         super().__init__()
         self.verbalizers = verbalizers
         self.chunk_size = chunk_size
+        # recompute each transform in the backward: only its input [N, d] is kept per layer,
+        # not its inner activations (5 [N, d] for verb-FFN)
+        self.checkpoint_transforms = checkpoint_transforms
 
     @property
     def backbone(self) -> Backbone:
@@ -109,9 +115,12 @@ class VerbalizerTrainingModel(nn.Module):
         """
         vset = self.verbalizers
         dtype = next(vset.verbalizers[k].parameters()).dtype
+        transform = vset.transform
+        if self.checkpoint_transforms and torch.is_grad_enabled():
+            transform = partial(checkpoint, vset.transform, use_reentrant=False)
         if vset.verbalizers[k].token_wise:
-            return vset.transform(k, gather_positions(hidden, index).to(dtype))
-        return gather_positions(vset.transform(k, hidden.to(dtype), context), index)
+            return transform(k, gather_positions(hidden, index).to(dtype))
+        return gather_positions(transform(k, hidden.to(dtype), context), index)
 
     def _head(self, y: Tensor) -> Tensor:
         """Backbone's final norm + LM head on ``[n, d]`` in the head's dtype -> ``[n, V_rows]``."""
@@ -209,7 +218,9 @@ def run_verbalize(cfg: RunConfig, role: str, out_dir: str | Path, *, resume: boo
         parts["verbalizers"] = VerbalizerSet(backbone, layers, cfg.verbalizer.architecture).float()
         parts["log"] = (LayerLossLog(out / LAYER_LOSS_STEPS, parts["verbalizers"].layers,
                                      keep_until=resumed_step) if args.should_save else None)
-        return VerbalizeTrainer(model=VerbalizerTrainingModel(parts["verbalizers"]), args=args,
+        model = VerbalizerTrainingModel(parts["verbalizers"],
+                                        checkpoint_transforms=cfg.stage("verbalize").gradient_checkpointing)
+        return VerbalizeTrainer(model=model, args=args,
                                 train_dataset=dataset, data_collator=collator,
                                 max_consecutive_nonfinite=cfg.stage("verbalize").max_consecutive_nonfinite,
                                 loss_log=parts["log"])
