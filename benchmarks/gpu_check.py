@@ -596,7 +596,7 @@ class InteractionStep:
         with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx, \
                 capture_hidden_states(self.teacher, self.t_verb.layers) as t_states:
             self.teacher.model(**self.teacher.model_inputs(inputs), **kwargs)
-            t_stack, t_fn = self.t_verb.response_inputs(t_states, positions, t_ctx)
+            t_stack, t_fn = self.t_verb.response_inputs(t_states, positions, t_ctx, transformed=True)
         del t_states
         _sync(self.device)
         seconds["teacher_forward"] = time.perf_counter() - clock

@@ -228,3 +228,21 @@ def test_captured_states_are_the_output_hidden_states_of_the_target_layers(tiny_
     states.clear()
     backbone.model(**inputs)  # hooks are gone after the context
     assert states == {}
+
+
+def test_transformed_response_inputs_give_the_same_logits(pair):
+    """Transforms applied once in response_inputs (the teacher's frozen verbalizers) or per
+    call of the logits function: the same logits."""
+    backbone = load_backbone(pair.teacher)
+    vset = VerbalizerSet(backbone, [1, 3, 5], "verb-ffn")
+    with torch.no_grad():
+        for p in vset.parameters():
+            p.normal_(0, 0.05)
+        ids = torch.randint(20, 300, (2, 8), generator=torch.Generator().manual_seed(1))
+        out, ctx = _forward(backbone, ids)
+        positions = torch.rand(2, 8, generator=torch.Generator().manual_seed(2)) > 0.3
+        stack, fn = vset.response_inputs(out.hidden_states, positions, ctx)
+        done, head_fn = vset.response_inputs(out.hidden_states, positions, ctx, transformed=True)
+        for k in range(4):
+            torch.testing.assert_close(head_fn(k, done[k]), fn(k, stack[k]), rtol=1e-6, atol=1e-6)
+        assert torch.equal(done[3], stack[3])  # the last layer goes to the model's own head as it is

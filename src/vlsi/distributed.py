@@ -65,6 +65,35 @@ def place_frozen_model(trainer: Trainer, model: nn.Module) -> nn.Module:
     return model.to(trainer.args.device)
 
 
+def place_frozen_verbalizers(trainer: Trainer, verbalizers: VerbalizerSet) -> VerbalizerSet:
+    """Place frozen verbalizers (the teacher's) as :func:`place_frozen_model` places their backbone.
+
+    Under ZeRO-3 a forward-only DeepSpeed engine partitions them, under FSDP2 each verbalizer is
+    its own ``fully_shard`` unit; either gathers one verbalizer when it is called and frees it
+    after, so they must be called in the same order on every process (the interaction step
+    applies them once per micro-batch, layer after layer:
+    ``VerbalizerSet.response_inputs(..., transformed=True)``). One process, DDP and ZeRO-1/2
+    hold them whole on the device. Returns the set (its modules now placed).
+    """
+    verbalizers.requires_grad_(False).eval()
+    device = trainer.args.device
+    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        verbalizers.to(device)
+        _deepspeed_inference_engine(verbalizers, trainer.accelerator.state.deepspeed_plugin.deepspeed_config,
+                                    verbalizers.backbone.hidden_size)
+        return verbalizers
+    if trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2:
+        from torch.distributed.fsdp import fully_shard
+
+        plugin = trainer.accelerator.state.fsdp_plugin
+        verbalizers.to(device)
+        for verbalizer in verbalizers.verbalizers:
+            kwargs = {"mp_policy": plugin.mixed_precision_policy} if plugin.mixed_precision_policy else {}
+            fully_shard(verbalizer, reshard_after_forward=True, **kwargs)
+        return verbalizers
+    return verbalizers.to(device)
+
+
 def shard_frozen_model(model: nn.Module, device: torch.device, *, reshard_after_forward: bool = True,
                        mp_policy: Any = None) -> nn.Module:
     """FSDP2-shard a frozen model over all processes (torch's ``fully_shard``); every process calls it.
@@ -158,8 +187,10 @@ def describe_footprint(role: str, model: nn.Module, trainer: Trainer) -> str:
     return f"{role}: {params} params, {size} per process under {engine_name(trainer)}"
 
 
-def _deepspeed_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> nn.Module:
-    """``deepspeed.initialize`` with no optimizer: a ZeRO-3 partitioned, forward-only engine."""
+def _deepspeed_inference_engine(model: nn.Module, ds_config: dict[str, Any], hidden_size: int | None = None) -> nn.Module:
+    """``deepspeed.initialize`` with no optimizer: a ZeRO-3 partitioned, forward-only engine.
+
+    ``hidden_size`` sizes its buckets (default: the model config's text width)."""
     import deepspeed
 
     config = copy.deepcopy(ds_config)
@@ -168,7 +199,7 @@ def _deepspeed_inference_engine(model: nn.Module, ds_config: dict[str, Any]) -> 
     zero = config["zero_optimization"]
     # transformers resolves "auto" bucket sizes for the trained model only; size these from the
     # frozen model's width, with TRL's values for reference models.
-    d = int(model.config.get_text_config().hidden_size)
+    d = int(hidden_size or model.config.get_text_config().hidden_size)
     for key, value in (("reduce_bucket_size", d * d),
                        ("stage3_prefetch_bucket_size", int(0.9 * d * d)),
                        ("stage3_param_persistence_threshold", 10 * d)):

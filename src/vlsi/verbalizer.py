@@ -261,6 +261,7 @@ class VerbalizerSet(nn.Module):
         hidden_states: tuple[torch.Tensor, ...],
         positions: torch.Tensor,
         context: LayerContext | None = None,
+        transformed: bool = False,
     ) -> tuple[torch.Tensor, Any]:
         """Gather what :func:`vlsi.interaction.interaction_loss` takes from one forward pass.
 
@@ -269,6 +270,11 @@ class VerbalizerSet(nn.Module):
             positions: bool [B, T], the positions whose distribution is compared
                 (see :func:`prediction_positions`).
             context: captured layer context (only ``decoder`` verbalizers need it).
+            transformed: apply token-wise transforms here too, once per layer in layer order,
+                and hand over the head alone: for frozen verbalizers (the teacher's), whose
+                transforms then run once per micro-batch instead of in every pass of the
+                chunked loss, and which sharded engines then gather one layer at a time in the
+                same order on every process.
 
         Returns:
             ``stack`` [t + 1, N, d] in the LM head's dtype: the N selected positions at each
@@ -284,7 +290,12 @@ class VerbalizerSet(nn.Module):
         """
         dtype = self.backbone.lm_head.weight.dtype
         index = position_index(positions)  # one host sync for all layers, not one per mask
-        if self.token_wise:
+        if self.token_wise and transformed:
+            rows = [self.transform(k, gather_positions(hidden_states[layer + 1], index).to(dtype))
+                    for k, layer in enumerate(self.layers)]
+            t = self.num_targets
+            fn = lambda k, h: self.backbone.lm_head(h) if k == t else self.head(h)  # noqa: E731
+        elif self.token_wise:
             rows = [gather_positions(hidden_states[layer + 1], index).to(dtype) for layer in self.layers]
             fn = self.logits
         else:

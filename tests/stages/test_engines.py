@@ -146,6 +146,15 @@ def test_two_processes_agree_with_one(engine, tmp_path, reference, tiny_pair, ti
     else:
         assert held < 0.6 * whole_mb, (held, whole_mb)
 
+    # and so are the teacher's frozen verbalizers (whole on every process under ZeRO-2)
+    verbalizers_file = out / "1-teacher-verbalize" / "verbalizers.safetensors"
+    whole_mb = sum(t.numel() * t.element_size() for t in load_file(verbalizers_file).values()) / 1e6
+    held, _ = _held_megabytes(outputs, "teacher verbalizers")
+    if engine == "zero2":
+        assert held == pytest.approx(whole_mb, abs=0.1)
+    else:
+        assert held < 0.6 * whole_mb, (held, whole_mb)
+
     # the checkpoints are sharded: one piece per process
     checkpoint = out / "3-interact" / "checkpoint-2"
     if engine == "fsdp2":

@@ -222,7 +222,7 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizer
         with torch.no_grad(), capture_layer_context(teacher) as context, \
                 capture_hidden_states(teacher, verbalizers.layers) as states:
             teacher_model(**teacher.model_inputs(batch), use_cache=False, logits_to_keep=1)
-            t_stack, t_fn = verbalizers.response_inputs(states, positions, context)
+            t_stack, t_fn = verbalizers.response_inputs(states, positions, context, transformed=True)
         with whole_heads():
             ids, values, tails = _layer_top_k(t_stack, t_fn, pre.vocab, top_k, cfg.interaction.chunk_size)
         if repeat:

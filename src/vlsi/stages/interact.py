@@ -52,8 +52,8 @@ from transformers import Trainer
 
 from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
 from vlsi.config import InteractionConfig, RunConfig
-from vlsi.distributed import (describe_footprint, load_verbalizers, place_frozen_model, vision_on_every_process,
-                              whole_parameters)
+from vlsi.distributed import (describe_footprint, load_verbalizers, place_frozen_model, place_frozen_verbalizers,
+                              vision_on_every_process, whole_parameters)
 from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.heatmap import save_match_heatmaps
 from vlsi.interaction import SparseTeacher, interaction_loss
@@ -136,7 +136,9 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
             self.teacher_model = place_frozen_model(self, self.teacher.model)
             if self.is_world_process_zero():
                 print(describe_footprint("teacher", self.teacher.model, self), flush=True)
-            self.teacher_verbalizers = teacher_verbalizers.requires_grad_(False).eval().to(self.args.device)
+            self.teacher_verbalizers = place_frozen_verbalizers(self, teacher_verbalizers)
+            if self.is_world_process_zero():
+                print(describe_footprint("teacher verbalizers", self.teacher_verbalizers, self), flush=True)
         elif self.is_world_process_zero():
             print(f"teacher: none loaded; top-{teacher_cache.k} of {teacher_cache.layers} layers read from "
                   f"{teacher_cache.root}", flush=True)
@@ -183,7 +185,8 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                     vision_on_every_process(self, self.teacher, inputs), \
                     capture_hidden_states(self.teacher, self.teacher_verbalizers.layers) as t_states:
                 self.teacher_model(**self.teacher.model_inputs(inputs), **forward_kwargs)
-                t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_states, positions, t_ctx)
+                t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_states, positions, t_ctx,
+                                                                            transformed=True)
                 del t_states
         teacher_forward = self._clock() - clock
         s_stack, s_fn = self.student_verbalizers.response_inputs(s_out.hidden_states, positions, s_ctx)
