@@ -94,8 +94,11 @@ def test_interaction_counts_bf16_verbalizers_the_stacks_and_both_heads_gathered(
     batch = {"verbalize": 1, "interact": 2, "sft": 1}
     parts = _steps(teacher, student, batch=batch)["interact"].parts
     n = 2 * 4096  # response tokens: every token of batch x max_length
-    # VerbalizerSet casts the frozen verbalizers to the LM head's dtype: bf16, not float32
-    assert parts["verbalizers (frozen)"] == 3 * (t_l * 8192**2 + t_s * 1536**2) * 2
+    # VerbalizerSet casts the frozen verbalizers to the LM head's dtype: bf16, not float32; the
+    # teacher's are sharded with the teacher under ZeRO-3 (8 GPUs), the student's replicated
+    assert parts["verbalizers (frozen)"] == 3 * (t_l * 8192**2 * 2 // 8 + t_s * 1536**2 * 2)
+    ddp = _steps(teacher, student, batch=batch, engine="ddp")["interact"].parts
+    assert ddp["verbalizers (frozen)"] == 3 * (t_l * 8192**2 + t_s * 1536**2) * 2
     # [t + 1, N, d] stacks of both sides (the student's in bf16: DeepSpeed makes no float32 copy)
     assert parts["stacked hidden states"] == ((t_l + 1) * 8192 + (t_s + 1) * 1536) * n * 2
     # the loss gathers both final norms and LM heads at once under ZeRO-3

@@ -11,7 +11,8 @@
   gradient and moments, ``zero3`` / ``fsdp`` all four;
 * ``verbalizers``: ``3 d^2`` per target layer; trained (16 bytes a parameter, sharded as the
   LoRA states) in the verbalize steps, frozen in the interaction step in their backbone's dtype
-  (:class:`vlsi.verbalizer.VerbalizerSet` casts them to the LM head's), replicated;
+  (:class:`vlsi.verbalizer.VerbalizerSet` casts them to the LM head's): the teacher's sharded
+  as the teacher (:func:`vlsi.distributed.place_frozen_verbalizers`), the student's replicated;
 * ``activations``: what the student's backward keeps, per token and decoder layer
   ``bytes x (6 d + 2 d_kv + 4 I)`` (attention inputs and output, MLP gate, up, their product;
   attention itself through SDPA keeps no ``T x T`` matrix), or one ``d`` per layer with
@@ -310,7 +311,7 @@ def _interact_step(teacher: ModelShape, student: ModelShape, setup: Setup, vocab
         "teacher weights": online * teacher.parameters * teacher.weight_bytes // frozen,
         "student weights": student.parameters * student.weight_bytes // frozen,
         "lora + optimizer": _trainable(student.lora_parameters(setup.lora_r), setup),
-        "verbalizers (frozen)": 3 * (online * teacher.hidden_size**2 * t_l * teacher.weight_bytes
+        "verbalizers (frozen)": 3 * (online * teacher.hidden_size**2 * t_l * teacher.weight_bytes // frozen
                                      + student.hidden_size**2 * t_s * student.weight_bytes),
         "activations": _student_activations(student, tokens, setup.checkpointing["interact"])
         + online * _frozen_forward(teacher, tokens),
@@ -318,7 +319,9 @@ def _interact_step(teacher: ModelShape, student: ModelShape, setup: Setup, vocab
         + (t_s + 1) * responses * student.hidden_size * s_bytes,
         "autocast copies": setup.fp32_outputs * (student.num_layers + 1) * tokens * student.hidden_size * 4,
         "loss working set": (t_s + 4) * chunk * vocab * 4 + (t_s + 1) * responses * student.hidden_size * 4,
-        "gathered": max(online * _gathered(teacher, setup), _gathered(student, setup)),
+        "gathered": max(online * _gathered(teacher, setup), _gathered(student, setup),
+                        # one teacher verbalizer at a time (place_frozen_verbalizers)
+                        online * _sharded(setup) * 3 * teacher.hidden_size**2 * teacher.weight_bytes),
         "gathered heads": _gathered_heads([student] + [teacher] * online, setup),
     }
     return StepPlan("interact", parts)
