@@ -5,7 +5,7 @@
 The student's language model is trained through LoRA with the ordinary next-token
 cross-entropy on response tokens, computed from the final-normed last hidden state at the
 response positions only, through the frozen LM head chunk by chunk (:func:`head_ce`): no
-``[B, T, V]`` logits (24.9 GB of float32 at 4 x 4,096 tokens and V = 151,936). It starts from the interaction step's adapter (``adapter``,
+``[B, T, V]`` logits (docs/benchmarks.md, "The SFT loss without [B, T, V] logits"). It starts from the interaction step's adapter (``adapter``,
 continued as is: its rank, alpha and target modules are the interaction's) or, without one, from
 a fresh LoRA (``cfg.lora``; :mod:`vlsi.lora`). The vision encoder and projector stay frozen.
 
