@@ -113,11 +113,35 @@ def test_autocast_copies_only_where_accelerate_makes_them():
     batch = {"verbalize": 1, "interact": 2, "sft": 4}
     ddp = _steps(teacher, student, batch=batch, engine="ddp")
     assert ddp["interact"].parts["autocast copies"] == (student.num_layers + 1) * 2 * 4096 * student.hidden_size * 4
-    assert ddp["sft"].parts["autocast copies"] == 4 * 4096 * student.vocab_size * 4
+    # SFT: the student's hidden states (its logits are one position per sample)
+    assert ddp["sft"].parts["autocast copies"] == (student.num_layers + 1) * 4 * 4096 * student.hidden_size * 4
     assert _steps(teacher, student, batch=batch, engine="fsdp")["sft"].parts["autocast copies"] > 0
     for change in ({"engine": "zero3"}, {"engine": "zero2"}, {"engine": "ddp", "autocast": False}):
         steps = _steps(teacher, student, batch=batch, **change)
         assert steps["interact"].parts["autocast copies"] == steps["sft"].parts["autocast copies"] == 0
+
+
+def test_sft_loss_holds_one_chunk_of_logits_not_the_batchs():
+    """The SFT loss is the chunked head CE (vlsi.stages.sft): one 1024 x V chunk of logits, their
+    float32 copy and gradient, and the [N, d] response rows with their gradient; no [B, T, V]."""
+    teacher, student = _pair()
+    batch = {"verbalize": 1, "interact": 1, "sft": 4}
+    parts = _steps(teacher, student, batch=batch)["sft"].parts
+    n = 4 * 4096
+    assert parts["loss working set"] == 1024 * 151936 * 10 + 2 * n * 1536 * 2
+    assert parts["gathered heads"] == student.head * 2  # the LM head, gathered whole under ZeRO-3
+    short = _steps(teacher, student, batch=batch, max_length=128)["sft"].parts
+    assert short["loss working set"] == 4 * 128 * 151936 * 10 + 2 * 4 * 128 * 1536 * 2  # N < chunk
+
+
+def test_sft_of_a_7b_student_plans_under_15_gb_per_gpu():
+    """Issue 20's goal: the 72B -> 7B config's SFT step at batch 4 x 4,096 tokens on 8 GPUs under ZeRO-3."""
+    cfg = load_config(REPO / "configs/qwen2vl-72b-to-7b.yaml")
+    lines = run_plan(cfg, gpus=8, gpu_memory="80GB", engine="zero3", teacher_shape="qwen2-vl-72b",
+                     student_shape="qwen2-vl-7b")
+    sft = next(line for line in lines if line.startswith("sft:"))
+    assert cfg.stage("sft").per_device_train_batch_size == 4 and cfg.data.max_length == 4096
+    assert float(sft.split()[1]) <= 15.0, sft
 
 
 def test_a_teacher_cache_leaves_the_teacher_out_of_the_interaction():

@@ -13,12 +13,14 @@ With ``P = softmax(teacher)`` and ``Q = softmax(student)``, per token:
 * ``ce``: ``-sum_v P_v log Q_v``  (= forward KL + entropy of P)
 * ``l2``: ``sum_v (P_v - Q_v)^2``
 
-:func:`chunked_head_ce` is the verbalization loss: next-token cross-entropy through a frozen LM
-head, with one chunk of ``[chunk, V]`` logits alive at a time.
+:func:`chunked_head_ce` is the verbalization and SFT loss: next-token cross-entropy through a
+frozen LM head, with one chunk of ``[chunk, V]`` logits alive at a time (on CUDA the SFT step
+uses Liger-Kernel's fused kernel instead when it is installed, :func:`liger_fused_linear_ce`).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Callable
 
 import torch
@@ -292,3 +294,14 @@ def chunked_head_ce(
     if y.shape[0] != targets.shape[0]:
         raise ValueError(f"{y.shape[0]} inputs but {targets.shape[0]} targets")
     return _ChunkedHeadCE.apply(y, targets, head, chunk_size)
+
+
+def liger_fused_linear_ce() -> type | None:
+    """Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA, Triton), or ``None`` when the
+    optional ``liger-kernel`` package is not installed. An installed package that fails to
+    import raises: no silent fallback."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss

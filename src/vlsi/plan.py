@@ -24,20 +24,21 @@
   (``gradient_checkpointing``) their inputs and one layer recomputed;
 * ``loss working set``: the interaction loss's ``(t_s + 4) x chunk x V`` float32 buffers and its
   ``[t_s + 1, T, d_s]`` gradient buffer; the verbalization CE's ``1024 x V`` chunk (logits,
-  their float32 copy and gradient); SFT's own loss over ``[B, T, V]`` logits (bf16 logits, the
-  float32 copy the loss makes, and its gradient: 10 bytes a logit);
+  their float32 copy and gradient, 10 bytes a logit); SFT's CE through the LM head the same way,
+  plus the ``[N, d]`` response rows of the last hidden state and their gradient;
 * ``stacked hidden states``: the interaction's ``[t + 1, N, d]`` stacks of response positions
   (:meth:`VerbalizerSet.response_inputs`), teacher (none with a teacher cache) and student;
 * ``autocast copies``: with bf16 mixed precision under ``ddp`` / ``fsdp`` accelerate's autocast
   wrapper returns the trained model's outputs as float32 copies: the student's
-  ``(L + 1) x T x d`` hidden states in the interaction step, SFT's ``[B, T, V]`` logits. DeepSpeed
+  ``(L + 1) x T x d`` hidden states in the interaction and SFT steps. DeepSpeed
   casts the model itself and makes no copies; without mixed precision (every CPU run, hence
   ``benchmarks/plan_check.py``) there are none;
 * ``gathered``: under ``zero3`` / ``fsdp`` the largest block gathered whole (decoder layer or LM
   head), twice for prefetch;
 * ``gathered heads``: under ``zero3`` / ``fsdp`` the final norms and LM heads the chunked loss
   gathers whole at once (:func:`vlsi.distributed.whole_parameters`): the backbone's in a
-  verbalize step, the teacher's and the student's together in the interaction step. They are
+  verbalize step, the teacher's and the student's together in the interaction step, the
+  student's LM head in the SFT step (counted with its final norm). They are
   gathered after the forward's blocks are freed, so this term and ``gathered`` never coexist:
   summing them errs high by the smaller.
 
@@ -328,15 +329,21 @@ def _interact_step(teacher: ModelShape, student: ModelShape, setup: Setup, vocab
 
 
 def _sft_step(student: ModelShape, setup: Setup) -> StepPlan:
+    from vlsi.losses import CE_CHUNK_TOKENS
+
     frozen, _, _ = _shards(setup)
-    tokens = setup.tokens("sft")
+    tokens, responses = setup.tokens("sft"), setup.responses("sft")
+    m = student
     parts = {
-        "student weights": student.parameters * student.weight_bytes // frozen,
-        "lora + optimizer": _trainable(student.lora_parameters(setup.lora_r), setup),
-        "activations": _student_activations(student, tokens, setup.checkpointing["sft"]),
-        "loss working set": tokens * student.vocab_size * 10,
-        "autocast copies": setup.fp32_outputs * tokens * student.vocab_size * 4,  # float32 logits
-        "gathered": _gathered(student, setup),
+        "student weights": m.parameters * m.weight_bytes // frozen,
+        "lora + optimizer": _trainable(m.lora_parameters(setup.lora_r), setup),
+        "activations": _student_activations(m, tokens, setup.checkpointing["sft"]),
+        # one chunk's logits, float32 copy and gradient; the response rows and their gradient
+        "loss working set": min(CE_CHUNK_TOKENS, responses) * m.vocab_size * 10
+        + 2 * responses * m.hidden_size * m.weight_bytes,
+        "autocast copies": setup.fp32_outputs * (m.num_layers + 1) * tokens * m.hidden_size * 4,  # hidden states
+        "gathered": _gathered(m, setup),
+        "gathered heads": _gathered_heads([m], setup),
     }
     return StepPlan("sft", parts)
 

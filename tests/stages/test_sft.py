@@ -3,12 +3,14 @@ loaded and used by plain transformers in a process where this package cannot be 
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import re
 import shutil
 import site
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,8 @@ from vlsi.data import IGNORE_INDEX
 from vlsi.errors import VlsiError
 from vlsi.lora import with_lora
 from vlsi.stages.arguments import training_arguments
-from vlsi.stages.sft import SFTTrainer, run_sft
+from vlsi.losses import chunked_head_ce
+from vlsi.stages.sft import SFTTrainer, head_ce, run_sft
 from vlsi.stages.training_data import load_training_data
 from vlsi.verbalizer import VerbalizerSet
 
@@ -62,6 +65,129 @@ def test_sft_loss_is_mean_over_response_tokens(tiny_config, tmp_path):
     # of their token losses divided by the total equals the mean over all response tokens.
     doubled = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(2 * n_response))
     torch.testing.assert_close(doubled, expected / 2, rtol=1e-5, atol=1e-6)
+
+
+def _sft_trainer(cfg, tmp_path, chunk_size):
+    """An SFT trainer on a fresh LoRA whose B matrices are random (else the gradients of the A
+    matrices are 0), in eval mode (no LoRA dropout), and a batch of three samples."""
+    dataset, collator, _ = load_training_data(cfg.data, cfg.student)
+    model = with_lora(load_backbone(cfg.student), cfg.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    trainer = SFTTrainer(model=model, args=training_arguments(cfg.stage("sft"), tmp_path, report_to=[]),
+                         train_dataset=dataset, data_collator=collator, chunk_size=chunk_size)
+    return trainer, model.eval(), collator([dataset[i] for i in range(3)])
+
+
+def test_sft_chunked_loss_and_gradients_equal_the_models_own(tiny_config, tmp_path, capsys):
+    """Value and LoRA gradients of the chunked head CE equal those of the model's own loss over
+    [B, T, V] logits, with chunks smaller than the response."""
+    cfg = tiny_config(tmp_path)
+    trainer, model, batch = _sft_trainer(cfg, tmp_path, chunk_size=3)
+    assert capsys.readouterr().out.count("sft: loss: chunked head cross-entropy, 3 tokens a chunk") == 1
+    assert next(model.parameters()).dtype == torch.float32
+    n_response = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    assert n_response > 2 * 3  # several chunks
+    total = torch.tensor(n_response + 7)  # an accumulated batch's count: more than this micro-batch's
+    lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in lora.items()}
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    own, own_grads = loss_and_grads(lambda: model(**inputs, labels=batch["labels"], num_items_in_batch=total).loss)
+    got, got_grads = loss_and_grads(lambda: trainer.compute_loss(model, dict(batch), num_items_in_batch=total))
+    torch.testing.assert_close(got, own, rtol=1e-5, atol=0)
+    assert any(g.abs().sum() > 0 for g in own_grads.values())
+    for name in lora:  # float32 sums in another order: rtol 1e-5 of each tensor's largest entry
+        scale = float(own_grads[name].abs().max())
+        torch.testing.assert_close(got_grads[name], own_grads[name], rtol=1e-5, atol=1e-5 * scale,
+                                   msg=lambda text, name=name: f"{name}: {text}")
+
+
+def test_sft_loss_holds_one_chunk_of_logits_at_a_time(tiny_config, tmp_path):
+    """The LM head never sees more than ``chunk`` rows: no [B, T, V] (nor [N, V]) logits."""
+    cfg = tiny_config(tmp_path)
+    chunk = 3
+    trainer, model, batch = _sft_trainer(cfg, tmp_path, chunk_size=chunk)
+    rows: list[int] = []
+    head = trainer.student.lm_head
+    handle = head.register_forward_hook(lambda _m, _a, out: rows.append(out.numel() // out.shape[-1]))
+    try:
+        trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(1)).backward()
+    finally:
+        handle.remove()
+    labels = batch["labels"]
+    n_response = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    assert max(rows) <= chunk, rows
+    # the forward's last position per sample (logits_to_keep=1), then every response token once
+    assert sum(rows) == labels.shape[0] + n_response, (rows, n_response)
+
+
+class _FakeLiger:
+    """Stands in for ``liger_kernel.transformers.LigerFusedLinearCrossEntropyLoss``: plain
+    linear + cross-entropy, recording how it was built and called."""
+
+    built: list[dict] = []
+    calls: list[tuple] = []
+
+    def __init__(self, ignore_index=-100, reduction="mean"):
+        self.ignore_index, self.reduction = ignore_index, reduction
+        _FakeLiger.built.append({"ignore_index": ignore_index, "reduction": reduction})
+
+    def __call__(self, lin_weight, _input, target, bias=None):
+        _FakeLiger.calls.append((lin_weight, _input.shape, bias))
+        logits = torch.nn.functional.linear(_input, lin_weight, bias).float()
+        return torch.nn.functional.cross_entropy(logits, target, ignore_index=self.ignore_index,
+                                                 reduction=self.reduction)
+
+
+def _install_fake_liger(monkeypatch, with_transformers: bool = True) -> None:
+    package = types.ModuleType("liger_kernel")
+    package.__spec__ = importlib.machinery.ModuleSpec("liger_kernel", None)
+    monkeypatch.setitem(sys.modules, "liger_kernel", package)
+    if with_transformers:
+        sub = types.ModuleType("liger_kernel.transformers")
+        sub.LigerFusedLinearCrossEntropyLoss = _FakeLiger
+        monkeypatch.setitem(sys.modules, "liger_kernel.transformers", sub)
+    else:  # installed but broken: its submodule fails to import
+        monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+
+
+def test_sft_loss_uses_liger_on_cuda_when_installed(monkeypatch):
+    _FakeLiger.built.clear(), _FakeLiger.calls.clear()
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 11, bias=False)
+    y, targets = torch.randn(7, 8, requires_grad=True), torch.randint(0, 11, (7,))
+    expected = chunked_head_ce(y, targets, head, 3)
+
+    _install_fake_liger(monkeypatch)
+    fused, line = head_ce(torch.device("cuda"), chunk_size=3)
+    assert line.startswith("Liger-Kernel fused linear cross-entropy")
+    torch.testing.assert_close(fused(y, targets, head), expected)
+    assert _FakeLiger.built == [{"ignore_index": IGNORE_INDEX, "reduction": "sum"}]
+    assert _FakeLiger.calls[0][0] is head.weight and _FakeLiger.calls[0][1] == (7, 8)
+
+    # installed, but not on CUDA: the chunked CE, saying why
+    chunked, line = head_ce(torch.device("cpu"), chunk_size=3)
+    assert line == "chunked head cross-entropy, 3 tokens a chunk (Liger-Kernel needs CUDA, the device is cpu)"
+    torch.testing.assert_close(chunked(y, targets, head), expected)
+    assert len(_FakeLiger.calls) == 1
+
+
+def test_sft_loss_is_chunked_without_liger_and_refuses_a_broken_one(monkeypatch):
+    monkeypatch.setitem(sys.modules, "liger_kernel", None)  # not installed (find_spec is None)
+    _, line = head_ce(torch.device("cuda"), chunk_size=1024)
+    assert line == "chunked head cross-entropy, 1024 tokens a chunk (liger-kernel is not installed)"
+    _install_fake_liger(monkeypatch, with_transformers=False)
+    with pytest.raises(ImportError, match="liger_kernel.transformers"):  # no silent fallback
+        head_ce(torch.device("cuda"))
 
 
 def test_sft_run_writes_checkpoints_metrics_and_export(sft_run):
