@@ -115,7 +115,9 @@ class InteractionConfig:
     temperature: float = _f(1.0, "fixed temperature of the multinomial* strategies")
     intermediate_op: str = _f("kld", "loss of matched intermediate pairs: kld, ce, l2 or none")
     last_op: str = _f("kld", "loss between the models' own outputs: kld, ce, l2 or none")
-    divergence: str = _f("forward", "KL direction: forward KL(teacher || student) or reverse")
+    divergence: str = _f("forward", "divergence of the kld op and of the matching scores: forward "
+                                    "KL(teacher || student), reverse, or jsd (GKD's generalised Jensen-Shannon)")
+    jsd_beta: float = _f(0.5, "beta of the jsd divergence, in [0, 1] (0: forward KL, 1: reverse KL)")
     chunk_size: int = _f(DEFAULT_CHUNK_SIZE, "response tokens per chunk of the two-pass loss (memory bound)")
     teacher_cache: str | None = _f(None, "a `vlsi cache-teacher` directory: the interaction step reads the "
                                          "teacher's top-K from it and loads no teacher (vlsi distill makes it)")
@@ -132,6 +134,8 @@ class InteractionConfig:
         _choice(self.divergence, DIVERGENCES, f"{key}.divergence")
         for name in ("scale", "eps", "temperature", "k", "chunk_size", "teacher_cache_top_k"):
             _positive(getattr(self, name), f"{key}.{name}")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ConfigError(f"{key}.jsd_beta must be in [0, 1], got {self.jsd_beta}")
         if self.teacher_cache is not None:
             unsupported = [op for op in (self.intermediate_op, self.last_op) if op not in (*SPARSE_OPS, "none")]
             if unsupported or self.divergence != "forward":

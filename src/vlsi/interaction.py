@@ -54,9 +54,9 @@ import torch
 from torch import Tensor
 
 from vlsi.config import DEFAULT_CHUNK_SIZE
-from vlsi.losses import (OPS, DIVERGENCES, SPARSE_OPS, compute_dtype, finite_floor, log_probs, pair_loss_and_logit_grad,
-                         pair_loss_logprobs, row_dot, sparse_bucket_loss, sparse_pair_loss_and_logit_grad,
-                         tail_log_mass)
+from vlsi.losses import (DEFAULT_JSD_BETA, OPS, DIVERGENCES, SPARSE_OPS, compute_dtype, finite_floor, kl_direction,
+                         log_probs, pair_loss_and_logit_grad, pair_loss_logprobs, row_dot, sparse_bucket_loss,
+                         sparse_pair_loss_and_logit_grad, tail_log_mass)
 from vlsi.matching import STRATEGIES, Matching, match, needed_mask
 
 
@@ -144,6 +144,12 @@ class _Problem:
     intermediate_op: str
     last_op: str
     divergence: str
+    jsd_beta: float = DEFAULT_JSD_BETA
+
+    @property
+    def direction(self) -> str | None:
+        """``forward``/``reverse`` for a plain KL, ``None`` for a Jensen-Shannon mixture."""
+        return kl_direction(self.divergence, self.jsd_beta)
 
     @property
     def t_s(self) -> int:
@@ -194,6 +200,7 @@ def _validate(
     last_op: str,
     divergence: str,
     chunk_size: int,
+    jsd_beta: float = DEFAULT_JSD_BETA,
 ) -> None:
     if student_hidden.dim() != 3 or teacher_hidden.dim() != 3:
         raise ValueError(
@@ -209,6 +216,8 @@ def _validate(
             raise ValueError(f"unknown {name} {op!r}; supported: {', '.join(OPS)}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; supported: {', '.join(DIVERGENCES)}")
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must be in [0, 1], got {jsd_beta}")
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown matching strategy {strategy!r}; supported: {', '.join(STRATEGIES)}")
     t_s, t_l = student_hidden.shape[0] - 1, teacher_hidden.shape[0] - 1
@@ -309,7 +318,7 @@ def _student_cache(problem: _Problem, rows: list[int], a: int, b: int,
     c = b - a
     cache = workspace.slots(0, len(rows), c)
     self_terms = None
-    if problem.divergence == "reverse":
+    if problem.direction == "reverse":
         self_terms = torch.empty(c, len(rows), dtype=problem.dtype, device=cache.device)
         log_q = workspace.slot(len(rows) + TEACHER_GROUP, c)
     for k, i in enumerate(rows):
@@ -335,7 +344,7 @@ def _teacher_group(problem: _Problem, group: list[int], first: int, a: int, b: i
     c = b - a
     side = workspace.slots(first, len(group), c)
     self_terms = None
-    if problem.divergence == "forward":
+    if problem.direction == "forward":
         self_terms = torch.empty(c, len(group), dtype=problem.dtype, device=side.device)
     for g, j in enumerate(group):
         with torch.no_grad():
@@ -404,6 +413,11 @@ def _score_kld(problem: _Problem, needed: Tensor, chunk_size: int, workspace: _W
         for group, index in zip(groups, group_index):
             side, teacher_self = _teacher_group(problem, group, len(rows), a, b, workspace)
             # [c, r, V] x [c, V, g] -> [c, r, g]
+            if problem.direction is None:
+                kl = _jsd_group(problem, cache, side, rows, group, needed_cells, workspace.slot(len(rows) + TEACHER_GROUP,
+                                                                                             b - a))
+                sums.index_add_(1, index, kl.sum(dim=0).to(torch.float64))
+                continue
             cross = torch.bmm(cache.permute(1, 0, 2), side.permute(1, 2, 0))
             if teacher_self is not None:
                 kl = teacher_self.unsqueeze(1) - cross
@@ -414,6 +428,25 @@ def _score_kld(problem: _Problem, needed: Tensor, chunk_size: int, workspace: _W
     if rows:
         kld[torch.tensor(rows, device=device)] = (sums / problem.n_tokens).float()
     return kld.masked_fill(~needed.to(device), float("nan"))
+
+
+def _jsd_group(problem: _Problem, cache: Tensor, side: Tensor, rows: list[int], group: list[int],
+               needed_cells: list[list[bool]], scratch: Tensor) -> Tensor:
+    """JSD of the cached student layers (``log Q_i``, ``[r, c, V]``) against a group of teacher
+    layers (``log P_j``, ``[g, c, V]``) on one chunk: ``[c, r, g]``, zero outside ``needed``.
+
+    The mixture ``M`` depends on both sides, so each needed pair costs its own elementwise pass
+    (no batched matmul as for a plain KL); ``scratch`` ``[c, V]`` is overwritten.
+    """
+    out = torch.zeros(cache.shape[1], len(rows), len(group), dtype=cache.dtype, device=cache.device)
+    for k, i in enumerate(rows):
+        q = None
+        for g, j in enumerate(group):
+            if needed_cells[i][j]:
+                q = torch.exp(cache[k]) if q is None else q
+                out[:, k, g] = pair_loss_and_logit_grad("kld", side[g], cache[k], q, scratch,
+                                                        divergence="jsd", beta=problem.jsd_beta)
+    return out
 
 
 def _trainable_leaves(output: Tensor, allowed: Tensor) -> list[Tensor]:
@@ -493,7 +526,7 @@ def _student_layer_chunk(
             log_p = _log_softmax_into(t_logits, problem.vocab_size, workspace.slot(3, c))
             del t_logits
             per_token = pair_loss_and_logit_grad(op, log_p, log_q, q, workspace.slot(4, c), grad,
-                                                 weight / problem.n_tokens, problem.divergence)
+                                                 weight / problem.n_tokens, problem.divergence, problem.jsd_beta)
             sums[i, j] += per_token.sum().to(torch.float64)
     if not need_grad:
         return None
@@ -589,6 +622,7 @@ def interaction_loss(
     intermediate_op: str = "kld",
     last_op: str = "kld",
     divergence: str = "forward",
+    jsd_beta: float = DEFAULT_JSD_BETA,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     generator: torch.Generator | None = None,
     matching_kwargs: dict | None = None,
@@ -609,8 +643,10 @@ def interaction_loss(
         strategy: matching strategy (:data:`vlsi.matching.STRATEGIES`); it also decides which
             KLD entries the scoring pass computes.
         intermediate_op, last_op: ``kld``, ``ce``, ``l2`` or ``none`` (term dropped).
-        divergence: ``forward`` (``KL(P_teacher || Q_student)``) or ``reverse``; used for the
-            scores and for the ``kld`` op.
+        divergence: ``forward`` (``KL(P_teacher || Q_student)``), ``reverse`` or ``jsd`` (the
+            generalised Jensen-Shannon divergence of ``jsd_beta``, :mod:`vlsi.losses`); used
+            for the scores and for the ``kld`` op.
+        jsd_beta: the JSD's ``beta`` in ``[0, 1]`` (0: forward KL, 1: reverse KL).
         chunk_size: response tokens per chunk (see :data:`DEFAULT_CHUNK_SIZE`).
         generator: CPU generator for the sampling strategies.
         matching_kwargs: extra :func:`vlsi.matching.select_pairs` arguments (scale, eps, k, ...).
@@ -619,21 +655,22 @@ def interaction_loss(
     Returns:
         :class:`InteractionResult`.
     """
-    _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, chunk_size)
+    _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, chunk_size,
+              jsd_beta)
     # autocast (a bf16 Trainer) would run the float32 inner products and the batched scoring
     # matmul in bf16: off here, the verbalizers run in their weights' dtype
     with torch.autocast(student_hidden.device.type, enabled=False):
         return _interaction_loss(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn, vocab_size,
                                  strategy, intermediate_op, last_op, divergence, chunk_size, generator,
-                                 matching_kwargs, weights)
+                                 matching_kwargs, weights, jsd_beta)
 
 
 def _interaction_loss(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn, vocab_size, strategy,
                       intermediate_op, last_op, divergence, chunk_size, generator, matching_kwargs,
-                      weights) -> InteractionResult:
+                      weights, jsd_beta) -> InteractionResult:
     """:func:`interaction_loss` once its arguments are checked, autocast off."""
     problem = _Problem(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
-                       vocab_size, intermediate_op, last_op, divergence)
+                       vocab_size, intermediate_op, last_op, divergence, jsd_beta)
     if problem.n_tokens == 0:
         return _empty_result(problem)
     start = time.perf_counter()
@@ -662,7 +699,7 @@ def _interaction_loss(student_hidden, teacher_hidden, student_logits_fn, teacher
 def naive_interaction_loss(student_hidden: Tensor, teacher_hidden: Tensor, student_logits_fn: LogitsFn,
                            teacher_logits_fn: LogitsFn, *, vocab_size: int, strategy: str = "vlsi",
                            intermediate_op: str = "kld", last_op: str = "kld", divergence: str = "forward",
-                           chunk_size: int = DEFAULT_CHUNK_SIZE, generator: torch.Generator | None = None,
+                           jsd_beta: float = DEFAULT_JSD_BETA, chunk_size: int = DEFAULT_CHUNK_SIZE, generator: torch.Generator | None = None,
                            matching_kwargs: dict | None = None, weights: Tensor | None = None) -> InteractionResult:
     """Reference implementation with plain autograd over full ``[N, V]`` tensors.
 
@@ -674,9 +711,9 @@ def naive_interaction_loss(student_hidden: Tensor, teacher_hidden: Tensor, stude
     benchmarks.
     """
     del chunk_size
-    _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, 1)
+    _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, 1, jsd_beta)
     problem = _Problem(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
-                       vocab_size, intermediate_op, last_op, divergence)
+                       vocab_size, intermediate_op, last_op, divergence, jsd_beta)
     if problem.n_tokens == 0:
         return _empty_result(problem)
     needed = _needed(problem, strategy)
@@ -686,7 +723,7 @@ def naive_interaction_loss(student_hidden: Tensor, teacher_hidden: Tensor, stude
 
     kld = torch.full((problem.t_s, problem.t_l), float("nan"), device=student_hidden.device)
     for i, j in needed.nonzero().tolist():
-        kld[i, j] = pair_loss_logprobs("kld", t_logp[j], s_logp[i].detach(), divergence).mean().float()
+        kld[i, j] = pair_loss_logprobs("kld", t_logp[j], s_logp[i].detach(), divergence, jsd_beta).mean().float()
     matching = _resolve_matching(problem, kld, weights, strategy, generator, matching_kwargs)
     plan = _plan(problem, matching)
 
@@ -698,7 +735,7 @@ def naive_interaction_loss(student_hidden: Tensor, teacher_hidden: Tensor, stude
         for j, weight, op in terms:
             if j not in t_logp:
                 t_logp[j] = problem.teacher_logp(j, teacher_hidden[j])
-            mean = pair_loss_logprobs(op, t_logp[j], s_logp[i], divergence).mean()
+            mean = pair_loss_logprobs(op, t_logp[j], s_logp[i], divergence, jsd_beta).mean()
             sums[i, j] = mean.detach().to(torch.float64) * problem.n_tokens
             loss = loss + weight * mean
     return _result(problem, loss, kld, matching, sums)

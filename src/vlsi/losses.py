@@ -10,6 +10,9 @@ With ``P = softmax(teacher)`` and ``Q = softmax(student)``, per token:
 
 * ``kld`` forward: ``KL(P || Q) = sum_v P_v (log P_v - log Q_v)``
 * ``kld`` reverse: ``KL(Q || P) = sum_v Q_v (log Q_v - log P_v)``
+* ``kld`` jsd: the generalised Jensen-Shannon divergence of GKD (Agarwal et al., ICLR 2024)
+  with ``M = beta P + (1 - beta) Q``: ``beta KL(P || M) + (1 - beta) KL(Q || M)``; ``beta = 0``
+  is forward KL and ``beta = 1`` reverse KL (the convention of TRL's GKD trainer)
 * ``ce``: ``-sum_v P_v log Q_v``  (= forward KL + entropy of P)
 * ``l2``: ``sum_v (P_v - Q_v)^2``
 
@@ -21,6 +24,7 @@ uses Liger-Kernel's fused kernel instead when it is installed, :func:`liger_fuse
 from __future__ import annotations
 
 import importlib.util
+import math
 from typing import Callable
 
 import torch
@@ -28,7 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 OPS = ("kld", "ce", "l2", "none")
-DIVERGENCES = ("forward", "reverse")
+DIVERGENCES = ("forward", "reverse", "jsd")
+DEFAULT_JSD_BETA = 0.5
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -76,22 +81,44 @@ def l2_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (log_p.exp() - log_q.exp()).square().sum(dim=-1)
 
 
-def _check_op(op: str, divergence: str) -> None:
+def _check_op(op: str, divergence: str, beta: float = DEFAULT_JSD_BETA) -> None:
     if op not in OPS:
         raise ValueError(f"unknown loss op {op!r}; supported: {', '.join(OPS)}")
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; supported: {', '.join(DIVERGENCES)}")
+    if divergence == "jsd" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd beta must be in [0, 1], got {beta}")
 
 
-def pair_loss_logprobs(op: str, t_logp: Tensor, s_logp: Tensor, divergence: str = "forward") -> Tensor:
+def kl_direction(divergence: str, beta: float) -> str | None:
+    """``forward`` or ``reverse`` when ``divergence`` is (or, for ``jsd`` at ``beta`` 0 or 1,
+    reduces to) a plain KL; ``None`` for a proper Jensen-Shannon mixture."""
+    if divergence != "jsd":
+        return divergence
+    return "forward" if beta == 0.0 else "reverse" if beta == 1.0 else None
+
+
+def jsd_logprobs(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
+    """Generalised JSD ``beta KL(P || M) + (1 - beta) KL(Q || M)`` per row, ``M = beta P +
+    (1 - beta) Q``, from log-probabilities ``[n, V]`` (``0 < beta < 1``); ``[n]``, differentiable."""
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return (beta * _plogp_ratio(log_p.exp(), log_p, log_m).sum(dim=-1)
+            + (1 - beta) * _plogp_ratio(log_q.exp(), log_q, log_m).sum(dim=-1))
+
+
+def pair_loss_logprobs(op: str, t_logp: Tensor, s_logp: Tensor, divergence: str = "forward",
+                       beta: float = DEFAULT_JSD_BETA) -> Tensor:
     """Per-token loss ``[n]`` of ``op`` between teacher and student log-probabilities ``[n, V]``.
 
-    ``op`` is ``kld`` (forward ``KL(P_t || Q_s)`` or reverse ``KL(Q_s || P_t)``), ``ce`` or ``l2``;
-    ``none`` is not a loss and raises.
+    ``op`` is ``kld`` (forward ``KL(P_t || Q_s)``, reverse ``KL(Q_s || P_t)`` or the JSD of
+    ``beta``, by ``divergence``), ``ce`` or ``l2``; ``none`` is not a loss and raises.
     """
-    _check_op(op, divergence)
+    _check_op(op, divergence, beta)
     if op == "kld":
-        return kl_logprobs(t_logp, s_logp) if divergence == "forward" else kl_logprobs(s_logp, t_logp)
+        direction = kl_direction(divergence, beta)
+        if direction is None:
+            return jsd_logprobs(t_logp, s_logp, beta)
+        return kl_logprobs(t_logp, s_logp) if direction == "forward" else kl_logprobs(s_logp, t_logp)
     if op == "ce":
         return ce_logprobs(t_logp, s_logp)
     if op == "l2":
@@ -113,6 +140,7 @@ def pair_loss_and_logit_grad(
     grad: Tensor | None = None,
     weight: float = 1.0,
     divergence: str = "forward",
+    beta: float = DEFAULT_JSD_BETA,
 ) -> Tensor:
     """Per-token loss ``[n]`` of ``op`` and its gradient w.r.t. the student's logits, in closed form.
 
@@ -122,7 +150,10 @@ def pair_loss_and_logit_grad(
     the softmax Jacobian folded in:
 
     * ``kld`` forward and ``ce``: ``Q - P`` (both use ``sum_v P_v = 1``);
-    * ``kld`` reverse: ``Q * (log Q - log P - L)``;
+    * ``kld`` reverse: ``Q * (log Q - log P - L)`` (at the most probable id without cancellation,
+      :func:`_add_centered_grad`);
+    * ``kld`` jsd: ``(1 - beta) Q * (log Q - log M - KL(Q || M))`` (``dL/dQ = (1 - beta) log(Q / M)``;
+      two ``[n, V]`` temporaries besides ``scratch``);
     * ``l2``: ``2 Q * (d - <Q, d>)`` with ``d = Q - P``.
 
     Args:
@@ -131,14 +162,17 @@ def pair_loss_and_logit_grad(
         scratch: ``[n, V]`` buffer, overwritten.
         grad: ``[n, V]`` accumulator, or ``None`` for the value only.
     """
-    _check_op(op, divergence)
+    _check_op(op, divergence, beta)
     if op == "none":
         raise ValueError("op 'none' has no loss value; skip the term instead")
-    if op == "kld" and divergence == "reverse":
+    direction = kl_direction(divergence, beta) if op == "kld" else "forward"
+    if direction is None:
+        return _jsd_and_logit_grad(t_logp, s_logp, s_prob, scratch, grad, weight, beta)
+    if direction == "reverse":
         diff = torch.sub(s_logp, t_logp, out=scratch)  # log Q - log P
         loss = row_dot(s_prob, diff)
         if grad is not None:
-            grad.add_(diff.sub_(loss.unsqueeze(1)).mul_(s_prob), alpha=weight)
+            _add_centered_grad(grad, s_prob, diff, loss, weight)
         return loss
     p = torch.exp(t_logp, out=scratch)
     if op == "l2":
@@ -152,6 +186,38 @@ def pair_loss_and_logit_grad(
     if grad is not None:
         grad.add_(s_prob, alpha=weight).sub_(p, alpha=weight)
     return loss
+
+
+def _jsd_and_logit_grad(t_logp: Tensor, s_logp: Tensor, s_prob: Tensor, scratch: Tensor, grad: Tensor | None,
+                        weight: float, beta: float) -> Tensor:
+    """:func:`pair_loss_and_logit_grad` for the JSD of ``0 < beta < 1``. Every KL is an inner
+    product with a difference of log-probabilities (no cancelling sums); floored log-probs
+    (:func:`finite_floor`) give ``0 log 0 = 0`` as in the other divergences."""
+    shifted = torch.add(t_logp, math.log(beta))  # [n, V] temporary
+    log_m = torch.logaddexp(shifted, torch.add(s_logp, math.log1p(-beta)), out=scratch)
+    diff = torch.sub(t_logp, log_m, out=shifted)  # log P - log M
+    kl_p = row_dot(torch.exp(t_logp), diff)
+    diff = torch.sub(s_logp, log_m, out=shifted)  # log Q - log M
+    kl_q = row_dot(s_prob, diff)
+    if grad is not None:
+        _add_centered_grad(grad, s_prob, diff, kl_q, (1 - beta) * weight)
+    return beta * kl_p + (1 - beta) * kl_q
+
+
+def _add_centered_grad(grad: Tensor, s_prob: Tensor, diff: Tensor, mean: Tensor, alpha: float) -> None:
+    """``grad += alpha * Q * (diff - mean)`` ``[n, V]``, ``mean = <Q, diff>`` ``[n]``: the softmax
+    Jacobian applied to ``dL/dQ = diff``; ``diff`` is overwritten.
+
+    At a row's most probable id ``a`` the bracket cancels when ``Q_a`` is near 1 (a confident
+    student: ``Q_a`` rounds to 1 in float32 and ``diff_a - mean`` to 0); there it is computed as
+    ``sum_u Q_u (diff_a - diff_u)``, which has no cancellation (one ``[n, V]`` temporary).
+    """
+    top = s_prob.argmax(dim=1, keepdim=True)  # [n, 1]
+    spread = torch.where(s_prob > 0, diff.gather(1, top) - diff, 0.0)  # [n, V]; 0 where Q masks an id
+    at_top = row_dot(s_prob, spread).unsqueeze(1) * s_prob.gather(1, top)  # [n, 1]
+    del spread
+    diff.sub_(mean.unsqueeze(1)).mul_(s_prob).scatter_(1, top, at_top)
+    grad.add_(diff, alpha=alpha)
 
 
 SPARSE_OPS = ("kld", "ce")  # ops a top-K teacher supports (forward divergence)

@@ -204,6 +204,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                 intermediate_op=cfg.intermediate_op,
                 last_op=cfg.last_op,
                 divergence=cfg.divergence,
+                jsd_beta=cfg.jsd_beta,
                 chunk_size=cfg.chunk_size,
                 generator=self._matching_generator() if model.training else None,
                 matching_kwargs=dict(scale=cfg.scale, eps=cfg.eps, k=cfg.k, temperature=cfg.temperature,
