@@ -161,6 +161,7 @@ def _cmd_interact(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else run.interact
     if args.teacher_cache:
         cfg.interaction.teacher_cache = args.teacher_cache
+        cfg.interaction.check("interaction")  # what the cache rules out (e.g. on_policy) fails here
     result = run_interact(cfg, out, teacher_verbalizers=teacher, student_verbalizers=student,
                           resume=args.resume, restart=args.restart_changed)
     print(f"interact: {result}")

@@ -102,6 +102,23 @@ class VerbalizerConfig:
 
 
 @dataclass
+class GenerationSettings:
+    """How the student samples its responses on on-policy micro-batches (``interaction.on_policy``)."""
+
+    temperature: float = _f(1.0, "sampling temperature")
+    top_p: float = _f(1.0, "nucleus sampling mass (1: the whole distribution)")
+    max_new_tokens: int | None = _f(None, "longest generated response; null: the longest response in the "
+                                          "training data")
+
+    def check(self, key: str) -> None:
+        _positive(self.temperature, f"{key}.temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"{key}.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens is not None:
+            _positive(self.max_new_tokens, f"{key}.max_new_tokens")
+
+
+@dataclass
 class InteractionConfig:
     """Matching strategy and losses of the interaction step (paper Table 4d/4e)."""
 
@@ -122,6 +139,9 @@ class InteractionConfig:
     teacher_cache: str | None = _f(None, "a `vlsi cache-teacher` directory: the interaction step reads the "
                                          "teacher's top-K from it and loads no teacher (vlsi distill makes it)")
     teacher_cache_top_k: int = _f(32, "K of the teacher cache: top log-probabilities kept per layer and token")
+    on_policy: float = _f(0.0, "share of micro-batches whose responses the student generates, graded by the "
+                               "teacher (0: the paper, the dataset's responses; 1: fully on-policy, as GKD)")
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def check(self, key: str) -> None:
         from vlsi.losses import DIVERGENCES, OPS, SPARSE_OPS
@@ -136,6 +156,13 @@ class InteractionConfig:
             _positive(getattr(self, name), f"{key}.{name}")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ConfigError(f"{key}.jsd_beta must be in [0, 1], got {self.jsd_beta}")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise ConfigError(f"{key}.on_policy must be in [0, 1], got {self.on_policy}")
+        self.generation.check(f"{key}.generation")
+        if self.teacher_cache is not None and self.on_policy > 0:
+            raise ConfigError(f"{key}.on_policy: a teacher cache holds the teacher's view of the dataset's responses "
+                              "only; on-policy interaction needs the teacher to grade the student's own tokens "
+                              "(set on_policy: 0 or drop teacher_cache)")
         if self.teacher_cache is not None:
             unsupported = [op for op in (self.intermediate_op, self.last_op) if op not in (*SPARSE_OPS, "none")]
             if unsupported or self.divergence != "forward":

@@ -137,7 +137,7 @@ class Generator:
         self.collate = VisionLanguageCollator.for_tokenizer(
             backbone.family, tokenizer, padding_side="left"
         )
-        self.end_ids = _end_ids(tokenizer, backbone.model)
+        self.end_ids = end_token_ids(tokenizer, backbone.model)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
@@ -186,7 +186,7 @@ class Generator:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
-def _end_ids(tokenizer: Any, model: Any) -> list[int]:
+def end_token_ids(tokenizer: Any, model: Any) -> list[int]:
     """Token ids that end a reply: the generation config's EOS and the end-of-turn token."""
     ids: list[int] = []
     eos = model.generation_config.eos_token_id

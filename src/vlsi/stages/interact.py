@@ -50,14 +50,16 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
+from vlsi.backbones import Backbone, checkpoint_dir, load_backbone, load_tokenizer
 from vlsi.config import InteractionConfig, RunConfig
 from vlsi.distributed import (describe_footprint, load_verbalizers, place_frozen_model, place_frozen_verbalizers,
-                              vision_on_every_process, whole_parameters)
+                              shards_parameters, vision_on_every_process, whole_parameters)
 from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.heatmap import save_match_heatmaps
 from vlsi.interaction import SparseTeacher, interaction_loss
+from vlsi.inference import end_token_ids
 from vlsi.lora import save_adapter, with_lora
+from vlsi.on_policy import GenerationLog, generate_responses, generation_seed, longest_response, on_policy_draw
 from vlsi.preflight import Preflight, check_run
 from vlsi.recorder import MatchLog, MatchRecorder
 from vlsi.stages.cache_teacher import expected_manifest
@@ -67,6 +69,7 @@ from vlsi.teacher_cache import CacheError, KeyedCollator, TeacherCache, sample_k
 from vlsi.verbalizer import VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions
 
 MATCHES_LOG = "matches.jsonl"
+GENERATIONS_LOG = "generations.jsonl"  # on-policy micro-batches: the first responses of each logging window
 ADAPTER_DIR = "adapter"
 
 
@@ -124,6 +127,9 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         vocab_size: int,
         match_log: MatchLog | None = None,
         teacher_cache: TeacherCache | None = None,
+        tokenizer: Any = None,
+        max_new_tokens: int | None = None,
+        generation_log: GenerationLog | None = None,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
@@ -147,16 +153,63 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         self.vocab_size = vocab_size
         self.match_log = match_log
         self.metrics = MeanMetrics()
+        self.tokenizer = tokenizer  # on-policy micro-batches: end and pad ids, logged texts
+        self.max_new_tokens = max_new_tokens
+        self.generation_log = generation_log
+        if interaction.on_policy > 0 and (tokenizer is None or max_new_tokens is None):
+            raise ValueError("on-policy interaction needs the student's tokenizer and max_new_tokens")
+        self._end_ids = end_token_ids(tokenizer, self.student.model) if interaction.on_policy > 0 else []
         self._micro = (-1, 0)  # (optimizer step, micro-step within it)
         self._loss_seconds = 0.0  # compute_loss's time within the current training_step
 
-    def _matching_generator(self) -> torch.Generator:
+    def _advance_draw(self) -> None:
+        """Count a training micro-batch: ``_micro`` becomes (optimizer step, its micro-step)."""
         step = self.state.global_step
         micro = self._micro[1] + 1 if self._micro[0] == step else 0
         self._micro = (step, micro)
-        draw = micro * self.args.world_size + self.args.process_index
-        seed = matching_seed(self.args.seed, step, draw)
-        return torch.Generator().manual_seed(seed)
+
+    def _draw(self, process: int | None = None) -> int:
+        """The current micro-batch's number across processes (see :func:`matching_seed`)."""
+        process = self.args.process_index if process is None else process
+        return self._micro[1] * self.args.world_size + process
+
+    def _matching_generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(matching_seed(self.args.seed, self._micro[0], self._draw()))
+
+    def _on_policy_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``inputs``, or (on a drawn micro-batch) the batch of the student's own responses.
+
+        Under ZeRO-3/FSDP on several processes every process generates when any does (each
+        decoding step gathers parameters collectively), and one not drawn drops what it made.
+        """
+        cfg, step = self.interaction, self._micro[0]
+        draws = [on_policy_draw(self.args.seed, step, self._draw(p), cfg.on_policy)
+                 for p in range(self.args.world_size)]
+        drawn, synced = draws[self.args.process_index], shards_parameters(self)
+        generated, seconds = None, math.nan
+        if drawn or (synced and any(draws)):
+            clock = self._clock()
+            with vision_on_every_process(self, self.student, inputs):
+                generated = generate_responses(
+                    self.accelerator.unwrap_model(model), inputs, self.student.model_inputs, end_ids=self._end_ids,
+                    pad_token_id=self.tokenizer.pad_token_id, temperature=cfg.generation.temperature,
+                    top_p=cfg.generation.top_p, max_new_tokens=self.max_new_tokens,
+                    seed=generation_seed(self.args.seed, step, self._draw()), synced_gpus=synced)
+            seconds = self._clock() - clock
+        # every process logs the same names (MeanMetrics gathers them); NaN: nothing generated
+        self.metrics.add("on_policy/share", float(drawn))
+        self.metrics.add("seconds/generation", seconds if drawn else math.nan)
+        lengths = [len(r) for r in generated.responses] if drawn else []
+        self.metrics.add("on_policy/generated_tokens", sum(lengths) / len(lengths) if lengths else math.nan)
+        self.metrics.add("on_policy/truncated",
+                         1.0 - sum(generated.ended) / len(generated.ended) if drawn else math.nan)
+        if not drawn:
+            return inputs
+        if self.generation_log is not None and self.is_world_process_zero():
+            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in generated.responses]
+            self.generation_log.add(step + 1, step // self.args.logging_steps, texts, generated.responses,
+                                    generated.ended)
+        return generated.batch
 
     def _clock(self) -> float:
         return device_clock(self.args.device)
@@ -165,6 +218,10 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         entered = self._clock()
         if "teacher_error" in inputs:  # the collator could not read the teacher cache
             raise CacheError(inputs["teacher_error"])
+        if model.training:
+            self._advance_draw()
+            if self.interaction.on_policy > 0:
+                inputs = self._on_policy_inputs(model, inputs)
         positions = prediction_positions(inputs["labels"])
         clock = self._clock()
         # logits_to_keep=1: the models' own [B, T, V] logits are not needed (the chunked loss
@@ -327,11 +384,18 @@ def run_interact(
                                  teacher_layers=t_layers, strategy=cfg.interaction.strategy)
         parts.update(recorder=recorder, layers=(s_verb.layers, t_layers))
         match_log = MatchLog(out / MATCHES_LOG, recorder, keep_until=resumed_step) if args.should_save else None
+        on_policy = {}
+        if cfg.interaction.on_policy > 0:
+            on_policy = dict(tokenizer=load_tokenizer(student_dir),
+                             max_new_tokens=cfg.interaction.generation.max_new_tokens
+                             or longest_response([s.labels for s in dataset.samples]),
+                             generation_log=GenerationLog(out / GENERATIONS_LOG, keep_until=resumed_step)
+                             if args.should_save else None)
         return InteractTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
                                max_consecutive_nonfinite=cfg.stage("interact").max_consecutive_nonfinite,
                                teacher_verbalizers=t_verb, student_verbalizers=s_verb,
                                interaction=cfg.interaction, vocab_size=pre.vocab, match_log=match_log,
-                               teacher_cache=cache)
+                               teacher_cache=cache, **on_policy)
 
     def outputs(trainer: Trainer) -> dict[str, Any]:
         save_adapter(trainer, out / ADAPTER_DIR)
@@ -345,7 +409,8 @@ def run_interact(
                 "strategy": cfg.interaction.strategy, "student_layers": parts["layers"][0],
                 "teacher_layers": parts["layers"][1], "shared_vocab": pre.vocab,
                 "matches_recorded": recorder.num_updates,
-                "outputs": [ADAPTER_DIR, "matches.json", "heatmap_start.png", "heatmap_end.png"]}
+                "outputs": [ADAPTER_DIR, "matches.json", "heatmap_start.png", "heatmap_end.png",
+                            *([GENERATIONS_LOG] if cfg.interaction.on_policy > 0 else [])]}
 
     stage = Stage("interact", "interact", out, step_inputs(cfg, "interact", upstream), student_dir,
                   build, lambda trainer, ckpt: load_adapter_weights(trainer.model, ckpt), outputs)
