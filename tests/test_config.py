@@ -118,9 +118,11 @@ def test_ddp_timeout_reaches_the_training_arguments(tmp_path):
 def test_every_field_has_help_text():
     import dataclasses
 
-    from vlsi.config import DataConfig, InteractionConfig, LoraSettings, TrainingConfig, VerbalizerConfig
+    from vlsi.config import (DataConfig, GenerationSettings, InteractionConfig, LoraSettings, TrainingConfig,
+                             VerbalizerConfig)
 
-    for cls in (RunConfig, DataConfig, VerbalizerConfig, InteractionConfig, LoraSettings, TrainingConfig):
+    for cls in (RunConfig, DataConfig, VerbalizerConfig, InteractionConfig, GenerationSettings, LoraSettings,
+                TrainingConfig):
         for f in dataclasses.fields(cls):
             assert dataclasses.is_dataclass(f.type) or f.metadata.get("help") or f.name in (
                 "data", "verbalizer", "interaction", "lora", "training"), (cls.__name__, f.name)

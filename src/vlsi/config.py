@@ -141,7 +141,7 @@ class InteractionConfig:
     teacher_cache_top_k: int = _f(32, "K of the teacher cache: top log-probabilities kept per layer and token")
     on_policy: float = _f(0.0, "share of micro-batches whose responses the student generates, graded by the "
                                "teacher (0: the paper, the dataset's responses; 1: fully on-policy, as GKD)")
-    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    generation: GenerationSettings = _f(factory=GenerationSettings, help="how on-policy responses are sampled")
 
     def check(self, key: str) -> None:
         from vlsi.losses import DIVERGENCES, OPS, SPARSE_OPS
