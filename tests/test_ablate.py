@@ -13,17 +13,21 @@ from vlsi.demo.ablate import Row, subtables, summarize_row, table_chart, table_m
 
 def test_subtables_cover_the_papers_rows():
     tables = subtables(5)
-    assert [len(tables[k][1]) for k in "bdef"] == [3, 8, 9, 8]
+    assert [len(tables[k][1]) for k in "bdefg"] == [3, 8, 9, 8, 9]
     keys = [row.key for _, rows in tables.values() for row in rows]
     assert len(keys) == len(set(keys))
     # the default VLsI run appears in every sub-table and is trained once
     default = {row.run for _, rows in tables.values() for row in rows if not row.overrides}
     assert default == {"vlsi"}
     runs = {row.run for _, rows in tables.values() for row in rows}
-    assert len(runs) == 1 + 7 + 8 + 7  # b reuses the default run
+    assert len(runs) == 1 + 7 + 8 + 7 + 8  # b reuses the default run, and so does g's off-policy forward KL
     e = {row.key: row for row in tables["e"][1]}
     assert e["e/bottom-3"].overrides == {"interaction.strategy": "bottom-k", "interaction.k": 3}
     assert e["e/normalized"].paper is None and e["e/vlsi"].paper == (86.3, 59.7, 75.8, 69.3)
+    g = {row.key: row for row in tables["g"][1]}
+    assert g["g/on0-forward"].run == "vlsi"
+    assert g["g/on0.5-jsd"].overrides == {"interaction.on_policy": 0.5, "interaction.divergence": "jsd"}
+    assert g["g/on1-reverse"].overrides == {"interaction.on_policy": 1.0, "interaction.divergence": "reverse"}
 
 
 def test_every_row_is_a_valid_config(tmp_path):
@@ -39,16 +43,17 @@ def test_every_row_is_a_valid_config(tmp_path):
             cfg = load_config(cfg_file, row.overrides)  # raises on an unknown key or value
             for key, value in row.overrides.items():
                 part, name = key.split(".")
-                assert getattr(getattr(cfg, part), name) == value
+                assert getattr(getattr(cfg, part), name) == value, key
 
 
 def test_table_and_chart_show_every_row():
     rows = [Row("x/a", "first", paper=(1.0, 2.0, 3.0, 4.0)), Row("x/b", "second")]
-    summary = {"x/a": summarize_row([{"accuracy": 0.5}, {"accuracy": 0.7}]),
+    summary = {"x/a": summarize_row([{"accuracy": 0.5, "interact_seconds_per_step": 1.0},
+                                     {"accuracy": 0.7, "interact_seconds_per_step": 2.0}]),
                "x/b": summarize_row([{"accuracy": 0.25}])}
     md = table_markdown("T", rows, summary)
-    assert "| first | 60.0 ± 14.1 | 50.0, 70.0 | 1.0 | 2.0 | 3.0 | 4.0 |" in md
-    assert "| second | 25.0 ± 0.0 | 25.0 | — | — | — | — |" in md
+    assert "| first | 60.0 ± 14.1 | 50.0, 70.0 | 1.50 | 1.0 | 2.0 | 3.0 | 4.0 |" in md
+    assert "| second | 25.0 ± 0.0 | 25.0 | — | — | — | — | — |" in md
     svg = table_chart("T", rows, summary)
     assert svg.startswith("<svg") and "first" in svg and "paper MMB 1.0" in svg and "not in the paper" in svg
 
@@ -66,3 +71,11 @@ def test_quick_ablation_of_the_sft_step(tmp_path):
     assert [p.name for p in (out / "runs").iterdir()] == ["vlsi"]
     # a rerun reuses every row
     assert main(["ablate", "--quick", "--only", "b", "--seeds", "1", "--out", str(out)]) == 0
+
+
+def test_interaction_seconds_per_step_is_read_from_the_trainer_log(tmp_path):
+    from vlsi.demo.ablate import interact_seconds_per_step
+
+    assert interact_seconds_per_step(tmp_path) is None
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 4, "train_runtime": 10.0}\n')
+    assert interact_seconds_per_step(tmp_path) == 2.5

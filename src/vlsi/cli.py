@@ -6,7 +6,7 @@
     vlsi bench loss [...]                     chunked vs naive interaction-loss benchmark
     vlsi demo [--quick] [--seeds 3] [--pair DIR]   the method's claim on tiny models, with a report
     vlsi demo pretrain --out DIR              rebuild the demo's pretrained pair from scratch
-    vlsi ablate [--only b d e f] [--seeds 3]  the paper's Table 4 at tiny scale
+    vlsi ablate [--only b d e f g] [--seeds 3]  the paper's Table 4 at tiny scale, and on-policy
     vlsi generate --model DIR --image IMG --prompt TEXT [--num-beams N]
     vlsi verbalize-layers --model DIR --verbalizers DIR --image IMG --prompt TEXT --out F.html
     vlsi eval --model DIR --data FILE         MC accuracy / exact match (JSON or MMBench TSV)
@@ -292,9 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "against the teacher-student gap")
     demo.set_defaults(func=_cmd_demo)
 
-    ablate = sub.add_parser("ablate", help="the paper's Table 4 (b, d, e, f) at tiny scale, on the demo's pair")
+    ablate = sub.add_parser("ablate", help="the paper's Table 4 (b, d, e, f) at tiny scale on the demo's pair, "
+                                           "and (g) on-policy interaction with three divergences")
     _add_demo_args(ablate, "runs/ablate")
-    ablate.add_argument("--only", nargs="+", choices=["b", "d", "e", "f"], help="sub-tables to run "
+    ablate.add_argument("--only", nargs="+", choices=["b", "d", "e", "f", "g"], help="sub-tables to run "
                                                                                 "(default: all)")
     ablate.set_defaults(func=_cmd_ablate)
 

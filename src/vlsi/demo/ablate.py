@@ -1,6 +1,7 @@
-"""``vlsi ablate``: the paper's Table 4 (b, d, e, f) at tiny scale, on the demo's models.
+"""``vlsi ablate``: the paper's Table 4 (b, d, e, f) at tiny scale, on the demo's models, and
+(g) on-policy interaction with three divergences (not in the paper).
 
-    vlsi ablate [--out runs/ablate] [--only b d e f] [--seeds 3] [--quick] [--pair DIR]
+    vlsi ablate [--out runs/ablate] [--only b d e f g] [--seeds 3] [--quick] [--pair DIR]
 
 Every row is one VLsI run of the demo (:mod:`vlsi.demo.pipeline`: the shipped pretrained pair,
 the demo's data and budgets) with one setting changed, evaluated on the held-out split with
@@ -79,6 +80,20 @@ def _verbalizer(name: str) -> dict[str, Any]:
     return {"verbalizer.architecture": name}
 
 
+def _on_policy(share: float, divergence: str) -> dict[str, Any]:
+    """Overrides of a (g) row; the paper's setting (off-policy, forward KL) is the default run."""
+    overrides: dict[str, Any] = {}
+    if share:
+        overrides["interaction.on_policy"] = share
+    if divergence != "forward":
+        overrides["interaction.divergence"] = divergence
+    return overrides
+
+
+ON_POLICY_SHARES = (0.0, 0.5, 1.0)
+DIVERGENCE_LABELS = {"forward": "forward KL", "reverse": "reverse KL", "jsd": "JSD (beta 0.5)"}
+
+
 def subtables(num_beams: int) -> dict[str, tuple[str, list[Row]]]:
     """The four sub-tables; the paper's numbers are from its Table 4 (VLsI-7B, 72B teacher)."""
     vlsi = (86.3, 59.7, 75.8, 69.3)
@@ -122,6 +137,13 @@ def subtables(num_beams: int) -> dict[str, tuple[str, list[Row]]]:
             Row("f/verb-ffn", "verb-FFN (VLsI)", paper=vlsi),
             Row("f/mlp-x2", "MLP x2", _verbalizer("mlp-x2"), paper=(84.2, 57.5, 74.1, 67.0)),
             Row("f/mlp", "MLP", _verbalizer("mlp"), paper=(83.8, 57.0, 73.5, 66.7)),
+        ]),
+        "g": ("On-policy interaction and divergence (not in the paper; on-policy = share of micro-batches "
+              "the student generates)", [
+            Row(f"g/on{share:g}-{divergence}", f"on-policy {share:g}, {label}" + (" (VLsI)" if not
+                _on_policy(share, divergence) else ""), _on_policy(share, divergence),
+                paper=vlsi if not _on_policy(share, divergence) else None)
+            for share in ON_POLICY_SHARES for divergence, label in DIVERGENCE_LABELS.items()
         ]),
     }
 
@@ -209,27 +231,46 @@ class Ablation:
                                  run.root / "eval", self.recipe, row.beams)
         result = {"row": row.key, "seed": seed, "run": row.run, "accuracy": metrics["accuracy"],
                   "by_category": metrics["by_category"], "count": metrics["count"],
-                  "eval_seconds": round(time.perf_counter() - start, 1)}
+                  "eval_seconds": round(time.perf_counter() - start, 1),
+                  "interact_seconds_per_step": interact_seconds_per_step(run.interact)}
         write_json_atomic(done, result)
         return result
+
+
+def interact_seconds_per_step(step_dir: Path) -> float | None:
+    """The interaction step's training time per optimizer step (the Trainer's ``train_runtime``
+    over its steps, from ``metrics.jsonl``); ``None`` when the log has no such record."""
+    path = Path(step_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    ends = [r for r in records if "train_runtime" in r]
+    if not ends or not ends[-1].get("step"):
+        return None
+    return ends[-1]["train_runtime"] / ends[-1]["step"]
 
 
 def summarize_row(results: list[dict[str, Any]]) -> dict[str, Any]:
     import statistics
 
     accs = [r["accuracy"] for r in results]
+    seconds = [r["interact_seconds_per_step"] for r in results if r.get("interact_seconds_per_step")]
     return {"per_seed": accs, "mean": statistics.fmean(accs),
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}
+            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "interact_seconds_per_step": statistics.fmean(seconds) if seconds else None}
 
 
 def table_markdown(title: str, rows: list[Row], summary: dict[str, dict[str, Any]]) -> str:
-    head = ["row", "accuracy (%) mean ± std", "per seed"] + [f"paper {m}" for m in PAPER_METRICS]
+    head = (["row", "accuracy (%) mean ± std", "per seed", "interaction s/step"]
+            + [f"paper {m}" for m in PAPER_METRICS])
     lines = [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         s = summary[row.key]
         paper = [f"{v:.1f}" for v in row.paper] if row.paper else ["—"] * len(PAPER_METRICS)
+        step = s.get("interact_seconds_per_step")
         lines.append("| " + " | ".join([row.label, f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}",
-                                        ", ".join(f"{100 * v:.1f}" for v in s["per_seed"])] + paper) + " |")
+                                        ", ".join(f"{100 * v:.1f}" for v in s["per_seed"]),
+                                        f"{step:.2f}" if step else "—"] + paper) + " |")
     return "\n".join(lines) + "\n"
 
 
