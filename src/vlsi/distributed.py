@@ -299,32 +299,24 @@ def fsdp_whole(roots: tuple[nn.Module, ...], modules: list[nn.Module]) -> Iterat
 
 def zero_for_every_parameter(trainer: Trainer, model: nn.Module, loss: torch.Tensor
                               ) -> tuple[torch.Tensor, list[Any]]:
-    """A scalar 0 in place of the non-finite ``loss``, whose backward gives each trainable
-    parameter of ``model`` a zero gradient; returns it and hooks to remove after that backward.
+    """Under FSDP2, a scalar 0 in place of the non-finite ``loss`` whose backward gives each
+    trainable parameter of ``model`` a zero gradient; returns it and hooks to remove after that
+    backward (none).
 
-    The Trainer's backward then reduces and steps as for any micro-batch, on every process:
-
-    * ZeRO-3 (parameters are whole only inside their modules' forward and backward): the zero
-      is ``loss`` masked to 0 (on every process), so the backward runs through the micro-batch's own
-      graph and DeepSpeed gathers, accumulates and reduce-scatters as usual; a hook on each
-      trainable parameter replaces its gradient, which may be NaN, by zeros;
-    * FSDP2: every unit is resharded and the zero built from the local shards
-      (``DTensor.to_local``), so the zero gradients land in the sharded ``.grad`` directly;
-    * otherwise: ``sum((p * 0).sum())`` over the parameters.
+    Every unit is resharded and the zero built from the local shards (``DTensor.to_local``), so
+    the zero gradients land in the sharded ``.grad`` directly and nothing needs reducing. (The
+    other engines mask the loss and each parameter's gradient on the device instead:
+    :meth:`vlsi.stages.run.VlsiTrainerMixin.finite_or_skipped`.)
     """
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-        hooks = [p.register_hook(torch.zeros_like) for p in params]
-        return loss.masked_fill(torch.ones_like(loss, dtype=torch.bool), 0.0), hooks
-    if trainer.is_fsdp_enabled:
-        from torch.distributed.fsdp import FSDPModule
-
-        for unit in model.modules():
-            if isinstance(unit, FSDPModule):
-                unit.reshard()  # the root stays unsharded after its forward
-        params = [p for p in model.parameters() if p.requires_grad]  # now the sharded ones
+    if not trainer.is_fsdp_enabled:
+        raise ValueError("zero_for_every_parameter is the FSDP2 skip; other engines mask on the device")
+    for unit in model.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()  # the root stays unsharded after its forward
+    params = [p for p in model.parameters() if p.requires_grad]  # now the sharded ones
     parts = [((p.to_local() if isinstance(p, DTensor) else p) * 0).sum() for p in params]
     return sum(parts, torch.zeros((), device=loss.device)), []
 

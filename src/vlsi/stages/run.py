@@ -14,20 +14,22 @@ trainer, its loss and its outputs):
 
 :class:`VlsiTrainerMixin` gives every stage's Trainer the non-finite loss guard: a training
 loss that is not finite on any process skips its micro-batch on all of them (a zero gradient
-for every trainable parameter, reduced as usual under DDP, ZeRO and FSDP2:
-:func:`vlsi.distributed.zero_for_every_parameter`) and is counted;
-``max_consecutive_nonfinite`` in a row stop the run.
+for every trainable parameter, reduced as usual under DDP, ZeRO and FSDP2) and is counted;
+``max_consecutive_nonfinite`` in a row stop the run. The skip is decided on the device, so the
+host reads the counts once per optimizer step (under FSDP2 once per micro-batch: its zero
+gradients are built from the local shards, :func:`vlsi.distributed.zero_for_every_parameter`).
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from vlsi import fingerprint
 from vlsi.config import RunConfig
@@ -63,11 +65,16 @@ class VlsiTrainerMixin:
         super().__init__(*args, **kwargs)
         self.max_consecutive_nonfinite = max_consecutive_nonfinite
         self.nonfinite_skipped = 0
-        self._nonfinite_in_a_row = 0
         self._skip_hooks: list[Any] = []
+        # on the device, read once per optimizer step: skipped micro-batches in this step, the
+        # current run of skipped micro-batches (carried across steps), its longest in this step
+        self._nonfinite_counts: torch.Tensor | None = None  # long [3]
+        self._nonfinite_unlogged = False
+        self.add_callback(_NonFiniteCheck(self))
 
     def finite_or_skipped(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
-        """``loss``, or a graph-connected zero when it is not finite on any process."""
+        """``loss``, or a graph-connected zero with zero gradients when it is not finite on any
+        process; no host synchronisation (except under FSDP2)."""
         if not model.training:
             return loss
         if self.is_world_process_zero():
@@ -75,27 +82,75 @@ class VlsiTrainerMixin:
         finite = torch.isfinite(loss.detach()).all().float().reshape(1)
         if self.accelerator.num_processes > 1:
             finite = self.accelerator.reduce(finite, reduction="sum") / self.accelerator.num_processes
-        if finite.item() == 1.0:
-            self._nonfinite_in_a_row = 0
-            return loss
-        self.nonfinite_skipped += 1
-        self._nonfinite_in_a_row += 1
-        self.log({"nonfinite_skipped": float(self.nonfinite_skipped)})
-        if self._nonfinite_in_a_row >= self.max_consecutive_nonfinite:
+        finite = finite.reshape(()) == 1.0  # bool, on every process the same
+        self._count(finite)
+        if self.is_fsdp_enabled:  # the zero is built from the shards: decided on the host
+            if bool(finite):
+                return loss
+            zero, self._skip_hooks = zero_for_every_parameter(self, model, loss)
+            return zero
+        # the backward runs through the micro-batch's own graph on every engine (ZeRO-3 gathers,
+        # accumulates and reduce-scatters as for any micro-batch); each trainable parameter's
+        # gradient, NaN where the loss was, is replaced by zeros before it is accumulated
+        self._skip_hooks = [p.register_hook(functools.partial(_kept_if, finite))
+                            for p in model.parameters() if p.requires_grad]
+        return torch.where(finite, loss, torch.zeros_like(loss))
+
+    def _count(self, finite: torch.Tensor) -> None:
+        if self._nonfinite_counts is None:
+            self._nonfinite_counts = torch.zeros(3, dtype=torch.long, device=finite.device)
+        skipped, run, longest = self._nonfinite_counts.unbind()
+        bad = (~finite).long()
+        run = (run + 1) * bad
+        self._nonfinite_counts = torch.stack([skipped + bad, run, torch.maximum(longest, run)])
+
+    def check_nonfinite(self) -> None:
+        """At the end of each optimizer step (one host read): count the skipped micro-batches
+        (logged with the next record), stop after ``max_consecutive_nonfinite`` in a row."""
+        if self._nonfinite_counts is None:
+            return
+        skipped, run, longest = self._nonfinite_counts.tolist()
+        self._nonfinite_counts = torch.tensor([0, run, 0], dtype=torch.long, device=self._nonfinite_counts.device)
+        if not skipped:
+            return
+        self.nonfinite_skipped += skipped
+        self._nonfinite_unlogged = True
+        if longest >= self.max_consecutive_nonfinite:
             raise NonFiniteLossError(
-                f"{self._nonfinite_in_a_row} non-finite losses in a row at step "
-                f"{self.state.global_step}; stopping (last good checkpoint kept in "
-                f"{self.args.output_dir}). Lower the learning rate or check the data.")
-        zero, self._skip_hooks = zero_for_every_parameter(self, model, loss)
-        return zero
+                f"{longest} non-finite losses in a row by step {self.state.global_step}; stopping (last good "
+                f"checkpoint kept in {self.args.output_dir}). Lower the learning rate or check the data.")
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log record, with ``nonfinite_skipped`` (the run's total) in the first
+        record after a step that skipped micro-batches."""
+        if self._nonfinite_unlogged:
+            logs["nonfinite_skipped"] = float(self.nonfinite_skipped)
+            self._nonfinite_unlogged = False
+        super().log(logs, *args, **kwargs)
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         try:
             return super().training_step(*args, **kwargs)
         finally:
-            for hook in self._skip_hooks:  # a skipped micro-batch's, its backward done
+            for hook in self._skip_hooks:  # this micro-batch's, its backward done
                 hook.remove()
             self._skip_hooks = []
+
+
+def _kept_if(finite: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` where ``finite`` (a device bool), else zeros (NaN included)."""
+    return torch.where(finite, grad, torch.zeros_like(grad))
+
+
+class _NonFiniteCheck(TrainerCallback):
+    """Runs :meth:`VlsiTrainerMixin.check_nonfinite` after each optimizer step, before the
+    step's checkpoint is saved."""
+
+    def __init__(self, trainer: VlsiTrainerMixin):
+        self.trainer = trainer
+
+    def on_step_end(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        self.trainer.check_nonfinite()
 
 
 @dataclass
