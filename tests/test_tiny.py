@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 
+from vlsi.errors import VlsiError
 from vlsi.tiny import SPECIAL_TOKENS, STUDENT, TEACHER, TinySize, build_tiny_tokenizer, save_tiny_pair
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision"]
@@ -95,3 +96,19 @@ def test_vision_tower_sees_the_image(family, tiny_pair):
             return torch.cat([x.flatten() for x in out]) if isinstance(out, (list, tuple)) else out.flatten()
         a, b = features(red), features(blue)
     assert ((a - b).norm() / a.norm()).item() > 0.1
+
+
+def test_a_pair_of_other_settings_is_refused_in_one_line_or_rebuilt_with_force(tmp_path, capsys):
+    from vlsi.backbones import read_model_type
+    from vlsi.cli import main
+
+    save_tiny_pair(tmp_path, "qwen2_vl")
+    with pytest.raises(VlsiError, match="already holds a tiny qwen2_vl pair of other settings"):
+        save_tiny_pair(tmp_path, "qwen2_vl", seed=3)
+    capsys.readouterr()  # the saves' progress bars
+    assert main(["tiny", str(tmp_path), "--family", "llava_onevision"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--force" in err
+    assert read_model_type(tmp_path / "student") == "qwen2_vl"  # the old pair is kept
+    assert main(["tiny", str(tmp_path), "--family", "llava_onevision", "--force"]) == 0
+    assert read_model_type(tmp_path / "teacher") == read_model_type(tmp_path / "student") == "llava_onevision"

@@ -49,7 +49,7 @@ def _offline() -> None:
 def _cmd_tiny(args: argparse.Namespace) -> None:
     from vlsi.tiny import save_tiny_pair
 
-    pair = save_tiny_pair(args.out_dir, args.family, seed=args.seed)
+    pair = save_tiny_pair(args.out_dir, args.family, seed=args.seed, force=args.force)
     print(f"teacher: {pair.teacher}\nstudent: {pair.student}")
 
 
@@ -262,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out_dir")
     tiny.add_argument("--family", default="qwen2_vl", choices=sorted(FAMILIES))
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--force", action="store_true", help="rebuild a pair of other settings already in OUT_DIR")
     tiny.set_defaults(func=_cmd_tiny)
 
     data = sub.add_parser("data", help="dataset tools")

@@ -20,15 +20,20 @@ is exercised.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from vlsi.backbones import Backbone
+from vlsi.backbones import Backbone, read_model_type
+from vlsi.errors import VlsiError
 from vlsi.families import family_for
+
+TINY_MANIFEST = "tiny.json"  # the settings a saved pair was built with
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -237,17 +242,33 @@ def save_tiny_pair(
     student: TinySize = STUDENT,
     seed: int = 0,
     tokenizer_vocab: int = 512,
+    force: bool = False,
 ) -> TinyPair:
     """Save a teacher and a student of ``family`` under ``out_dir/{teacher,student}``.
 
-    Both share one tokenizer. An already saved pair (both ``config.json`` present) is reused.
+    Both share one tokenizer. A pair already saved there with the same settings (recorded in
+    ``out_dir/tiny.json``) is reused; one of other settings (another family, sizes or seed) is
+    refused with a one-line error, or rebuilt with ``force``.
     """
     family_for(family)  # raises with the supported list
     out = Path(out_dir)
     pair = TinyPair(out / "teacher", out / "student", family, {"teacher": teacher, "student": student})
-    if (pair.teacher / "config.json").is_file() and (pair.student / "config.json").is_file():
-        return pair
+    settings = {"family": family, "teacher": asdict(teacher), "student": asdict(student), "seed": seed,
+                "tokenizer_vocab": tokenizer_vocab}
+    manifest = out / TINY_MANIFEST
+    saved = [d for d in (pair.teacher, pair.student) if (d / "config.json").is_file()]
+    if saved and not force:
+        recorded = json.loads(manifest.read_text()) if manifest.is_file() else None
+        if recorded == settings:
+            return pair
+        held = recorded["family"] if recorded else read_model_type(saved[0])
+        raise VlsiError(f"{out} already holds a tiny {held} pair of other settings than asked ({family}); "
+                        "use another directory, or --force to rebuild it there")
+    for directory in (pair.teacher, pair.student):
+        if directory.exists():
+            shutil.rmtree(directory)
     tokenizer = build_tiny_tokenizer(tokenizer_vocab)
     save_tiny_checkpoint(pair.teacher, family, teacher, tokenizer, seed=seed)
     save_tiny_checkpoint(pair.student, family, student, tokenizer, seed=seed + 1)
+    manifest.write_text(json.dumps(settings, indent=1) + "\n")
     return pair
