@@ -32,7 +32,7 @@ from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.interaction import interaction_loss
 from vlsi.lora import with_lora
 from vlsi.tiny import save_tiny_pair
-from vlsi.verbalizer import VerbalizerSet, capture_layer_context, prediction_positions
+from vlsi.verbalizer import VerbalizerSet, prediction_positions
 from vlsi.vocab import check_tokenizers, shared_vocab_size
 
 RECORD = Path(__file__).resolve().parent / "sample_record.json"
@@ -58,25 +58,26 @@ def main(record: Path = RECORD, seed: int = 0) -> dict:
         teacher, student = load_backbone(pair.teacher), load_backbone(pair.student)
         vocab = shared_vocab_size(teacher.vocab_size, student.vocab_size)
         check_tokenizers(load_tokenizer(pair.teacher), tokenizer, vocab)
-        teacher.model.requires_grad_(False).eval()
+        teacher.model.requires_grad_(False)
+        # verbalizers are frozen in this step (`vlsi verbalize` trained them; here they are new)
         t_verb = VerbalizerSet(teacher, TEACHER_LAYERS).requires_grad_(False)
         s_verb = VerbalizerSet(student, STUDENT_LAYERS).requires_grad_(False)
-        # LoRA on the student's language model; everything else of the student is frozen,
-        # its final norm and LM head included (the chunked loss refuses trainable ones)
+        # LoRA on the student's language model; everything else of the student is frozen, its
+        # final norm and LM head included (the chunked loss refuses trainable ones)
         model = with_lora(student, LoraSettings(r=8, alpha=8, dropout=0.0), seed=seed)
-        model.train()
 
         # -- the interaction loss on the response positions -----------------------------------
-        positions = prediction_positions(batch["labels"])  # positions whose next token is a reply token
-        with torch.no_grad(), capture_layer_context(teacher) as t_ctx:
+        positions = prediction_positions(batch["labels"])  # the positions that predict a reply token
+        with torch.no_grad():
             t_out = teacher.model(**teacher.model_inputs(batch), output_hidden_states=True, use_cache=False)
-        with capture_layer_context(student) as s_ctx:
-            s_out = model(**student.model_inputs(batch), output_hidden_states=True, use_cache=False)
-        t_stack, t_fn = t_verb.response_inputs(t_out.hidden_states, positions, t_ctx, transformed=True)
-        s_stack, s_fn = s_verb.response_inputs(s_out.hidden_states, positions, s_ctx)
+        s_out = model(**student.model_inputs(batch), output_hidden_states=True, use_cache=False)
+        # `decoder` verbalizers would also need each backbone's layer context
+        # (vlsi.verbalizer.capture_layer_context); verb-ffn acts on each token alone
+        t_stack, t_fn = t_verb.response_inputs(t_out.hidden_states, positions, transformed=True)
+        s_stack, s_fn = s_verb.response_inputs(s_out.hidden_states, positions)
         result = interaction_loss(s_stack, t_stack, s_fn, t_fn, vocab_size=vocab, strategy="vlsi",
                                   generator=torch.Generator().manual_seed(seed))
-        result.loss.backward()
+        result.loss.backward()  # into the student's LoRA weights
 
         lora_grads = [p.grad for n, p in model.named_parameters() if "lora_" in n and p.grad is not None]
         pairs = [(s_verb.layers[i], t_verb.layers[j]) for i, j in result.weights.nonzero().tolist()]

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
+import tempfile
 from pathlib import Path
 
 from vlsi.cli import main as vlsi_main
 from vlsi.data.check import check_data, check_structure
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
 RECORD = EXAMPLES / "sample_record.json"
 
 
@@ -46,3 +49,18 @@ def test_sample_record_passes_data_check(tiny_pair, capsys):
     # the command as the README writes it
     assert vlsi_main(["data", "check", str(RECORD)]) == 0
     assert "kept: 1  skipped: 0" in capsys.readouterr().out
+
+
+def test_readme_method_in_code_block_runs_as_written(tmp_path, monkeypatch, capsys):
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## The method in code", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(REPO)  # the block reads examples/sample_record.json
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    namespace: dict = {"__name__": "readme_block"}
+    exec(compile(code, "README.md (The method in code)", "exec"), namespace)
+    weights = namespace["result"].weights
+    assert weights.shape == (3, 7) and weights.sum(dim=1).tolist() == [1.0, 1.0, 1.0]
+    columns = weights.argmax(dim=1).tolist()
+    assert columns == sorted(set(columns))  # order preserved
+    assert "tensor(" in capsys.readouterr().out
