@@ -64,3 +64,17 @@ def test_readme_method_in_code_block_runs_as_written(tmp_path, monkeypatch, caps
     columns = weights.argmax(dim=1).tolist()
     assert columns == sorted(set(columns))  # order preserved
     assert "tensor(" in capsys.readouterr().out
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_to_method_doc_name_existing_sections():
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", (REPO / "docs" / "method.md").read_text(), re.M)}
+    files = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "src").rglob("*.py"),
+             *(REPO / "configs").glob("*.yaml")]
+    cited = {(f.name, a) for f in files for a in re.findall(r"method\.md#([\w\-]+)", f.read_text())}
+    assert cited, "nothing links docs/method.md"
+    assert not [(name, a) for name, a in cited if a not in anchors]
