@@ -2,7 +2,7 @@
 
 Layer-wise distillation from a large vision-language model (teacher) into a small one
 (student) in three steps: verbalization, interaction with adaptive layer matching, SFT.
-See ``SPEC.md`` in the project's shared folder and the README for the choices made here.
+docs/method.md describes every choice the paper leaves open and the module that makes it.
 """
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ memory; beyond that its memory and time are extrapolated linearly from the measu
 labelled ``extrapolated``.
 
 How memory is measured. Every (method, token count) runs in a fresh subprocess
-(``python -m vlsi.bench --one SPEC``), so allocator caches and earlier peaks never leak from
+(``python -m vlsi.bench --one JSON``), so allocator caches and earlier peaks never leak from
 one measurement into the next. The worker builds the verbalizers and inputs, runs a warm-up on a
 few tokens (kernel and thread-pool start-up), frees what it can, then:
 
@@ -534,7 +534,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m vlsi.bench loss [...]``; ``--one SPEC`` is the internal worker entry."""
+    """``python -m vlsi.bench loss [...]``; ``--one JSON`` is the internal worker entry."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--one"]:
         spec = json.loads(argv[1])

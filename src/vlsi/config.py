@@ -2,8 +2,8 @@
 
 One YAML file describes a whole VLsI run (``vlsi distill CONFIG``) or one of its stages.
 Unknown keys and out-of-range values are errors that name the key (``interaction.strategy``).
-Defaults are the paper's (SPEC "Training defaults", section 4.1c): AdamW, cosine schedule from
-1e-4 down to 1e-6 (``cosine_with_min_lr``), gradient accumulation 16, per-device batch 4,
+Defaults are the paper's (section 4.1c; docs/method.md#training-defaults): AdamW, cosine
+schedule from 1e-4 down to 1e-6 (``cosine_with_min_lr``), gradient accumulation 16, per-device batch 4,
 gradient checkpointing, bf16 where the hardware has it, LoRA r=64 alpha=64.
 
 Example::
@@ -87,7 +87,8 @@ class DataConfig:
 
 @dataclass
 class VerbalizerConfig:
-    """Verbalizer architecture and target layers (``None``: the SPEC's default rule)."""
+    """Verbalizer architecture and target layers (``None``: the default rule,
+    docs/method.md#target-layers)."""
 
     architecture: str = _f("verb-ffn", "verb-ffn (paper), mlp, ffn, decoder, or one of them "
                                        "stacked twice (-x2); paper Table 4(f)")

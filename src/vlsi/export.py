@@ -1,4 +1,4 @@
-"""Export the trained student as a stock Hugging Face checkpoint (SPEC "Step 3 — SFT").
+"""Export the trained student as a stock Hugging Face checkpoint (docs/method.md#sft-and-export).
 
 The exported directory is what any ``transformers`` user loads, with nothing of this package::
 

@@ -1,4 +1,4 @@
-"""Interaction loss with bounded memory (SPEC "Step 2 — interaction" and "Cost").
+"""Interaction loss with bounded memory (docs/method.md#interaction, docs/method.md#chunked-loss).
 
 ``loss = sum_{i,j} W[i, j] * OP(P_j, Q_i) + LAST(P_last, Q_last)``, every term a mean over the
 ``N`` response tokens, where ``Q_i`` is the student's verbalized distribution at target layer

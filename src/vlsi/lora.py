@@ -1,6 +1,7 @@
 """LoRA on the student's language model: the one place it is set up (interaction and SFT).
 
-SPEC: r=64, alpha=64 on the language model's linear layers only
+The paper's r=64, alpha=64 (docs/method.md#training-defaults), on the language model's linear
+layers only
 (:data:`vlsi.backbones.LORA_TARGET_PATTERN`); the vision encoder, projector, norms and LM
 head stay frozen. :func:`with_lora` adds a fresh adapter or continues a saved one;
 :func:`with_adapter` loads a saved one onto a model (for merging and export).

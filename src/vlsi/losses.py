@@ -1,4 +1,6 @@
-"""Distribution losses between teacher and student verbalized outputs (SPEC "Step 2", Table 4d).
+"""Distribution losses between teacher and student verbalized outputs (paper Table 4d).
+
+The ops and divergences: docs/method.md#ops and docs/method.md#divergences.
 
 All functions take log-probabilities (:func:`log_probs` of logits already cut to the shared
 vocabulary ``V``) and return one loss per token. Softmax, log-softmax and the reductions over ``V`` run in float32

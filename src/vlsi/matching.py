@@ -2,7 +2,7 @@
 
 The interaction step scores every (student layer i, teacher layer j) pair by
 ``KLD[i, j]`` (mean over response tokens of the KL between their verbalized distributions) and
-picks pairs from that matrix. :func:`algorithm1` is the paper's Algorithm 1 (SPEC "Matching");
+picks pairs from that matrix. :func:`algorithm1` is the paper's Algorithm 1 (docs/method.md#matching);
 :func:`select_pairs` is the single entry point for it and for the ablation strategies of the
 paper's Table 4e:
 
@@ -24,11 +24,11 @@ Selection is not differentiable and is computed on a detached CPU float64 copy o
 from, whose entropy (:meth:`Matching.entropy`) tells how sharp the matching is: ``log`` of the
 band width when sampling is uniform, 0 when it is deterministic.
 
-The adaptive temperature has two rules (``temperature_rule``): ``paper``, SPEC's formula
-``T = scale / (max - min + eps)``, under which the logits ``-s / T`` spread by
-``(max - min)^2 / scale`` over a band (near-uniform when a band's KLDs differ by less than
-about 1 nat); and ``normalized``, ``T = (max - min + eps) / scale``, under which they always
-spread by ``scale``.
+The adaptive temperature has two rules (``temperature_rule``, docs/method.md#temperature):
+``paper``, the formula as the paper prints it, ``T = scale / (max - min + eps)``, under which
+the logits ``-s / T`` spread by ``(max - min)^2 / scale`` over a band (near-uniform when a
+band's KLDs differ by less than about 1 nat); and ``normalized``, ``T = (max - min + eps) /
+scale``, under which they always spread by ``scale``.
 Strategies with a range read only entries inside it; :func:`needed_mask` says which entries a
 strategy reads, so that the scoring pass of :mod:`vlsi.interaction` computes only those.
 """

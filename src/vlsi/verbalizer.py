@@ -1,4 +1,6 @@
-"""Verbalizers: map an intermediate layer's hidden state into the vocabulary (SPEC "Verbalizer").
+"""Verbalizers: map an intermediate layer's hidden state into the vocabulary.
+
+The decisions behind them: docs/method.md#verbalizer and docs/method.md#target-layers.
 
 ``verbalizer_l(h) = lm_head(final_norm(T_l(h)))`` where ``T_l`` is a small trainable transform
 and ``final_norm``/``lm_head`` are the backbone's own, frozen and shared (never copied, never
@@ -42,7 +44,10 @@ CONFIG_NAME = "verbalizers.json"
 
 
 def default_target_layers(num_layers: int) -> list[int]:
-    """SPEC rule: every 4th layer from index 1, last layer excluded (28 layers -> 1, 5, ..., 25)."""
+    """The default rule: every 4th layer from index 1, last layer excluded (28 layers -> 1, 5, ..., 25).
+
+    docs/method.md#target-layers says why.
+    """
     return list(range(1, num_layers - 1, 4))
 
 

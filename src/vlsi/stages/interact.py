@@ -1,4 +1,4 @@
-"""``vlsi interact``: the interaction step (SPEC "Step 2 — interaction", paper Algorithm 1).
+"""``vlsi interact``: the interaction step (docs/method.md#interaction, paper Algorithm 1).
 
     vlsi interact CONFIG [--teacher-verbalizers DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
 

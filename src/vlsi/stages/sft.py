@@ -1,4 +1,4 @@
-"""Step 3 — SFT: next-token loss on the student, then export (SPEC "Step 3 — SFT").
+"""Step 3 — SFT: next-token loss on the student, then export (docs/method.md#sft-and-export).
 
     vlsi sft CONFIG [--adapter DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
 

@@ -1,4 +1,4 @@
-"""``vlsi verbalize``: train the verbalizers of one backbone (SPEC "Step 1 — verbalization").
+"""``vlsi verbalize``: train the verbalizers of one backbone (docs/method.md#verbalization).
 
     vlsi verbalize CONFIG --role {teacher,student} [--out DIR] [--resume]
 
