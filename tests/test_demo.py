@@ -70,18 +70,29 @@ def test_quick_demo_stage_outputs(quick_demo):
     seed = quick_demo / "seed-0"
     for path in ("vlsi/4-sft/model/config.json", "vlsi-no-sft/config.json", "sft-only/model/config.json",
                  "llkd/4-sft/model/config.json", "vlsi/3-interact/heatmap_start.png",
+                 "on-policy/4-sft/model/config.json", "on-policy/3-interact/generations.jsonl",
                  "vlsi/1-teacher-verbalize/layer_loss.json"):
         assert (seed / path).is_file(), path
     result = json.loads((seed / "seed.json").read_text())
     steps = result["steps"]  # equal compute: SFT-only gets interaction + SFT steps
     assert steps["sft_only"] == steps["interact"] + steps["sft"]
     for part, expected in (("sft-only", steps["sft_only"]), ("llkd/3-interact", steps["interact"]),
-                           ("llkd/4-sft", steps["sft"]), ("vlsi/3-interact", steps["interact"])):
+                           ("llkd/4-sft", steps["sft"]), ("vlsi/3-interact", steps["interact"]),
+                           ("on-policy/3-interact", steps["interact"]), ("on-policy/4-sft", steps["sft"])):
         done = json.loads((seed / part / "step_complete.json").read_text())
         assert done["global_step"] == expected, part
     # last-layer KD matched no intermediate pair: its heatmap is empty
     llkd = json.loads((seed / "llkd" / "3-interact" / "heatmap_end.json").read_text())
     assert not any(any(row) for row in llkd["counts"])
+    # the on-policy row generated about half of its micro-batches, and the report shows some
+    logged = [json.loads(line) for line in (seed / "on-policy" / "3-interact" / "metrics.jsonl").read_text().splitlines()]
+    shares = [r["on_policy/share"] for r in logged if "on_policy/share" in r]
+    assert shares and 0 < sum(shares) / len(shares) < 1
+    assert result["generations"] and result["generations"][0] == json.loads(
+        (seed / "on-policy" / "3-interact" / "generations.jsonl").read_text().splitlines()[0])
+    report = (quick_demo / "report.md").read_text()
+    section = report[report.index("## On-policy responses"):].split("\n## ")[0]
+    assert f"| {result['generations'][0]['step']} | {result['generations'][0]['text']} |" in section
     assert result["matching_entropy"] and all(e >= 0 for pts in result["matching_entropy"].values()
                                               for _, e in pts)
     panel = json.loads((seed / "panel.json").read_text())

@@ -29,7 +29,7 @@ def test_aggregate_pairs_by_seed_and_the_verdicts_follow():
     fixed = {"teacher": _result(0.9), "student_before": _result(0.6)}
     seeds = _seeds({"sft_only": [0.62, 0.61, 0.63], "llkd": [0.64, 0.66, 0.66],
                     "vlsi_no_sft": [0.5, 0.5, 0.5], "vlsi_no_sft_beam": [0.55, 0.5, 0.6],
-                    "vlsi": [0.66, 0.65, 0.67]})
+                    "vlsi": [0.66, 0.65, 0.67], "vlsi_on_policy": [0.67, 0.64, 0.69]})
     agg = aggregate(fixed, seeds)
     assert list(agg["rows"]) == [k for k, _ in FIXED_ROWS + SEED_ROWS]
     assert agg["paired"]["sft_only"]["beats"]
@@ -37,6 +37,10 @@ def test_aggregate_pairs_by_seed_and_the_verdicts_follow():
     lines = verdicts(agg)
     assert lines[1].startswith("VLsI beats SFT-only: +4.0 pts")
     assert lines[2].startswith("VLsI does NOT beat last-layer KD") and "not positive on every seed" in lines[2]
+    on_policy = agg["on_policy_minus_vlsi"]  # on-policy paired with off-policy VLsI by seed
+    assert [round(d, 6) for d in on_policy["per_seed"]] == [0.01, -0.01, 0.02]
+    assert lines[3].startswith("VLsI on-policy (λ = 0.5) minus VLsI: +0.7 pts ± 1.5 (per seed: +1.0 pts, "
+                               "-1.0 pts, +2.0 pts)")
     points = teacher_map(agg, [[{"step": 2000, "seed": k, "teacher": _result(0.7), "vlsi": _result(a)}
                                 for k, a in enumerate([0.6, 0.61, 0.62])]])
     assert [p["teacher_step"] for p in points] == [2000, "final"]

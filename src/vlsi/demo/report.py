@@ -25,7 +25,7 @@ from typing import Any
 
 from vlsi import __version__
 from vlsi.demo.charts import line_chart
-from vlsi.demo.pipeline import FIXED_ROWS, ROWS, SEED_ROWS
+from vlsi.demo.pipeline import FIXED_ROWS, ON_POLICY_SHARE, ROWS, SEED_ROWS
 from vlsi.layer_view import LayerResponses, html_page, html_panel, markdown_panel
 
 COMPARISONS = (("sft_only", "SFT-only"), ("llkd", "last-layer KD"))
@@ -69,6 +69,7 @@ def aggregate(fixed: dict[str, dict[str, Any]], seeds: list[dict[str, Any]]) -> 
         "teacher_gap_to_student_before": rows["teacher"]["mean"] - rows["student_before"]["mean"],
         "paired": {key: paired(rows["vlsi"]["per_seed"], rows[key]["per_seed"]) for key, _ in COMPARISONS},
         "beam_minus_greedy": paired(rows["vlsi_no_sft_beam"]["per_seed"], rows["vlsi_no_sft"]["per_seed"]),
+        "on_policy_minus_vlsi": paired(rows["vlsi_on_policy"]["per_seed"], rows["vlsi"]["per_seed"]),
     }
 
 
@@ -105,12 +106,18 @@ def verdicts(agg: dict[str, Any]) -> list[str]:
                    else "the mean does not exceed the standard deviation")
             out.append(f"VLsI does NOT beat {name}: VLsI minus {name} is {_pts(p['mean'])} ± "
                        f"{100 * p['std']:.1f} ({why}; per seed: {per_seed}).")
+    on_policy = agg["on_policy_minus_vlsi"]
+    per_seed = ", ".join(_pts(d) for d in on_policy["per_seed"])
+    out.append(f"VLsI on-policy (λ = {ON_POLICY_SHARE:g}) minus VLsI: {_pts(on_policy['mean'])}"
+               + (f" ± {100 * on_policy['std']:.1f} (per seed: {per_seed})" if on_policy["tested"]
+                  else " on one seed") + ".")
     beam = agg["beam_minus_greedy"]
     before = rows["student_before"]["mean"]
     out.append(f"Against the student before: SFT-only {_pts(rows['sft_only']['mean'] - before)}, "
                f"last-layer KD {_pts(rows['llkd']['mean'] - before)}, interaction alone "
                f"{_pts(rows['vlsi_no_sft']['mean'] - before)} (beam search {_pts(beam['mean'])} "
-               f"on top), VLsI {_pts(rows['vlsi']['mean'] - before)}.")
+               f"on top), VLsI {_pts(rows['vlsi']['mean'] - before)}, VLsI on-policy "
+               f"{_pts(rows['vlsi_on_policy']['mean'] - before)}.")
     return out
 
 
@@ -209,6 +216,10 @@ def paired_table(agg: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         verdict = "not tested (one seed)" if not p["tested"] else ("VLsI beats it" if p["beats"] else "no win")
         body.append([f"VLsI minus {name}"] + [f"{100 * d:+.1f}" for d in p["per_seed"]]
                     + [f"{100 * p['mean']:+.1f} ± {100 * p['std']:.1f}", verdict])
+    on_policy = agg["on_policy_minus_vlsi"]
+    body.append([f"VLsI on-policy (λ = {ON_POLICY_SHARE:g}) minus VLsI"]
+                + [f"{100 * d:+.1f}" for d in on_policy["per_seed"]]
+                + [f"{100 * on_policy['mean']:+.1f} ± {100 * on_policy['std']:.1f}", ""])
     beam = agg["beam_minus_greedy"]
     body.append(["beam minus greedy (VLsI without SFT)"] + [f"{100 * d:+.1f}" for d in beam["per_seed"]]
                 + [f"{100 * beam['mean']:+.1f} ± {100 * beam['std']:.1f}", ""])
@@ -316,6 +327,12 @@ def entropy_svg(entropy: dict[str, list[list[float]]]) -> str:
                       title="entropy of the matching distribution per student target layer")
 
 
+def generation_rows(generations: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = ["interaction step", "generated response", "tokens", "ended with EOS"]
+    return head, [[str(g["step"]), g["text"], str(g["tokens"]), "yes" if g["ended"] else "no (cut)"]
+                  for g in generations]
+
+
 def entropy_rows(entropy: dict[str, list[list[float]]]) -> tuple[list[str], list[list[str]]]:
     head = ["student target layer", "first logged (nats)", "last logged (nats)"]
     return head, [[k, f"{pts[0][1]:.3f}", f"{pts[-1][1]:.3f}"] for k, pts in entropy.items() if pts]
@@ -391,6 +408,10 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
     md += ["## Setup", "", _md_table(*recipe)]
     md += ["## Pretraining curves", "", plateau_line(curves), "", _md_table(*curve_rows(curves))]
     md += [f"## Matching entropy (seed {first['seed']})", "", _md_table(*entropy_rows(first["matching_entropy"]))]
+    gen_title = (f"On-policy responses (VLsI on-policy, seed {first['seed']}: the first ones the student "
+                 "generated, as logged)")
+    if first.get("generations"):
+        md += [f"## {gen_title}", "", _md_table(*generation_rows(first["generations"]))]
     md += [f"## Matched layers (paper Fig. 5, seed {first['seed']})", ""]
     for name in ("start", "end"):
         hm = first["heatmaps"][name]
@@ -421,6 +442,8 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
              f"<h2>Matching entropy (seed {first['seed']})</h2>",
              entropy_svg(first["matching_entropy"]) if first["matching_entropy"] else "",
              _html_table(*entropy_rows(first["matching_entropy"])),
+             *([f"<h2>{html.escape(gen_title)}</h2>", _html_table(*generation_rows(first["generations"]))]
+               if first.get("generations") else []),
              f"<h2>Matched layers (paper Fig. 5, seed {first['seed']})</h2><div>"]
     for name in ("start", "end"):
         uri = _png_uri(first["heatmap_png"][name])
