@@ -59,19 +59,19 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if args.action == "pretrain":
         if args.pair:
             raise VlsiError("--pair is for `vlsi demo`; `vlsi demo pretrain` builds a pair into --out")
-        run_pretrain(args.out, quick=args.quick, teacher_from=args.teacher_from)
+        run_pretrain(args.out, quick=args.quick, teacher_from=args.teacher_from, regime=args.regime)
         return
     if args.teacher_from:
         raise VlsiError("--teacher-from is for `vlsi demo pretrain`")
     run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, pair_dir=args.pair,
-             command=" ".join(["vlsi", *args.argv]), teacher_map=args.teacher_map)
+             command=" ".join(["vlsi", *args.argv]), teacher_map=args.teacher_map, regime=args.regime)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
     from vlsi.demo.ablate import run_ablate
 
     run_ablate(args.out, only=args.only, seeds=args.seeds, quick=args.quick, pair_dir=args.pair,
-               command=" ".join(["vlsi", *args.argv]))
+               command=" ".join(["vlsi", *args.argv]), regime=args.regime)
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -250,7 +250,13 @@ def _add_demo_args(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--seeds", type=positive_int, default=3,
                         help="distillation seeds (default 3): mean ± std and the paired verdict")
     parser.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain` (default: "
-                                                      "the shipped one)")
+                                                      "the regime's shipped one)")
+    from vlsi.demo.recipe import DEFAULT_REGIME, REGIMES
+
+    parser.add_argument("--regime", choices=sorted(REGIMES), default=DEFAULT_REGIME,
+                        help=f"task and pair (default {DEFAULT_REGIME}; docs/demo.md): 'lists' "
+                             "(free-form lists, right in any order; 5-layer student, 10-layer "
+                             "teacher) or 'counts' (one-digit counts; 2-layer student)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -115,6 +115,7 @@ class EvalItem:
     reference: str
     category: str = "all"
     options: list[str] | None = None  # multiple choice: option texts in letter order
+    unordered: bool = False  # the reference is a comma-separated list, right in any order
 
     @property
     def form(self) -> str:
@@ -170,7 +171,7 @@ def _item_from_sample(sample: Sample, record: dict[str, Any]) -> EvalItem:
     prompt = Prompt(_prompt_text(turns[last - 1]), list(sample.images[:images_before]),
                     turns=turns[:last - 1])
     return EvalItem(sample.id, prompt, _text_of(turns[last]), str(record.get("category", "all")),
-                    options or None)
+                    options or None, bool(record.get("unordered", False)))
 
 
 def items_from_tsv(path: str | Path) -> tuple[list[EvalItem], list[Skip]]:
@@ -249,9 +250,16 @@ def score(item: EvalItem, prediction: str) -> dict[str, Any]:
         letter = extract_choice(prediction, len(item.options), item.options)
         row["extracted"] = letter
         row["correct"] = letter is not None and letter == item.reference.strip().upper()
+    elif item.unordered:
+        row["correct"] = list_items(prediction) == list_items(item.reference)
     else:
         row["correct"] = normalize_answer(prediction) == normalize_answer(item.reference)
     return row
+
+
+def list_items(text: str) -> list[str]:
+    """A comma-separated answer as its sorted, normalised items (a multiset: order-free)."""
+    return sorted(filter(None, (normalize_answer(part) for part in text.split(","))))
 
 
 def evaluate(generator: Generator, items: list[EvalItem], *, batch_size: int = 32,

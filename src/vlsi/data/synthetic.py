@@ -39,6 +39,10 @@ drawn uniformly from its range before the scene is built:
   count_or     How many shapes are red or blue?                (sum of two colour counts)
   count_more   How many more red shapes than blue shapes are there?   (difference, >= 0)
   count_add    If 2 more stars were added, how many stars would there be?  (count + 1..3)
+Free-form list categories (not in the default mix; ``LIST_CATEGORIES``), short form only; the
+answer lists the items in an order drawn at random, and any order is right:
+  list_objects List every object with its colour.            [blue square, red circle, ...]
+  list_color   Which shapes are red?                  (1..max_objects of them) [circle, square]
 Objects are referred to by colour ("the red shape"), shape ("the star") or both ("the red star"),
 whichever is unique in the image, so most answers combine two visual facts. Sequence puzzles
 (the paper's Fig. 3) are panels read left to right, top to bottom, repeating a motif of
@@ -110,7 +114,11 @@ BASIC_CATEGORIES: tuple[str, ...] = (
 # Two-step questions over the objects: two predicates combined, or arithmetic on a count.
 # Perception is the same as for one count; the extra step is done by the language model.
 REASONING_CATEGORIES: tuple[str, ...] = ("count_and", "count_or", "count_more", "count_add")
-CATEGORIES: tuple[str, ...] = BASIC_CATEGORIES + REASONING_CATEGORIES
+# Free-form lists: every order of the items is a right answer; a record's answer is one order
+# drawn at random, and it is scored as a multiset (``unordered`` records, vlsi.evaluate).
+LIST_CATEGORIES: tuple[str, ...] = ("list_objects", "list_color")
+LIST_SEPARATOR = ", "
+CATEGORIES: tuple[str, ...] = BASIC_CATEGORIES + REASONING_CATEGORIES + LIST_CATEGORIES
 SEQUENCE_ATTRIBUTES: tuple[str, ...] = ("color", "dot")
 QUADRANTS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
 PLURALS: dict[str, str] = {"cross": "crosses"}
@@ -171,6 +179,10 @@ class SyntheticConfig:
             _fail("mc_options", f"must be at most {len(LETTERS)}, got {self.mc_options}")
         if not isinstance(self.mc_fraction, (int, float)) or not 0 <= self.mc_fraction <= 1:
             _fail("mc_fraction", f"must be in [0, 1], got {self.mc_fraction!r}")
+        listed = [c for c in self.categories if c in LIST_CATEGORIES]
+        if listed and self.mc_fraction:
+            _fail("mc_fraction", f"must be 0 with the free-form categories {', '.join(listed)} "
+                  "(they have no multiple-choice form)")
 
     def _validate_palettes(self) -> None:
         _check_choices("categories", self.categories, CATEGORIES, minimum=1)
@@ -572,11 +584,30 @@ def _ask_count_add(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[_Obje
                       _others([str(count), str(answer - 1), str(answer + 1)], str(answer)))
 
 
+def _ask_list_objects(rng: random.Random, objects: list[_Object], cfg: SyntheticConfig) -> _QA:
+    items = [f"{o.color} {o.shape}" for o in objects]
+    rng.shuffle(items)
+    return _QA("List every object with its colour.", LIST_SEPARATOR.join(items), ())
+
+
+def _ask_list_color(rng: random.Random, cfg: SyntheticConfig) -> tuple[list[_Object], _QA]:
+    count = rng.randint(1, cfg.max_objects)
+    scene = _scene_with(rng, cfg, count)
+    color = rng.choice(cfg.colors)
+    chosen = set(rng.sample(range(len(scene)), count))
+    scene = _recolour(rng, scene, [color if k in chosen else None for k in range(len(scene))],
+                      cfg, avoid=(color,))
+    items = [o.shape for o in scene if o.color == color]
+    rng.shuffle(items)
+    return scene, _QA(f"Which shapes are {color}?", LIST_SEPARATOR.join(items), ())
+
+
 _REASONING_QUESTIONS = {
     "count_and": _ask_count_and,
     "count_or": _ask_count_or,
     "count_more": _ask_count_more,
     "count_add": _ask_count_add,
+    "list_color": _ask_list_color,
 }
 
 
@@ -587,6 +618,7 @@ _SCENE_QUESTIONS: dict[str, SceneQuestion] = {
     "color_of": _ask_color_of,
     "relative": _ask_relative,
     "where": _ask_where,
+    "list_objects": _ask_list_objects,
 }
 
 
@@ -732,6 +764,8 @@ def _record(sample_id: str, category: str, qa: _QA, options: list[str] | None,
         "answer": answer,
         "form": "mc" if options is not None else "short",
     }
+    if category in LIST_CATEGORIES:
+        record["unordered"] = True
     if options is not None:
         record["options"] = options
     return record

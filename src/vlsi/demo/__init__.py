@@ -1,7 +1,10 @@
 """``vlsi demo``: the method's claim, measured on an embedded default, offline, on a CPU.
 
-    vlsi demo [--out runs/demo] [--seeds 3] [--quick] [--pair DIR] [--teacher-map]
-    vlsi demo pretrain --out DIR [--quick]
+    vlsi demo [--regime lists|counts] [--out runs/demo] [--seeds 3] [--quick] [--pair DIR]
+              [--teacher-map]
+    vlsi demo pretrain [--regime lists|counts] --out DIR [--quick]
+
+``--regime`` picks the task and pair (:data:`vlsi.demo.recipe.REGIMES`, docs/demo.md).
 
 1. writes the synthetic visual-instruction dataset (``OUT/data``; :mod:`vlsi.demo.recipe`) and
    checks it is the one the pretrained pair was trained on;
@@ -34,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from vlsi.demo.recipe import DemoRecipe
+from vlsi.demo.recipe import DEFAULT_REGIME, REGIMES, DemoRecipe
 from vlsi.errors import VlsiError
 
 RECIPE_FILE = "recipe.json"
@@ -73,8 +76,16 @@ def prepare_data(out: Path, recipe: DemoRecipe, pair: Any) -> Path:
     return data_dir
 
 
+def regime_recipe(regime: str) -> DemoRecipe:
+    """The recipe of a demo regime (refused in one line when unknown)."""
+    if regime not in REGIMES:
+        raise VlsiError(f"unknown demo regime {regime!r}; choose from {', '.join(REGIMES)}")
+    return REGIMES[regime]()
+
+
 def prepare_run(out: Path, recipe: DemoRecipe | None, *, quick: bool, seeds: int,
-                pair_dir: str | Path | None) -> tuple[DemoRecipe, Any, Path, list[Any]]:
+                pair_dir: str | Path | None, regime: str = DEFAULT_REGIME
+                ) -> tuple[DemoRecipe, Any, Path, list[Any]]:
     """What ``vlsi demo`` and ``vlsi ablate`` start with: the recipe (``--quick`` applied), the
     pretrained pair, ``OUT/data`` checked against it, and the held-out questions."""
     from transformers.utils import logging as hf_logging
@@ -87,8 +98,8 @@ def prepare_run(out: Path, recipe: DemoRecipe | None, *, quick: bool, seeds: int
         raise VlsiError(f"--seeds must be at least 1, got {seeds}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     hf_logging.set_verbosity_error()
-    recipe = recipe or DemoRecipe()
-    pair = load_pair(pair_dir or shipped_pair(), recipe)
+    recipe = recipe or regime_recipe(regime)
+    pair = load_pair(pair_dir or shipped_pair(regime), recipe)
     if quick:
         recipe = recipe.quick()
     _check_recipe(out, recipe, quick, pair.root)
@@ -100,7 +111,8 @@ def prepare_run(out: Path, recipe: DemoRecipe | None, *, quick: bool, seeds: int
 
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int = 3, seed: int = 0,
              recipe: DemoRecipe | None = None, pair_dir: str | Path | None = None,
-             command: str | None = None, teacher_map: bool = False) -> dict[str, Any]:
+             command: str | None = None, teacher_map: bool = False,
+             regime: str = DEFAULT_REGIME) -> dict[str, Any]:
     """Run the demo into ``out`` and return its metrics (see the module docstring)."""
     from vlsi.demo.pipeline import FIXED_ROWS, evaluate_model, run_map_point, run_seed
     from vlsi.demo.report import verdicts, write_report
@@ -108,7 +120,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
 
     start = time.perf_counter()
     out = Path(out)
-    recipe, pair, data_dir, items = prepare_run(out, recipe, quick=quick, seeds=seeds, pair_dir=pair_dir)
+    recipe, pair, data_dir, items = prepare_run(out, recipe, quick=quick, seeds=seeds, pair_dir=pair_dir,
+                                                regime=regime)
     fixed = {}
     for key, label in FIXED_ROWS:
         _say(f"evaluating the {label.lower()} on {len(items)} held-out questions")
@@ -126,6 +139,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     setup = {"recipe": json.loads(json.dumps(asdict(recipe))), "quick": quick,
              "workers": min(recipe.workers, seeds),
              "threads_per_worker": threads_per_worker(recipe.workers) if seeds > 1 else torch_threads(),
+             "regime": regime if recipe_matches(recipe, regime) else "custom",
              "pair": {"dir": str(pair.root), "shipped": pair.shipped, "meta": pair.meta},
              "command": command or " ".join(["vlsi", *sys.argv[1:]]),
              "num_eval": len(items), "wall_seconds": round(time.perf_counter() - start, 1)}
@@ -140,8 +154,14 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     return metrics
 
 
+def recipe_matches(recipe: DemoRecipe, regime: str) -> bool:
+    """Whether ``recipe`` is ``regime``'s (its ``--quick`` form included)."""
+    base = REGIMES[regime]()
+    return recipe in (base, base.quick())
+
+
 def run_pretrain(out: str | Path, *, quick: bool = False, recipe: DemoRecipe | None = None,
-                 teacher_from: str | Path | None = None) -> int:
+                 teacher_from: str | Path | None = None, regime: str = DEFAULT_REGIME) -> int:
     """``vlsi demo pretrain``: build the pair; compare it with the shipped one when comparable.
 
     ``teacher_from``: a pair directory (or ``shipped``) whose teacher is reused, so that only
@@ -149,16 +169,16 @@ def run_pretrain(out: str | Path, *, quick: bool = False, recipe: DemoRecipe | N
     """
     from vlsi.demo.pair import build_pair, compare_pairs, load_teacher_source, read_pair, shipped_pair
 
-    recipe = recipe or DemoRecipe()
+    recipe = recipe or regime_recipe(regime)
     if quick:
         recipe = recipe.quick_pretraining()
-    source = None if teacher_from is None else load_teacher_source(teacher_from)
+    source = None if teacher_from is None else load_teacher_source(teacher_from, regime)
     pair = build_pair(out, recipe, say=_say, teacher_from=source)
     _say(f"pair written to {pair.root} ({pair.meta['wall_seconds']:.0f} s): teacher {pair.teacher}, "
          f"student {pair.student}")
-    shipped = shipped_pair() / "pair.json"
+    shipped = shipped_pair(regime) / "pair.json"
     if not quick and shipped.is_file():
-        reference = read_pair(shipped_pair())
+        reference = read_pair(shipped_pair(regime))
         if reference.meta["recipe"] == pair.meta["recipe"]:
             diffs = compare_pairs(pair, reference)
             _say("identical to the shipped pair" if not diffs else

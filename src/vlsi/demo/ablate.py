@@ -283,15 +283,17 @@ def table_chart(title: str, rows: list[Row], summary: dict[str, dict[str, Any]])
 
 def run_ablate(out: str | Path = "runs/ablate", *, only: list[str] | None = None, seeds: int = 3,
                quick: bool = False, pair_dir: str | Path | None = None, command: str | None = None,
-               recipe: DemoRecipe | None = None, say: Callable[[str], None] = _say) -> dict[str, Any]:
-    """Run the chosen sub-tables into ``out`` and write the tables and charts."""
+               recipe: DemoRecipe | None = None, say: Callable[[str], None] = _say,
+               regime: str = "counts") -> dict[str, Any]:
+    """Run the chosen sub-tables into ``out`` (on ``regime``'s pair) and write the tables and charts."""
     from vlsi.demo import prepare_run
     from vlsi.demo.workers import run_all
     from vlsi.layer_view import html_page
 
     start = time.perf_counter()
     out = Path(out)
-    recipe, pair, data_dir, items = prepare_run(out, recipe, quick=quick, seeds=seeds, pair_dir=pair_dir)
+    recipe, pair, data_dir, items = prepare_run(out, recipe, quick=quick, seeds=seeds, pair_dir=pair_dir,
+                                                regime=regime)
     ablation = Ablation(out, recipe, pair, data_dir, items, say)
     tables = subtables(recipe.num_beams)
     chosen = only or list(tables)

@@ -37,7 +37,8 @@ import torch
 from vlsi.errors import VlsiError
 
 PAIR_FILE = "pair.json"
-SHIPPED_DIR = Path(__file__).parent / "pair"
+SHIPPED_DIR = Path(__file__).parent / "pair"  # the "counts" regime's pair
+SHIPPED_DIRS = {"counts": SHIPPED_DIR, "lists": Path(__file__).parent / "pair-lists"}
 ROLES = ("teacher", "student")
 REBUILD_COMMAND = "vlsi demo pretrain --out DIR"
 
@@ -74,7 +75,7 @@ class Pair:
 
     @property
     def shipped(self) -> bool:
-        return self.root.resolve() == SHIPPED_DIR.resolve()
+        return any(self.root.resolve() == d.resolve() for d in SHIPPED_DIRS.values())
 
 
 def model_files(model_dir: Path) -> dict[str, str]:
@@ -104,9 +105,10 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
     from vlsi.backbones import ImageEncoder, load_tokenizer
     from vlsi.config import TrainingConfig
     from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
-    from vlsi.data.synthetic import generate_dataset
+    from vlsi.data.synthetic import LIST_CATEGORIES, generate_dataset
     from vlsi.demo.pipeline import MAX_LENGTH, training_config
-    from vlsi.demo.pretrain import SNAPSHOTS, pretrain
+    from vlsi.demo.pretrain import SNAPSHOTS, generated_accuracy, pretrain
+    from vlsi.evaluate import load_items
     from vlsi.tiny import save_tiny_pair
 
     out = Path(out)
@@ -136,6 +138,10 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
                                                       max_length=MAX_LENGTH)
         curve_set = Subset(evalset, range(min(recipe.curve_samples, len(evalset))))
         collate = VisionLanguageCollator.for_tokenizer("qwen2_vl", tokenizer)
+        measure = None  # teacher-forced accuracy; free-form lists are scored on greedy answers
+        if set(recipe.task.categories) & set(LIST_CATEGORIES):
+            items = load_items(data / "eval.json")[0][:recipe.curve_samples]
+            measure = generated_accuracy(items, tokenizer, images, recipe.max_new_tokens)
         done: dict[str, Any] = {}
         student_train = (train if recipe.student_samples is None
                          else Subset(train, range(min(recipe.student_samples, len(train)))))
@@ -151,6 +157,7 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
                 eval_every=recipe.curve_every, name=f"{role} pretraining",
                 vision_from=done["teacher"].model_dir if role == "student" else None,
                 snapshot_steps=tuple(recipe.teacher_snapshots) if role == "teacher" else (),
+                measure=measure,
             )
         shutil.rmtree(out / "init")  # the random weights are rebuilt from the seed on demand
         snapshots = {str(step): f"teacher/{SNAPSHOTS}/step-{step}" for step in recipe.teacher_snapshots}
@@ -205,9 +212,9 @@ def reuse_teacher(out: str | Path, source: Pair, recipe: Any) -> None:
         "params": source.meta["params"]["teacher"], "reused_from": str(source.root)})
 
 
-def load_teacher_source(path: str | Path) -> Pair:
-    """The pair at ``path`` (``shipped``: the package's) read for :func:`reuse_teacher`."""
-    pair = read_pair(SHIPPED_DIR if str(path) == "shipped" else path)
+def load_teacher_source(path: str | Path, regime: str = "counts") -> Pair:
+    """The pair at ``path`` (``shipped``: the package's of ``regime``) read for :func:`reuse_teacher`."""
+    pair = read_pair(shipped_pair(regime) if str(path) == "shipped" else path)
     check_model_files(pair, ("teacher",))
     return pair
 
@@ -220,8 +227,11 @@ def check_recipe(pair: Pair, recipe: Any) -> None:
                         f"rebuild it with `{REBUILD_COMMAND}` and pass --pair DIR")
 
 
-def shipped_pair() -> Path:
-    return SHIPPED_DIR
+def shipped_pair(regime: str = "counts") -> Path:
+    """The directory of the pair the package ships for ``regime`` (``vlsi.demo.recipe.REGIMES``)."""
+    if regime not in SHIPPED_DIRS:
+        raise VlsiError(f"unknown demo regime {regime!r}; choose from {', '.join(SHIPPED_DIRS)}")
+    return SHIPPED_DIRS[regime]
 
 
 def read_pair(path: str | Path) -> Pair:

@@ -22,15 +22,17 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from vlsi.backbones import Backbone, load_backbone
+from vlsi.backbones import Backbone, ImageEncoder, load_backbone
 from vlsi.config import TrainingConfig
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
+from vlsi.evaluate import EvalItem, evaluate
 from vlsi.export import export_student
+from vlsi.inference import Generator
 from vlsi.files import read_json, utc_now, write_json_atomic
 from vlsi.stages.arguments import training_arguments
 from vlsi.stages.callbacks import stage_callbacks, use_loss_progress_bar
@@ -72,13 +74,30 @@ def teacher_forced_accuracy(backbone: Backbone, dataset: VisualInstructionDatase
     return hits / len(dataset)
 
 
+def generated_accuracy(items: list[EvalItem], tokenizer: Any, images: ImageEncoder,
+                       max_new_tokens: int) -> Callable[[Backbone], float]:
+    """A curve measure: held-out accuracy of greedy generation on ``items``, scored as
+    :func:`vlsi.evaluate.score` scores them (order-free for ``unordered`` items)."""
+    def measure(backbone: Backbone) -> float:
+        was_training = backbone.model.training
+        result = evaluate(Generator(backbone, tokenizer, images), items, batch_size=64,
+                          max_new_tokens=max_new_tokens, progress=False)
+        backbone.model.train(was_training)
+        return result.accuracy
+    return measure
+
+
 class CurveCallback(TrainerCallback):
-    """Every ``eval_every`` optimizer steps (and at the end): held-out accuracy and train loss."""
+    """Every ``eval_every`` optimizer steps (and at the end): held-out accuracy and train loss.
+
+    ``measure`` gives the accuracy (default: :func:`teacher_forced_accuracy` on ``eval_set``).
+    """
 
     def __init__(self, backbone: Backbone, eval_set: VisualInstructionDataset,
                  collate: VisionLanguageCollator, eval_every: int, points: list[dict[str, Any]],
-                 partial: Path | None = None):
+                 partial: Path | None = None, measure: Callable[[Backbone], float] | None = None):
         self.backbone, self.eval_set, self.collate = backbone, eval_set, collate
+        self.measure = measure or (lambda b: teacher_forced_accuracy(b, self.eval_set, self.collate))
         self.eval_every, self.points, self.partial = eval_every, points, partial
         self._last_loss: float | None = None
 
@@ -91,7 +110,7 @@ class CurveCallback(TrainerCallback):
         if step % self.eval_every == 0 or step == state.max_steps:
             if self.points and self.points[-1]["step"] == step:
                 return
-            acc = teacher_forced_accuracy(self.backbone, self.eval_set, self.collate)
+            acc = self.measure(self.backbone)
             self.points.append({"step": step, "eval_accuracy": acc, "train_loss": self._last_loss,
                                 "seconds": time.perf_counter() - self._start})
             if self.partial is not None:
@@ -145,7 +164,8 @@ def pretrain(checkpoint: str | Path, out_dir: str | Path, train: VisualInstructi
              eval_subset: VisualInstructionDataset, collate: VisionLanguageCollator,
              training: TrainingConfig, *, eval_every: int, name: str = "pretrain",
              vision_from: str | Path | None = None,
-             snapshot_steps: tuple[int, ...] = ()) -> PretrainResult:
+             snapshot_steps: tuple[int, ...] = (),
+             measure: Callable[[Backbone], float] | None = None) -> PretrainResult:
     """Train ``checkpoint`` (all parameters) on ``train``; export to ``out_dir/model``.
 
     With ``vision_from``, the vision encoder is that checkpoint's, frozen
@@ -174,7 +194,8 @@ def pretrain(checkpoint: str | Path, out_dir: str | Path, train: VisualInstructi
     trainer = PretrainTrainer(
         model=backbone.model, args=args, train_dataset=train, data_collator=collate,
         callbacks=[*stage_callbacks(out, name),
-                   CurveCallback(backbone, eval_subset, collate, eval_every, points, out / CURVE_PARTIAL),
+                   CurveCallback(backbone, eval_subset, collate, eval_every, points, out / CURVE_PARTIAL,
+                                 measure),
                    SnapshotCallback(backbone, checkpoint, out / SNAPSHOTS, snapshot_steps)],
     )
     use_loss_progress_bar(trainer)

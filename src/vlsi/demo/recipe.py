@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from vlsi.data.synthetic import DEFAULT_COLORS, DEFAULT_SHAPES, SyntheticConfig
+from vlsi.data.synthetic import DEFAULT_COLORS, DEFAULT_SHAPES, LIST_CATEGORIES, SyntheticConfig
 from vlsi.tiny import TinySize
 
 DEMO_CATEGORIES = ("count_color", "count_shape", "count_and", "count_or", "count_more", "count_add")
@@ -38,6 +38,19 @@ def demo_task(seed: int = 0, num_train: int = 16000, num_eval: int = 400) -> Syn
         seed=seed, num_train=num_train, num_eval=num_eval, image_size=56, grid_size=2,
         min_objects=1, max_objects=4, categories=DEMO_CATEGORIES, mc_fraction=0.0,
         shapes=DEFAULT_SHAPES[:4], colors=DEFAULT_COLORS[:4], object_scale=(1.0, 1.0),
+    )
+
+
+def list_task(seed: int = 0, num_train: int = 32000, num_eval: int = 400) -> SyntheticConfig:
+    """The "lists" regime: free-form answers that are right in any order (scored as a multiset).
+
+    56-px images (one vision token per quadrant), 4 shapes x 6 colours, 1-4 objects filling
+    their cells; "List every object with its colour." and "Which shapes are red?".
+    """
+    return SyntheticConfig(
+        seed=seed, num_train=num_train, num_eval=num_eval, image_size=56, grid_size=2,
+        min_objects=1, max_objects=4, categories=LIST_CATEGORIES, mc_fraction=0.0,
+        shapes=DEFAULT_SHAPES[:4], colors=DEFAULT_COLORS, object_scale=(1.0, 1.0),
     )
 
 
@@ -116,3 +129,29 @@ class DemoRecipe:
                        teacher_pretrain=replace(self.teacher_pretrain, steps=12),
                        student_pretrain=replace(self.student_pretrain, steps=8),
                        curve_every=6, curve_samples=16, teacher_snapshots=(6,))
+
+
+def lists_recipe() -> DemoRecipe:
+    """The "lists" regime (docs/demo.md), chosen by its criteria before any distillation ran:
+
+    * multi-token answers with many right orders, the reference one order drawn at random, so
+      the teacher's distribution over the next item holds what one reference cannot;
+    * a 5-layer student (4 target layers) and a 10-layer teacher (9), so the matching chooses;
+    * the teacher pretrains on all 32,000 training samples, the student (and every
+      distillation run) on the first 8,000: the teacher saw four times the distillation data.
+    """
+    base = DemoRecipe()
+    return replace(
+        base, task=list_task(),
+        teacher=TinySize(num_layers=10, hidden_size=64, intermediate_size=128, num_heads=4,
+                         num_kv_heads=2, vision_depth=2, vision_width=48, extra_vocab=24),
+        student=TinySize(num_layers=5, hidden_size=24, intermediate_size=48, num_heads=3,
+                         num_kv_heads=1, vision_depth=2, vision_width=48, extra_vocab=8),
+        teacher_pretrain=StageBudget(6000, 2e-3, 1e-4),
+        student_pretrain=StageBudget(6000, 2e-3, 1e-4),
+        student_samples=8000, distill_samples=8000, teacher_snapshots=(1500, 3000, 4500),
+        pretrain_threads=1, max_new_tokens=32)
+
+
+REGIMES = {"lists": lists_recipe, "counts": DemoRecipe}
+DEFAULT_REGIME = "counts"
