@@ -14,6 +14,7 @@ from vlsi.evaluate import (
     EvalItem,
     extract_choice,
     items_from_json,
+    list_items,
     load_items,
     mc_question,
     normalize_answer,
@@ -83,6 +84,19 @@ def test_score_mc_and_short():
     assert not score(short, "4")["correct"]
 
 
+def test_unordered_answers_are_scored_as_multisets():
+    item = EvalItem("l1", Prompt("?"), "red circle, blue square, red circle", "list_objects",
+                    unordered=True)
+    assert score(item, "blue square, red circle, red circle")["correct"]
+    assert score(item, "Red circle,blue square , the red circle.")["correct"]
+    assert not score(item, "blue square, red circle")["correct"]  # one red circle missed
+    assert not score(item, "blue square, red circle, red circle, red circle")["correct"]
+    assert not score(item, "red circle blue square red circle")["correct"]  # no separators
+    ordered = EvalItem("l2", Prompt("?"), "red circle, blue square", "x")
+    assert not score(ordered, "blue square, red circle")["correct"]
+    assert list_items("y, x,, X") == ["x", "x", "y"]
+
+
 def test_summarize_by_category_and_form():
     rows = [{"category": "a", "form": "mc", "correct": True},
             {"category": "a", "form": "short", "correct": False},
@@ -139,6 +153,9 @@ def test_json_items(tmp_path):
         {"id": "multi", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
                                           {"from": "human", "value": "And?"}, {"from": "gpt", "value": "Bye"}]},
         {"id": "noans", "conversations": [{"from": "human", "value": "Hi"}]},
+        {"id": "list", "image": "a.png", "category": "list_color", "unordered": True,
+         "conversations": [{"from": "human", "value": "<image>\nWhich shapes are red?"},
+                           {"from": "gpt", "value": "circle, square"}]},
         {"id": "missing", "image": "nope.png",
          "conversations": [{"from": "human", "value": "<image>\nQ"}, {"from": "gpt", "value": "x"}]},
     ]
@@ -146,7 +163,8 @@ def test_json_items(tmp_path):
     path.write_text(json.dumps(records))
     items, skips = items_from_json(path)
     by_id = {it.id: it for it in items}
-    assert set(by_id) == {"s1", "m1", "multi"}
+    assert set(by_id) == {"s1", "m1", "multi", "list"}
+    assert by_id["list"].unordered and not by_id["s1"].unordered
     assert by_id["s1"].reference == "red" and by_id["s1"].form == "short"
     assert by_id["s1"].prompt.text == "<image>What colour?"
     assert by_id["m1"].form == "mc" and by_id["m1"].options == ["red", "blue"]

@@ -15,6 +15,7 @@ from PIL import Image
 from vlsi.data.synthetic import (
     BASIC_CATEGORIES,
     CATEGORIES,
+    LIST_CATEGORIES,
     REASONING_CATEGORIES,
     COLOR_RGB,
     LETTERS,
@@ -320,3 +321,48 @@ def test_reasoning_answers_are_balanced(reasoning: Path) -> None:
     for category in REASONING_CATEGORIES:
         counts = Counter(r["answer"] for r in records if r["category"] == category)
         assert max(counts.values()) < 0.4 * sum(counts.values()), (category, counts)
+
+
+@pytest.fixture(scope="module")
+def lists(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lists")
+    generate_dataset(out, SyntheticConfig(seed=5, num_train=400, num_eval=40, mc_fraction=0.0,
+                                          categories=LIST_CATEGORIES, shapes=SHAPES[:4],
+                                          colors=tuple(COLOR_RGB)[:6], object_scale=(1.0, 1.0)))
+    return out
+
+
+def _objects_in(pixels: np.ndarray) -> list[str]:
+    """The colour of each quadrant's object (objects fill their cells: one colour per quadrant)."""
+    found = []
+    for region in _quadrant_slices(56).values():
+        colours = [c for c, rgb in COLOR_RGB.items() if (pixels[region] == rgb).all(axis=-1).any()]
+        assert len(colours) <= 1
+        found += colours
+    return found
+
+
+def test_list_answers_name_every_object_in_a_drawn_order(lists: Path) -> None:
+    records = _load(lists, "train") + _load(lists, "eval")
+    assert set(Counter(r["category"] for r in records)) == set(LIST_CATEGORIES)
+    firsts = Counter()
+    for record in records:
+        assert record["unordered"] is True and record["form"] == "short"
+        items = record["answer"].split(", ")
+        colours = _objects_in(_pixels(lists, record))
+        if record["category"] == "list_objects":
+            assert _question(record) == "List every object with its colour."
+            assert sorted(i.split()[0] for i in items) == sorted(colours), record
+            assert all(i.split()[1] in SHAPES[:4] for i in items)
+            if len(items) > 1:  # the order is drawn, not the reading order of the quadrants
+                firsts[items[0].split()[0] == colours[0]] += 1
+        else:
+            colour = re.fullmatch(r"Which shapes are (\w+)\?", _question(record)).group(1)
+            assert len(items) == colours.count(colour) >= 1, record
+            assert all(i in SHAPES[:4] for i in items)
+    assert firsts[True] and firsts[False]
+
+
+def test_list_categories_have_no_multiple_choice_form() -> None:
+    with pytest.raises(ValueError, match="mc_fraction.*free-form categories list_objects"):
+        SyntheticConfig(categories=("list_objects", "count_color"), mc_fraction=0.25)
