@@ -105,9 +105,9 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
     from vlsi.backbones import ImageEncoder, load_tokenizer
     from vlsi.config import TrainingConfig
     from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
-    from vlsi.data.synthetic import LIST_CATEGORIES, generate_dataset
+    from vlsi.data.synthetic import generate_dataset
     from vlsi.demo.pipeline import MAX_LENGTH, training_config
-    from vlsi.demo.pretrain import SNAPSHOTS, generated_accuracy, pretrain
+    from vlsi.demo.pretrain import GREEDY, SNAPSHOTS, curve_measure, generated_accuracy, pretrain
     from vlsi.evaluate import load_items
     from vlsi.tiny import save_tiny_pair
 
@@ -138,8 +138,8 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
                                                       max_length=MAX_LENGTH)
         curve_set = Subset(evalset, range(min(recipe.curve_samples, len(evalset))))
         collate = VisionLanguageCollator.for_tokenizer("qwen2_vl", tokenizer)
-        measure = None  # teacher-forced accuracy; free-form lists are scored on greedy answers
-        if set(recipe.task.categories) & set(LIST_CATEGORIES):
+        measure = None  # teacher-forced accuracy
+        if curve_measure(recipe.task.categories) == GREEDY:
             items = load_items(data / "eval.json")[0][:recipe.curve_samples]
             measure = generated_accuracy(items, tokenizer, images, recipe.max_new_tokens)
         done: dict[str, Any] = {}

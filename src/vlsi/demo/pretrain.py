@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback, set_seed
 from vlsi.backbones import Backbone, ImageEncoder, load_backbone
 from vlsi.config import TrainingConfig
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
+from vlsi.data.synthetic import LIST_CATEGORIES
 from vlsi.evaluate import EvalItem, evaluate
 from vlsi.export import export_student
 from vlsi.inference import Generator
@@ -72,6 +73,15 @@ def teacher_forced_accuracy(backbone: Backbone, dataset: VisualInstructionDatase
         hits += int(((pred == gold) | (gold == -100)).all(dim=1).sum())
     model.train(was_training)
     return hits / len(dataset)
+
+
+GREEDY, TEACHER_FORCED = "greedy generation", "teacher-forced"
+
+
+def curve_measure(categories: tuple[str, ...] | list[str]) -> str:
+    """How the pretraining curve measures held-out accuracy on a task of ``categories``: greedy
+    answers when some are free-form lists (any order is right), else teacher-forced argmax."""
+    return GREEDY if set(categories) & set(LIST_CATEGORIES) else TEACHER_FORCED
 
 
 def generated_accuracy(items: list[EvalItem], tokenizer: Any, images: ImageEncoder,

@@ -26,6 +26,7 @@ from typing import Any
 from vlsi import __version__
 from vlsi.demo.charts import line_chart
 from vlsi.demo.pipeline import FIXED_ROWS, ON_POLICY_SHARE, ROWS, SEED_ROWS
+from vlsi.demo.pretrain import curve_measure
 from vlsi.layer_view import LayerResponses, html_page, html_panel, markdown_panel
 
 COMPARISONS = (("sft_only", "SFT-only"), ("llkd", "last-layer KD"))
@@ -247,8 +248,9 @@ def heatmap_rows(hm: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return head, [[str(r)] + [str(v) for v in counts[i]] for i, r in enumerate(rows)]
 
 
-def curve_rows(curves: dict[str, list[dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
-    head = ["model", "step", "held-out accuracy (teacher-forced, %)", "train loss"]
+def curve_rows(curves: dict[str, list[dict[str, Any]]], measure: str = "teacher-forced"
+               ) -> tuple[list[str], list[list[str]]]:
+    head = ["model", "step", f"held-out accuracy ({measure}, %)", "train loss"]
     body = [[name, str(p["step"]), f"{100 * p['eval_accuracy']:.1f}",
              "—" if p.get("train_loss") is None else f"{p['train_loss']:.4f}"]
             for name, pts in curves.items() for p in pts]
@@ -389,6 +391,7 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
         agg["teacher_map"] = points
     first = seeds[0]
     curves = setup["pair"]["meta"]["curves"]
+    measure = curve_measure(setup["recipe"]["task"]["categories"])
     config_text = Path(first["config"]).read_text() if Path(first["config"]).is_file() else ""
     metrics = {**agg, "setup": setup, "per_seed": [
         {k: s[k] for k in ("seed", "results", "steps", "seconds", "matching_entropy")} for s in seeds]}
@@ -406,7 +409,7 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
         md += ["## Teacher strength map (VLsI minus SFT-only against the teacher-student gap)", "",
                _md_table(*map_rows(points))]
     md += ["## Setup", "", _md_table(*recipe)]
-    md += ["## Pretraining curves", "", plateau_line(curves), "", _md_table(*curve_rows(curves))]
+    md += ["## Pretraining curves", "", plateau_line(curves), "", _md_table(*curve_rows(curves, measure))]
     md += [f"## Matching entropy (seed {first['seed']})", "", _md_table(*entropy_rows(first["matching_entropy"]))]
     gen_title = (f"On-policy responses (VLsI on-policy, seed {first['seed']}: the first ones the student "
                  "generated, as logged)")
@@ -438,7 +441,7 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
                 map_svg(points), _html_table(*map_rows(points))] if points else []),
              "<h2>Setup</h2>", _html_table(*recipe),
              "<h2>Pretraining curves</h2>", f"<p>{html.escape(plateau_line(curves))}</p>",
-             curve_svg(curves), _html_table(*curve_rows(curves)),
+             curve_svg(curves), _html_table(*curve_rows(curves, measure)),
              f"<h2>Matching entropy (seed {first['seed']})</h2>",
              entropy_svg(first["matching_entropy"]) if first["matching_entropy"] else "",
              _html_table(*entropy_rows(first["matching_entropy"])),
