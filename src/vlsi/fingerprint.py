@@ -161,6 +161,18 @@ def changed(step_dir: Path, inputs: dict[str, Any]) -> list[str] | None:
     return differences(before["inputs"], inputs)
 
 
+UNRECORDED = "no fingerprint.json (made before run identities were recorded)"
+
+
+def changed_or_unrecorded(step_dir: Path, inputs: dict[str, Any]) -> list[str]:
+    """The differences of :func:`changed`; a directory with content but no fingerprint (made by
+    an older version) counts as different. Empty: same inputs, or nothing there yet."""
+    diffs = changed(step_dir, inputs)
+    if diffs is None:
+        return [UNRECORDED] if step_dir.is_dir() and any(step_dir.iterdir()) else []
+    return diffs
+
+
 def write(step_dir: Path, inputs: dict[str, Any]) -> str:
     step_dir.mkdir(parents=True, exist_ok=True)
     d = digest(inputs)

@@ -112,9 +112,7 @@ def step_plan(cfg: RunConfig) -> list[tuple[str, Path, dict[str, Any]]]:
 def first_changed(plan: list[tuple[str, Path, dict[str, Any]]]) -> tuple[int, list[str]] | None:
     """Index of the first step whose directory holds a result of other inputs, and the diffs."""
     for k, (_, step_dir, inputs) in enumerate(plan):
-        diffs = fingerprint.changed(step_dir, inputs)
-        if diffs is None and step_dir.is_dir() and any(step_dir.iterdir()):
-            diffs = ["no fingerprint.json (made before run identities were recorded)"]
+        diffs = fingerprint.changed_or_unrecorded(step_dir, inputs)
         if diffs:
             return k, diffs
     return None

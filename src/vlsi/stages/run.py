@@ -189,9 +189,7 @@ def check_identity(out: Path, inputs: dict[str, Any], *, restart: bool, hint: st
 
     A directory with content but no fingerprint (made by an older version) counts as different.
     """
-    diffs = fingerprint.changed(out, inputs)
-    if diffs is None and out.is_dir() and any(out.iterdir()):
-        diffs = ["no fingerprint.json (made before run identities were recorded)"]
+    diffs = fingerprint.changed_or_unrecorded(out, inputs)
     if not diffs:
         return
     if not restart:
