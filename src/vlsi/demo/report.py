@@ -144,16 +144,23 @@ def provenance(setup: dict[str, Any]) -> list[tuple[str, str]]:
 
     pair = setup["pair"]
     meta = pair["meta"]
-    rebuilt = ("shipped with the package (vlsi/demo/pair/); rebuild it from scratch with "
-               "`vlsi demo pretrain --out DIR` (then `vlsi demo --pair DIR`)") if pair["shipped"] \
+    regime = setup.get("regime", "counts")
+    flag = "" if regime == "custom" else f" --regime {regime}"
+    rebuilt = (f"shipped with the package ({Path(pair['dir']).name}/); rebuild it from scratch with "
+               f"`vlsi demo pretrain{flag} --out DIR` (then `vlsi demo{flag} --pair DIR`)") if pair["shipped"] \
         else f"built by `vlsi demo pretrain` in {pair['dir']}"
+    built = meta["built_with"]
+    threads = ", ".join(f"{role} {n}" for role, n in built.get("threads", {}).items())
+    built_with = (f"torch {built.get('torch')}, Python {built.get('python')} on {built.get('machine')}, "
+                  f"threads {threads}")
     return [
         ("command", setup["command"]),
         ("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")),
         ("vlsi", f"{__version__}, commit {_git_commit()}"),
         ("software", f"torch {torch.__version__}, transformers {transformers.__version__}, "
                      f"Python {platform.python_version()} on {platform.machine()}"),
-        ("pretrained pair", f"{rebuilt}; built with {meta['built_with']}, training time teacher "
+        ("regime", regime),
+        ("pretrained pair", f"{rebuilt}; built with {built_with}; training time teacher "
                             f"{meta['seconds']['teacher']:.0f} s + student {meta['seconds']['student']:.0f} s"),
     ]
 
@@ -441,7 +448,8 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
                 map_svg(points), _html_table(*map_rows(points))] if points else []),
              "<h2>Setup</h2>", _html_table(*recipe),
              "<h2>Pretraining curves</h2>", f"<p>{html.escape(plateau_line(curves))}</p>",
-             curve_svg(curves), _html_table(*curve_rows(curves, measure)),
+             curve_svg(curves),
+             f"<details><summary>the curves' points</summary>{_html_table(*curve_rows(curves, measure))}</details>",
              f"<h2>Matching entropy (seed {first['seed']})</h2>",
              entropy_svg(first["matching_entropy"]) if first["matching_entropy"] else "",
              _html_table(*entropy_rows(first["matching_entropy"])),
