@@ -64,7 +64,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if args.teacher_from:
         raise VlsiError("--teacher-from is for `vlsi demo pretrain`")
     run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, pair_dir=args.pair,
-             command=" ".join(["vlsi", *args.argv]), teacher_map=args.teacher_map, regime=args.regime)
+             command=" ".join(["vlsi", *args.argv]), teacher_map=args.teacher_map, regime=args.regime,
+             label_noise=args.label_noise)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
@@ -291,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run (default) or pretrain (train the teacher/student pair from scratch)")
     _add_demo_args(demo, "runs/demo")
     demo.add_argument("--seed", type=int, default=0, help="first seed")
+    demo.add_argument("--label-noise", type=float, default=0.0, metavar="SHARE",
+                      help="make this share of the distillation answers wrong the way a weaker "
+                           "annotator is (a missed list item, a count off by one); evaluation "
+                           "stays clean (docs/demo.md)")
     demo.add_argument("--teacher-from", metavar="PAIR",
                       help="pretrain: reuse this pair's teacher (a directory, or `shipped`) and "
                            "train only the student")

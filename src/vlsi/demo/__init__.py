@@ -33,7 +33,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +104,7 @@ def prepare_run(out: Path, recipe: DemoRecipe | None, *, quick: bool, seeds: int
         recipe = recipe.quick()
     _check_recipe(out, recipe, quick, pair.root)
     data_dir = prepare_data(out, recipe, pair)
-    distillation_data(data_dir, recipe.distill_samples)  # here, before any worker reads it
+    distillation_data(data_dir, recipe.distill_samples, recipe.label_noise)  # before any worker reads it
     items, _ = load_items(data_dir / "eval.json")
     return recipe, pair, data_dir, items[: recipe.eval_samples] if recipe.eval_samples else items
 
@@ -112,7 +112,7 @@ def prepare_run(out: Path, recipe: DemoRecipe | None, *, quick: bool, seeds: int
 def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int = 3, seed: int = 0,
              recipe: DemoRecipe | None = None, pair_dir: str | Path | None = None,
              command: str | None = None, teacher_map: bool = False,
-             regime: str = DEFAULT_REGIME) -> dict[str, Any]:
+             regime: str = DEFAULT_REGIME, label_noise: float = 0.0) -> dict[str, Any]:
     """Run the demo into ``out`` and return its metrics (see the module docstring)."""
     from vlsi.demo.pipeline import FIXED_ROWS, evaluate_model, run_map_point, run_seed
     from vlsi.demo.report import verdicts, write_report
@@ -120,6 +120,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
 
     start = time.perf_counter()
     out = Path(out)
+    if label_noise:
+        recipe = replace(recipe or regime_recipe(regime), label_noise=label_noise)
     recipe, pair, data_dir, items = prepare_run(out, recipe, quick=quick, seeds=seeds, pair_dir=pair_dir,
                                                 regime=regime)
     fixed = {}
@@ -156,8 +158,8 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
 
 def recipe_matches(recipe: DemoRecipe, regime: str) -> bool:
     """Whether ``recipe`` is ``regime``'s (its ``--quick`` form included)."""
-    base = REGIMES[regime]()
-    return recipe in (base, base.quick())
+    base, clean = REGIMES[regime](), replace(recipe, label_noise=0.0)
+    return clean in (base, base.quick())
 
 
 def run_pretrain(out: str | Path, *, quick: bool = False, recipe: DemoRecipe | None = None,

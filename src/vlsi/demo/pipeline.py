@@ -35,6 +35,7 @@ import yaml
 from vlsi.backbones import load_model
 from vlsi.config import load_config
 from vlsi.demo.pair import Pair
+from vlsi.demo.noise import with_label_noise
 from vlsi.demo.recipe import DemoRecipe, StageBudget
 from vlsi.evaluate import EvalItem, evaluate
 from vlsi.export import export_student
@@ -81,7 +82,7 @@ def run_config(recipe: DemoRecipe, root: Path, data_dir: Path, teacher: Path, st
     """The ``vlsi distill`` config of this seed (written to ``vlsi.yaml``)."""
     return {
         "teacher": str(teacher), "student": str(student), "output_dir": str(root / "vlsi"),
-        "data": {"train": [str(distillation_data(data_dir, recipe.distill_samples))], "image_root": str(data_dir),
+        "data": {"train": [str(distillation_data(data_dir, recipe.distill_samples, recipe.label_noise))], "image_root": str(data_dir),
                  "max_length": MAX_LENGTH},
         # every layer below the last is a target layer: t_s x t_l matching at this size
         "verbalizer": {"architecture": "verb-ffn",
@@ -97,15 +98,22 @@ def run_config(recipe: DemoRecipe, root: Path, data_dir: Path, teacher: Path, st
     }
 
 
-def distillation_data(data_dir: Path, samples: int | None) -> Path:
+def distillation_data(data_dir: Path, samples: int | None, label_noise: float = 0.0) -> Path:
     """The training file the distillation steps read: ``train.json``, or its first ``samples``
-    records (``distill-N.json``, written once)."""
-    if samples is None:
+    records (``distill-N.json``), with ``label_noise`` of the answers wrong
+    (``distill-N-noise-S.json``, :mod:`vlsi.demo.noise`); written once."""
+    if samples is None and not label_noise:
         return data_dir / "train.json"
-    subset = data_dir / f"distill-{samples}.json"
+    name = "distill" + ("" if samples is None else f"-{samples}")
+    name += f"-noise-{label_noise:g}" if label_noise else ""
+    subset = data_dir / f"{name}.json"
     if not subset.is_file():
         records = json.loads((data_dir / "train.json").read_text())
-        write_json_atomic(subset, records[:samples])
+        records = records if samples is None else records[:samples]
+        if label_noise:
+            records, changed = with_label_noise(records, label_noise)
+            write_json_atomic(data_dir / f"{name}.noise.json", {"share": label_noise, "changed": changed})
+        write_json_atomic(subset, records)
     return subset
 
 

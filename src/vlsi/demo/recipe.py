@@ -89,6 +89,7 @@ class DemoRecipe:
     interact: StageBudget = StageBudget(200, 2e-3, 1e-4)
     sft: StageBudget = StageBudget(200, 2e-3, 1e-4)
     distill_samples: int | None = None  # None: distil on the whole training split
+    label_noise: float = 0.0  # share of distillation answers made wrong (vlsi.demo.noise)
     lora_r: int = 16          # the student's width: LoRA can express any update of a matrix
     lora_alpha: int = 32
     strategy: str = "vlsi"

@@ -184,8 +184,10 @@ def recipe_rows(setup: dict[str, Any], agg: dict[str, Any]) -> list[tuple[str, s
         ("student", size("student") + "; pretrained " + budget("student_pretrain")
          + ", the teacher's vision encoder copied in and frozen"),
         ("data", f"{task['num_train']} training questions ({', '.join(task['categories'])}), "
-                 f"distillation on {r['distill_samples'] or task['num_train']} of them; "
-                 f"{setup['num_eval']} held-out questions evaluated, greedy generation"),
+                 f"distillation on {r['distill_samples'] or task['num_train']} of them"
+                 + (f" with {100 * r['label_noise']:g}% of their answers wrong (a missed list item or "
+                    f"a count off by one)" if r.get("label_noise") else "")
+                 + f"; {setup['num_eval']} held-out questions evaluated (clean), greedy generation"),
         ("processes", f"{setup.get('workers', r['workers'])} seed(s) side by side, "
                       f"{setup.get('threads_per_worker', 'all')} torch thread(s) each"),
         ("verbalization", budget("verbalize") + " per model; verb-FFN on every layer below the last"),
