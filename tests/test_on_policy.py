@@ -83,3 +83,28 @@ def test_generation_log_writes_once_per_window_and_drops_records_after_a_resumed
                        {"step": 2, "sample": 0, "text": "d", "tokens": 2, "ended": False}]
     GenerationLog(path, keep_until=1)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1]
+
+
+class _RecordingModel(torch.nn.Module):
+    """Stands in for a student: records the generation config, answers [41, 99] to each prompt."""
+
+    def generate(self, input_ids, generation_config, synced_gpus, **kwargs):
+        self.config_seen = generation_config
+        reply = torch.tensor([[41, 99]]).expand(input_ids.shape[0], 2)
+        return torch.cat([input_ids, reply], dim=1)
+
+
+def test_generation_suppresses_the_placeholder_tokens_and_restores_the_mode():
+    from types import SimpleNamespace
+
+    from vlsi.inference import placeholder_token_ids
+    from vlsi.on_policy import generate_responses
+
+    model = _RecordingModel().train()
+    config = SimpleNamespace(image_token_id=5, video_token_id=6, vision_start_token_id=3,
+                             vision_end_token_id=4, image_token_index=None)
+    assert placeholder_token_ids(SimpleNamespace(config=config)) == [3, 4, 5, 6]
+    out = generate_responses(model, batch(), lambda b: b, end_ids=[99], pad_token_id=PAD, temperature=1.0,
+                             top_p=1.0, max_new_tokens=4, seed=0, suppress_ids=[3, 4, 5, 6])
+    assert model.config_seen.suppress_tokens == [3, 4, 5, 6] and model.training
+    assert out.responses == [[41, 99], [41, 99]] and out.ended == [True, True]

@@ -186,6 +186,18 @@ class Generator:
         return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+PLACEHOLDER_ATTRIBUTES = ("image_token_id", "video_token_id", "vision_start_token_id",
+                          "vision_end_token_id", "image_token_index", "video_token_index")
+
+
+def placeholder_token_ids(model: Any) -> list[int]:
+    """Ids of the image and video placeholder tokens in ``model``'s config (a response that
+    holds one no longer matches its images: generation that feeds a forward suppresses them)."""
+    ids = {int(v) for name in PLACEHOLDER_ATTRIBUTES
+           if isinstance(v := getattr(model.config, name, None), int) and v >= 0}
+    return sorted(ids)
+
+
 def end_token_ids(tokenizer: Any, model: Any) -> list[int]:
     """Token ids that end a reply: the generation config's EOS and the end-of-turn token."""
     ids: list[int] = []

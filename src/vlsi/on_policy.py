@@ -178,14 +178,15 @@ class GenerationLog:
 
 def generate_responses(model: Any, batch: dict[str, Tensor], model_inputs: Any, *, end_ids: list[int],
                        pad_token_id: int, temperature: float, top_p: float, max_new_tokens: int, seed: int,
-                       synced_gpus: bool = False) -> Generated:
+                       synced_gpus: bool = False, suppress_ids: list[int] | None = None) -> Generated:
     """Sample the responses of ``batch``'s prompts with ``model`` (a ``PeftModel`` or the
     backbone; put in eval mode for the call, its mode restored), RNG seeded with ``seed``
     without touching the caller's RNG state.
 
     ``model_inputs(batch) -> kwargs`` selects what the model's forward takes
     (:meth:`vlsi.backbones.Backbone.model_inputs`). ``synced_gpus``: keep stepping until every
-    process has finished (sharded parameters, several processes).
+    process has finished (sharded parameters, several processes). ``suppress_ids`` are never
+    sampled (the image and video placeholders: :func:`vlsi.inference.placeholder_token_ids`).
     """
     from transformers import GenerationConfig
 
@@ -193,7 +194,7 @@ def generate_responses(model: Any, batch: dict[str, Tensor], model_inputs: Any, 
     prompts = prompt_batch(batch, lengths, pad_token_id)
     config = GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=0, num_beams=1,
                               max_new_tokens=max_new_tokens, eos_token_id=list(end_ids), pad_token_id=pad_token_id,
-                              repetition_penalty=1.0, use_cache=True)
+                              repetition_penalty=1.0, use_cache=True, suppress_tokens=list(suppress_ids or []) or None)
     device = batch["input_ids"].device
     was_training = model.training
     model.eval()

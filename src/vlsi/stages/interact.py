@@ -57,7 +57,7 @@ from vlsi.distributed import (describe_footprint, load_verbalizers, place_frozen
 from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.heatmap import save_match_heatmaps
 from vlsi.interaction import SparseTeacher, interaction_loss
-from vlsi.inference import end_token_ids
+from vlsi.inference import end_token_ids, placeholder_token_ids
 from vlsi.lora import save_adapter, with_lora
 from vlsi.on_policy import GenerationLog, generate_responses, generation_seed, longest_response, on_policy_draw
 from vlsi.preflight import Preflight, check_run
@@ -159,6 +159,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         if interaction.on_policy > 0 and (tokenizer is None or max_new_tokens is None):
             raise ValueError("on-policy interaction needs the student's tokenizer and max_new_tokens")
         self._end_ids = end_token_ids(tokenizer, self.student.model) if interaction.on_policy > 0 else []
+        self._placeholder_ids = placeholder_token_ids(self.student.model)
         self._micro = (-1, 0)  # (optimizer step, micro-step within it)
         self._loss_seconds = 0.0  # compute_loss's time within the current training_step
 
@@ -194,7 +195,8 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                     self.accelerator.unwrap_model(model), inputs, self.student.model_inputs, end_ids=self._end_ids,
                     pad_token_id=self.tokenizer.pad_token_id, temperature=cfg.generation.temperature,
                     top_p=cfg.generation.top_p, max_new_tokens=self.max_new_tokens,
-                    seed=generation_seed(self.args.seed, step, self._draw()), synced_gpus=synced)
+                    seed=generation_seed(self.args.seed, step, self._draw()), synced_gpus=synced,
+                    suppress_ids=self._placeholder_ids)
             seconds = self._clock() - clock
         # every process logs the same names (MeanMetrics gathers them); NaN: nothing generated
         self.metrics.add("on_policy/share", float(drawn))
