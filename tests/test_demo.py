@@ -16,7 +16,7 @@ from vlsi.demo import run_demo, run_pretrain
 from vlsi.demo.pair import (compare_pairs, install_pair, load_pair, load_teacher_source, model_files,
                             shipped_pair)
 from vlsi.demo.pipeline import ROWS, SEED_ROWS
-from vlsi.demo.recipe import DemoRecipe
+from vlsi.demo.recipe import REGIMES, DemoRecipe
 from vlsi.errors import VlsiError
 
 pytestmark = pytest.mark.slow  # the quick demo runs end to end
@@ -29,8 +29,9 @@ def quick_demo(tmp_path_factory):
     return out
 
 
-def test_shipped_pair_matches_the_default_recipe():
-    pair = load_pair(shipped_pair(), DemoRecipe())  # raises if the recipe changed without a rebuild
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+def test_each_shipped_pair_matches_its_regimes_recipe(regime):
+    pair = load_pair(shipped_pair(regime), REGIMES[regime]())  # raises if the recipe changed without a rebuild
     assert pair.shipped and pair.teacher.is_dir() and pair.student.is_dir()
     curves = pair.meta["curves"]
     assert set(curves) == {"teacher", "student"} and all(len(c) >= 5 for c in curves.values())

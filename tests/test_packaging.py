@@ -6,15 +6,19 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path, PurePosixPath
 
-from vlsi.demo.pair import SHIPPED_DIR
+import pytest
+
+from vlsi.demo.pair import SHIPPED_DIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_every_file_of_the_shipped_pair_is_package_data():
+@pytest.mark.parametrize("regime", sorted(SHIPPED_DIRS))
+def test_every_file_of_the_shipped_pair_is_package_data(regime):
+    shipped = SHIPPED_DIRS[regime]
     patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["vlsi.demo"]
-    files = [PurePosixPath(p.relative_to(SHIPPED_DIR.parent).as_posix())
-             for p in SHIPPED_DIR.rglob("*") if p.is_file()]
+    files = [PurePosixPath(p.relative_to(shipped.parent).as_posix())
+             for p in shipped.rglob("*") if p.is_file()]
     assert any("snapshots" in str(f) for f in files)
     missing = [str(f) for f in files if not any(f.match(pattern) and len(f.parts) == len(PurePosixPath(pattern).parts)
                                                 for pattern in patterns)]
