@@ -304,8 +304,8 @@ def sparse_pair_loss_and_logit_grad(
     together (``t_tail``); the student is bucketed the same way: its log-probabilities on those
     ids and ``log q_tail``, the log-sum-exp of its log-probabilities outside them
     (:func:`tail_log_mass`). Over these ``K + 1`` buckets,
-    ``sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail)``, with ``0 log 0 = 0`` for teacher buckets of probability 0 (masked ids, or log-probabilities
-    stored as ``-inf``).
+    ``sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail)``, with ``0 log 0 = 0``
+    for teacher buckets of probability 0 (masked ids, or log-probabilities stored as ``-inf``).
 
     Bias: this is the KL of the two bucketed distributions, which by the log-sum inequality is
     at most the full ``KL(P || Q)``; the gap is the disagreement of ``P`` and ``Q`` *within*
