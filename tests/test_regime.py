@@ -102,7 +102,8 @@ def test_demo_regime_is_kept_and_reused(setup, tmp_path, monkeypatch):
     cfg, verbalizers = setup
     config = tmp_path / "vlsi.yaml"
     config.write_text(json.dumps({"teacher": cfg.teacher, "student": cfg.student, "output_dir": str(tmp_path / "o"),
-                                  "data": {"train": cfg.data.train, "max_length": 512},
+                                  "data": {"train": cfg.data.train, "max_length": 512,
+                                           "image_root": str(Path(cfg.data.train[0]).parent)},
                                   "verbalizer": {"student_layers": STUDENT_LAYERS}}))
     first = regime.demo_regime(tmp_path, config, verbalizers, 4)
     assert json.loads((tmp_path / regime.REGIME_FILE).read_text()) == first and first["samples"] == 4
@@ -110,6 +111,12 @@ def test_demo_regime_is_kept_and_reused(setup, tmp_path, monkeypatch):
     assert regime.demo_regime(tmp_path, config, verbalizers, 4) == first
     with pytest.raises(pytest.fail.Exception):
         regime.demo_regime(tmp_path, config, verbalizers, 3)  # another sample count: measured anew
+    subset = tmp_path / "first-2.json"
+    subset.write_text(json.dumps(json.loads(Path(cfg.data.train[0]).read_text())[:2]))
+    monkeypatch.undo()
+    (tmp_path / "sub").mkdir()
+    other = regime.demo_regime(tmp_path / "sub", config, verbalizers, 4, data=subset)  # 4 asked, 2 there
+    assert other["data"] == [str(subset)] and other["samples"] == 2
     head, rows = regime.regime_rows(first)
     assert len(rows) == len(TEACHER_LAYERS) + 1 and len(head) == 4
     assert "t_s = 2" in regime.regime_line(first) and "t_l = 3" in regime.regime_line(first)

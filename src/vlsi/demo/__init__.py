@@ -106,7 +106,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
              command: str | None = None, teacher_map: bool = False) -> dict[str, Any]:
     """Run the demo into ``out`` and return its metrics (see the module docstring)."""
     from vlsi.config import load_config
-    from vlsi.demo.pipeline import FIXED_ROWS, evaluate_model, run_map_point, run_seed
+    from vlsi.demo.pipeline import FIXED_ROWS, distillation_data, evaluate_model, run_map_point, run_seed
     from vlsi.demo.regime import demo_regime
     from vlsi.stages.distill import layout
     from vlsi.demo.report import verdicts, write_report
@@ -124,9 +124,12 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     results = run_all(run_seed, [(recipe, out, data_dir, pair, items, s, _say) for s in seed_list],
                       recipe.workers)
     first_config = results[0]["config"]
-    _say(f"measuring the targets' information on {recipe.regime_samples} distillation samples")
+    # the first records of the distillation data (whose first records are train.json's), in a
+    # file of their own, so that the rest of train.json is not scanned here
+    measured = min(recipe.regime_samples, recipe.distill_samples or recipe.regime_samples)
+    _say(f"measuring the targets' information on {measured} distillation samples")
     regime = demo_regime(out, first_config, layout(load_config(first_config)).teacher_verbalize,
-                         recipe.regime_samples)
+                         measured, distillation_data(data_dir, measured))
     strengths = []
     if teacher_map:
         steps = sorted(int(k) for k in pair.meta["teacher_snapshots"])

@@ -96,16 +96,25 @@ def measure_regime(cfg: RunConfig, teacher_verbalizers: str | Path, samples: int
     }
 
 
-def demo_regime(out: Path, config: str | Path, teacher_verbalizers: str | Path, samples: int) -> dict[str, Any]:
+def demo_regime(out: Path, config: str | Path, teacher_verbalizers: str | Path, samples: int,
+                data: str | Path | None = None) -> dict[str, Any]:
     """:func:`measure_regime` for a demo run, kept in ``out/regime.json`` and reused by a rerun
-    of the same config, verbalizers and sample count."""
+    of the same config, verbalizers, data and sample count.
+
+    ``data``: a training file to read instead of the config's (the demo passes the first
+    ``samples`` records of its distillation data, so that the rest is not scanned).
+    """
     path = Path(out) / REGIME_FILE
-    key = {"config": str(config), "teacher_verbalizers": str(teacher_verbalizers), "samples_asked": samples}
+    key = {"config": str(config), "teacher_verbalizers": str(teacher_verbalizers), "samples_asked": samples,
+           "data_asked": None if data is None else str(data)}
     if path.is_file():
         kept = json.loads(path.read_text())
         if all(kept.get(k) == v for k, v in key.items()):
             return kept
-    result = {**measure_regime(load_config(config), teacher_verbalizers, samples), **key}
+    cfg = load_config(config)
+    if data is not None:
+        cfg.data.train = [str(data)]
+    result = {**measure_regime(cfg, teacher_verbalizers, samples), **key}
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
 
