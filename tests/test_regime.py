@@ -119,4 +119,5 @@ def test_demo_regime_is_kept_and_reused(setup, tmp_path, monkeypatch):
     assert other["data"] == [str(subset)] and other["samples"] == 2
     head, rows = regime.regime_rows(first)
     assert len(rows) == len(TEACHER_LAYERS) + 1 and len(head) == 4
+    assert not any("|" in cell for cell in head + sum(rows, []))  # a "|" would split a Markdown cell
     assert "t_s = 2" in regime.regime_line(first) and "t_l = 3" in regime.regime_line(first)

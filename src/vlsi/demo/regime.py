@@ -121,7 +121,7 @@ def demo_regime(out: Path, config: str | Path, teacher_verbalizers: str | Path, 
 
 def regime_rows(regime: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """The report's table: one row per teacher distribution (verbalized layers, then the last)."""
-    head = ["teacher distribution", "entropy (nats)", "KL(label || teacher) (nats)", "label probability"]
+    head = ["teacher distribution", "entropy (nats)", "KL(label ‖ teacher) (nats)", "mean label probability"]
     rows = [[f"verbalized layer {v['layer']}", f"{v['entropy_nats']:.3f}", f"{v['label_kl_nats']:.3f}",
              f"{v['label_probability']:.3f}"] for v in regime["verbalized"]]
     rows.append(["last layer (the model's output)", f"{regime['teacher_entropy_nats']:.3f}",
@@ -133,7 +133,7 @@ def regime_line(regime: dict[str, Any]) -> str:
     """One sentence: layer counts, response length, the samples measured."""
     return (f"Measured on {regime['samples']} distillation samples, {regime['mean_response_tokens']:.2f} response "
             f"tokens each; student target layers t_s = {regime['student_target_layers']}, teacher target layers "
-            f"t_l = {regime['teacher_target_layers']}. KL(label || teacher) = -log P(label): 0 when the "
+            f"t_l = {regime['teacher_target_layers']}. KL(label ‖ teacher) = -log P(label): 0 when the "
             "teacher's target is the label itself.")
 
 
