@@ -12,7 +12,7 @@ import torch
 
 from vlsi.config import ConfigError, load_config
 from vlsi.interaction import SparseTeacher, interaction_loss, naive_interaction_loss
-from vlsi.losses import label_ce_and_logit_grad
+from vlsi.losses import label_ce_and_logit_grad, pair_loss_and_logit_grad
 from vlsi.verbalizer import prediction_positions, response_labels
 
 from test_interaction import T_S, V, _labels, _run, _setup
@@ -181,6 +181,21 @@ def test_confident_student_gradient_at_the_label_does_not_cancel():
     assert float(loss) == pytest.approx(math.log1p(999 * math.exp(-25)), rel=1e-6)
     assert float(grad[0, 3]) == pytest.approx(-rest, rel=1e-6)
     assert float(grad[0].sum()) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pair_loss_and_logit_grad_dispatches_ce_to_the_labels():
+    z = torch.randn(4, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64).requires_grad_()
+    labels = torch.tensor([0, 8, 3, 3])
+    log_q = torch.log_softmax(z.detach(), -1)
+    grad = torch.zeros_like(log_q)
+    loss = pair_loss_and_logit_grad("ce", None, log_q, log_q.exp(), torch.empty_like(log_q), grad, weight=0.5,
+                                    labels=labels)
+    reference = torch.nn.functional.cross_entropy(z, labels, reduction="none")
+    (0.5 * reference.sum()).backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, z.grad, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="pass labels"):
+        pair_loss_and_logit_grad("ce", log_q, log_q, log_q.exp(), torch.empty_like(log_q))
 
 
 def test_masked_ids_give_finite_exact_results():
