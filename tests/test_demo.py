@@ -4,6 +4,7 @@ the pair's rebuild, and the command line's error handling."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -55,7 +56,19 @@ def test_quick_demo_writes_the_report(quick_demo):
     p = metrics["paired"]["sft_only"]
     assert p["per_seed"] == [a - b for a, b in zip(metrics["rows"]["vlsi"]["per_seed"],
                                                    metrics["rows"]["sft_only"]["per_seed"])]
+    regime = metrics["regime"]
+    assert regime["samples"] == DemoRecipe().quick().regime_samples
+    assert regime["student_target_layers"] == DemoRecipe().student.num_layers - 1
+    assert regime["teacher_target_layers"] == len(regime["verbalized"]) == DemoRecipe().teacher.num_layers - 1
+    assert regime["mean_response_tokens"] >= 1
+    triples = [(regime["teacher_entropy_nats"], regime["teacher_label_kl_nats"], regime["teacher_label_probability"])]
+    triples += [(v["entropy_nats"], v["label_kl_nats"], v["label_probability"]) for v in regime["verbalized"]]
+    for entropy, label_kl, probability in triples:
+        assert entropy >= 0 and label_kl >= 0 and 0 < probability <= 1
+        assert math.exp(-label_kl) <= probability + 1e-9  # Jensen: mean P(y) >= exp(mean log P(y))
+    assert regime["teacher_verbalizers"].endswith("1-teacher-verbalize")
     md = (quick_demo / "report.md").read_text()
+    assert "Information in the targets" in md and "t_s = 1" in md
     for _, label in ROWS:
         assert label in md
     for needle in ("VLsI minus SFT-only", "VLsI minus last-layer KD", "paper Fig. 5", "appendix B",

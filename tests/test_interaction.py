@@ -40,8 +40,14 @@ def _setup(n=N, t_s=T_S, t_l=T_L, d_s=8, d_t=8, dtype=torch.float64, seed=0):
             TinyVerbalizers(t_s, d_s, seed, dtype), TinyVerbalizers(t_l, d_t, seed + 1, dtype))
 
 
+def _labels(n: int, seed: int = 7) -> torch.Tensor:
+    """Ground-truth ids long ``[n]`` for the ``ce`` op."""
+    return torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed))
+
+
 def _run(fn, student_hidden, teacher_hidden, s_fn, t_fn, **kwargs) -> tuple[InteractionResult, torch.Tensor]:
-    """Loss result and the gradient it gives to ``student_hidden``."""
+    """Loss result and the gradient it gives to ``student_hidden`` (labels for ``ce`` by default)."""
+    kwargs.setdefault("labels", _labels(student_hidden.shape[1]))
     student_hidden.grad = None
     result = fn(student_hidden, teacher_hidden, s_fn, t_fn, vocab_size=V, **kwargs)
     result.loss.backward()

@@ -12,8 +12,10 @@ def _logits(n: int = 5, v: int = 11, seed: int = 0, dtype=torch.float32) -> torc
     return (torch.randn(n, v, generator=torch.Generator().manual_seed(seed)) * 2).to(dtype)
 
 
-def _loss(op: str, t: torch.Tensor, s: torch.Tensor, divergence: str = "forward") -> torch.Tensor:
-    return pair_loss_logprobs(op, log_probs(t), log_probs(s), divergence)
+def _loss(op: str, t: torch.Tensor, s: torch.Tensor, divergence: str = "forward", labels=None) -> torch.Tensor:
+    if labels is None and op == "ce":
+        labels = torch.arange(s.shape[0]) % s.shape[1]
+    return pair_loss_logprobs(op, log_probs(t), log_probs(s), divergence, labels=labels)
 
 
 def test_ops_constant():
@@ -51,14 +53,17 @@ def test_forward_kl_matches_torch_kl_div():
     torch.testing.assert_close(_loss("kld", t, s), ref)
 
 
-def test_ce_is_kl_plus_teacher_entropy():
+def test_ce_is_the_cross_entropy_against_the_labels_whatever_the_teacher():
     t, s = _logits(seed=5, dtype=torch.float64), _logits(seed=6, dtype=torch.float64)
-    log_p = torch.log_softmax(t, -1)
-    entropy = -(log_p.exp() * log_p).sum(-1)
-    torch.testing.assert_close(_loss("ce", t, s), _loss("kld", t, s) + entropy, rtol=0, atol=1e-12)
-    assert _loss("ce", t, s).dtype == torch.float64
-    # the divergence only matters for kld
-    torch.testing.assert_close(_loss("ce", t, s, "reverse"), _loss("ce", t, s))
+    labels = torch.tensor([3, 0, 10, 3, 7])
+    expected = torch.nn.functional.cross_entropy(s, labels, reduction="none")
+    torch.testing.assert_close(_loss("ce", t, s, labels=labels), expected, rtol=0, atol=1e-12)
+    assert _loss("ce", t, s, labels=labels).dtype == torch.float64
+    # neither the teacher nor the divergence enters
+    torch.testing.assert_close(_loss("ce", -3 * t, s, "reverse", labels=labels), expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(pair_loss_logprobs("ce", None, log_probs(s), labels=labels), expected, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="pass labels"):
+        pair_loss_logprobs("ce", log_probs(t), log_probs(s))
 
 
 def test_l2_known_value():

@@ -5,7 +5,7 @@ import torch
 
 from vlsi.interaction import SparseTeacher, interaction_loss
 
-from test_interaction import T_L, V, _run, _setup
+from test_interaction import T_L, V, _labels, _run, _setup
 
 torch.set_num_threads(1)
 
@@ -22,20 +22,22 @@ def sparse_from(teacher_hidden, t_fn, k: int) -> SparseTeacher:
     return SparseTeacher(torch.stack(ids), torch.stack(logp), torch.stack(tail))
 
 
-def bucketed_reference(student_hidden, s_fn, sparse: SparseTeacher, weights, op="kld"):
-    """The K + 1 bucket loss with plain autograd over full tensors."""
+def bucketed_reference(student_hidden, s_fn, sparse: SparseTeacher, weights, op="kld", labels=None):
+    """The K + 1 bucket KL (op ``kld``) or the CE against ``labels`` (op ``ce``, no teacher read),
+    with plain autograd over full tensors."""
     loss = 0
     pairs = [(i, j, float(weights[i, j])) for i, j in weights.nonzero().tolist()]
     pairs.append((student_hidden.shape[0] - 1, sparse.ids.shape[0] - 1, 1.0))
     for i, j, w in pairs:
         log_q = torch.log_softmax(s_fn(i, student_hidden[i])[:, :V], dim=-1)
+        if op == "ce":
+            loss = loss + w * torch.nn.functional.nll_loss(log_q, labels)
+            continue
         q_top = log_q.gather(1, sparse.ids[j])
         log_q_tail = log_q.scatter(1, sparse.ids[j], float("-inf")).logsumexp(-1)
         p = sparse.logp[j].exp()
         cross = (p * q_top).sum(-1) + sparse.tail[j] * log_q_tail
-        per_token = -cross
-        if op == "kld":
-            per_token = per_token + (p * sparse.logp[j]).sum(-1) + torch.xlogy(sparse.tail[j], sparse.tail[j])
+        per_token = (p * sparse.logp[j]).sum(-1) + torch.xlogy(sparse.tail[j], sparse.tail[j]) - cross
         loss = loss + w * per_token.mean()
     return loss
 
@@ -61,7 +63,7 @@ def test_top_k_loss_and_gradient_are_the_bucketed_formula(op, k):
     cached, grad = _run(interaction_loss, student_hidden, sparse, s_fn, None, chunk_size=4,
                         intermediate_op=op, last_op=op, generator=torch.Generator().manual_seed(0))
     student_hidden.grad = None
-    reference = bucketed_reference(student_hidden, s_fn, sparse, cached.weights, op)
+    reference = bucketed_reference(student_hidden, s_fn, sparse, cached.weights, op, _labels(student_hidden.shape[1]))
     reference.backward()
     torch.testing.assert_close(cached.loss, reference.detach(), atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(grad, student_hidden.grad, atol=1e-10, rtol=1e-10)

@@ -131,8 +131,9 @@ class InteractionConfig:
                                         "eps)) or normalized (T = (max - min + eps) / scale)")
     k: int = _f(3, "pairs per student layer for bottom-k")
     temperature: float = _f(1.0, "fixed temperature of the multinomial* strategies")
-    intermediate_op: str = _f("kld", "loss of matched intermediate pairs: kld, ce, l2 or none")
-    last_op: str = _f("kld", "loss between the models' own outputs: kld, ce, l2 or none")
+    intermediate_op: str = _f("kld", "loss of matched intermediate pairs: kld, ce (the student layer's "
+                                     "cross-entropy against the ground-truth tokens), l2 or none")
+    last_op: str = _f("kld", "loss of the models' own outputs: kld, ce (the student's next-token loss), l2 or none")
     divergence: str = _f("forward", "divergence of the kld op and of the matching scores: forward "
                                     "KL(teacher || student), reverse, or jsd (GKD's generalised Jensen-Shannon)")
     jsd_beta: float = _f(0.5, "beta of the jsd divergence, in [0, 1] (0: forward KL, 1: reverse KL)")
@@ -164,6 +165,9 @@ class InteractionConfig:
             raise ConfigError(f"{key}.on_policy: a teacher cache holds the teacher's view of the dataset's responses "
                               "only; on-policy interaction needs the teacher to grade the student's own tokens "
                               "(set on_policy: 0 or drop teacher_cache)")
+        if self.on_policy > 0 and "ce" in (self.intermediate_op, self.last_op):
+            raise ConfigError(f"{key}.on_policy: op 'ce' trains on the ground-truth responses, which on-policy "
+                              "micro-batches replace by the student's own samples (set on_policy: 0 or another op)")
         if self.teacher_cache is not None:
             unsupported = [op for op in (self.intermediate_op, self.last_op) if op not in (*SPARSE_OPS, "none")]
             if unsupported or self.divergence != "forward":

@@ -4,7 +4,9 @@
 ``N`` response tokens, where ``Q_i`` is the student's verbalized distribution at target layer
 ``i``, ``P_j`` the teacher's at target layer ``j``, ``W`` the matching of
 :func:`vlsi.matching.select_pairs` computed from ``KLD[i, j]``, and ``*_last`` the models' own
-output distributions.
+output distributions. The op ``ce`` is ``-log Q_i(y_n)`` against the ground-truth next token
+``y_n`` (``labels``): the teacher layer ``j`` then only decides that the pair counts, and its
+distribution is not computed in the gradient pass.
 
 Materialising ``[N, V]`` float32 log-probabilities for all ``t_s + t_l`` layers costs tens of GB at
 ``V = 151,936`` (:func:`naive_interaction_loss` does exactly that and is the test reference).
@@ -55,8 +57,8 @@ from torch import Tensor
 
 from vlsi.config import DEFAULT_CHUNK_SIZE
 from vlsi.losses import (DEFAULT_JSD_BETA, OPS, DIVERGENCES, SPARSE_OPS, compute_dtype, finite_floor, kl_direction,
-                         log_probs, pair_loss_and_logit_grad, pair_loss_logprobs, row_dot, sparse_bucket_loss,
-                         sparse_pair_loss_and_logit_grad, tail_log_mass)
+                         label_ce_and_logit_grad, log_probs, pair_loss_and_logit_grad, pair_loss_logprobs, row_dot,
+                         sparse_bucket_kl, sparse_pair_loss_and_logit_grad, tail_log_mass)
 from vlsi.matching import STRATEGIES, Matching, match, needed_mask
 
 
@@ -145,6 +147,7 @@ class _Problem:
     last_op: str
     divergence: str
     jsd_beta: float = DEFAULT_JSD_BETA
+    labels: Tensor | None = None  # long [N], the ground-truth next tokens (op ce)
 
     @property
     def direction(self) -> str | None:
@@ -201,6 +204,7 @@ def _validate(
     divergence: str,
     chunk_size: int,
     jsd_beta: float = DEFAULT_JSD_BETA,
+    labels: Tensor | None = None,
 ) -> None:
     if student_hidden.dim() != 3 or teacher_hidden.dim() != 3:
         raise ValueError(
@@ -230,6 +234,18 @@ def _validate(
         if unsupported or divergence != "forward":
             raise ValueError(f"a top-K teacher supports the ops {', '.join(SPARSE_OPS)} with the forward "
                              f"divergence, got ops {intermediate_op}/{last_op}, divergence {divergence}")
+    if "ce" in (intermediate_op, last_op):
+        _validate_labels(labels, student_hidden.shape[1], vocab_size)
+
+
+def _validate_labels(labels: Tensor | None, n: int, vocab_size: int) -> None:
+    """The ``ce`` op's labels: long ``[N]`` ids below ``vocab_size`` (one host sync)."""
+    if labels is None:
+        raise ValueError("op 'ce' is the cross-entropy against the ground-truth tokens: pass labels (long [N])")
+    if tuple(labels.shape) != (n,) or labels.dtype != torch.long:
+        raise ValueError(f"labels must be long [{n}] (one per response token), got {labels.dtype} {list(labels.shape)}")
+    if n and bool(((labels < 0) | (labels >= vocab_size)).any()):
+        raise ValueError(f"labels must be ids in [0, vocab_size={vocab_size})")
 
 
 def _empty_result(problem: _Problem) -> InteractionResult:
@@ -367,7 +383,7 @@ def _sparse_chunk_kl(problem: _Problem, j: int, a: int, b: int, cache: Tensor, p
     out = []
     for k in positions:
         log_q_tail, _ = tail_log_mass(cache[k], ids, scratch)
-        out.append(sparse_bucket_loss("kld", logp, tail, cache[k].gather(1, ids), log_q_tail))
+        out.append(sparse_bucket_kl(logp, tail, cache[k].gather(1, ids), log_q_tail))
     return out
 
 
@@ -500,7 +516,8 @@ def _student_layer_chunk(
     The gradient with respect to the student logits is summed over the layer's terms in closed
     form (:func:`vlsi.losses.pair_loss_and_logit_grad`) into one ``[c, V]`` buffer, then taken
     back through the verbalizer in one backward, so the student verbalizer runs forward and
-    backward once per chunk however many teacher layers it is paired with.
+    backward once per chunk however many teacher layers it is paired with. ``ce`` terms read no
+    teacher: their per-token loss is computed once for all of them, with their summed weight.
     """
     c = b - a
     h = problem.student_hidden[i, a:b].detach().requires_grad_(need_grad)
@@ -515,7 +532,15 @@ def _student_layer_chunk(
         log_q = _log_softmax_into(logits.detach(), problem.vocab_size, workspace.slot(0, c))
         q = torch.exp(log_q, out=workspace.slot(1, c))
         grad = workspace.slot(2, c).zero_() if need_grad else None
+        ce_terms = [(j, weight) for j, weight, op in terms if op == "ce"]
+        if ce_terms:
+            per_token = label_ce_and_logit_grad(log_q, q, problem.labels[a:b], workspace.slot(4, c), grad,
+                                                sum(w for _, w in ce_terms) / problem.n_tokens).sum().to(torch.float64)
+            for j, _ in ce_terms:
+                sums[i, j] += per_token
         for j, weight, op in terms:
+            if op == "ce":
+                continue
             if problem.sparse:
                 ids, t_logp, t_tail = problem.teacher_hidden.layer(j, a, b, log_q.dtype)
                 per_token = sparse_pair_loss_and_logit_grad(op, ids, t_logp, t_tail, log_q, q, workspace.slot(4, c),
@@ -627,6 +652,7 @@ def interaction_loss(
     generator: torch.Generator | None = None,
     matching_kwargs: dict | None = None,
     weights: Tensor | None = None,
+    labels: Tensor | None = None,
 ) -> InteractionResult:
     """Chunked interaction loss; peak memory independent of the number of response tokens.
 
@@ -636,13 +662,14 @@ def interaction_loss(
         teacher_hidden: ``[t_l + 1, N, d_t]``, same layout; never receives gradient. Or a
             :class:`SparseTeacher` (its top-K per layer and token, ``teacher_logits_fn=None``):
             every KL is then computed over the ``K`` ids plus one tail bucket (forward ``kld``
-            and ``ce`` only; see :func:`vlsi.losses.sparse_pair_loss_and_logit_grad`).
+            only, see :func:`vlsi.losses.sparse_pair_loss_and_logit_grad`; ``ce`` reads no teacher).
         student_logits_fn, teacher_logits_fn: ``fn(index, h[n, d]) -> logits[n, >= V]`` with
             frozen parameters (see the module docstring).
         vocab_size: shared vocabulary ``V``; logits are cut to ``[..., :V]``.
         strategy: matching strategy (:data:`vlsi.matching.STRATEGIES`); it also decides which
             KLD entries the scoring pass computes.
-        intermediate_op, last_op: ``kld``, ``ce``, ``l2`` or ``none`` (term dropped).
+        intermediate_op, last_op: ``kld``, ``ce`` (cross-entropy against ``labels``), ``l2`` or
+            ``none`` (term dropped).
         divergence: ``forward`` (``KL(P_teacher || Q_student)``), ``reverse`` or ``jsd`` (the
             generalised Jensen-Shannon divergence of ``jsd_beta``, :mod:`vlsi.losses`); used
             for the scores and for the ``kld`` op.
@@ -651,26 +678,29 @@ def interaction_loss(
         generator: CPU generator for the sampling strategies.
         matching_kwargs: extra :func:`vlsi.matching.select_pairs` arguments (scale, eps, k, ...).
         weights: optional fixed ``[t_s, t_l]`` matching used instead of selecting one.
+        labels: long ``[N]``, the ground-truth next token of each response position, in the order
+            of the hidden states (:func:`vlsi.verbalizer.response_labels`); required when an op is
+            ``ce``, ignored otherwise.
 
     Returns:
         :class:`InteractionResult`.
     """
     _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, chunk_size,
-              jsd_beta)
+              jsd_beta, labels)
     # autocast (a bf16 Trainer) would run the float32 inner products and the batched scoring
     # matmul in bf16: off here, the verbalizers run in their weights' dtype
     with torch.autocast(student_hidden.device.type, enabled=False):
         return _interaction_loss(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn, vocab_size,
                                  strategy, intermediate_op, last_op, divergence, chunk_size, generator,
-                                 matching_kwargs, weights, jsd_beta)
+                                 matching_kwargs, weights, jsd_beta, labels)
 
 
 def _interaction_loss(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn, vocab_size, strategy,
                       intermediate_op, last_op, divergence, chunk_size, generator, matching_kwargs,
-                      weights, jsd_beta) -> InteractionResult:
+                      weights, jsd_beta, labels) -> InteractionResult:
     """:func:`interaction_loss` once its arguments are checked, autocast off."""
     problem = _Problem(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
-                       vocab_size, intermediate_op, last_op, divergence, jsd_beta)
+                       vocab_size, intermediate_op, last_op, divergence, jsd_beta, labels)
     if problem.n_tokens == 0:
         return _empty_result(problem)
     start = time.perf_counter()
@@ -700,7 +730,8 @@ def naive_interaction_loss(student_hidden: Tensor, teacher_hidden: Tensor, stude
                            teacher_logits_fn: LogitsFn, *, vocab_size: int, strategy: str = "vlsi",
                            intermediate_op: str = "kld", last_op: str = "kld", divergence: str = "forward",
                            jsd_beta: float = DEFAULT_JSD_BETA, chunk_size: int = DEFAULT_CHUNK_SIZE, generator: torch.Generator | None = None,
-                           matching_kwargs: dict | None = None, weights: Tensor | None = None) -> InteractionResult:
+                           matching_kwargs: dict | None = None, weights: Tensor | None = None,
+                           labels: Tensor | None = None) -> InteractionResult:
     """Reference implementation with plain autograd over full ``[N, V]`` tensors.
 
     Same arguments and result as :func:`interaction_loss` (``chunk_size`` is ignored). It
@@ -711,9 +742,10 @@ def naive_interaction_loss(student_hidden: Tensor, teacher_hidden: Tensor, stude
     benchmarks.
     """
     del chunk_size
-    _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, 1, jsd_beta)
+    _validate(student_hidden, teacher_hidden, vocab_size, strategy, intermediate_op, last_op, divergence, 1, jsd_beta,
+              labels)
     problem = _Problem(student_hidden, teacher_hidden, student_logits_fn, teacher_logits_fn,
-                       vocab_size, intermediate_op, last_op, divergence, jsd_beta)
+                       vocab_size, intermediate_op, last_op, divergence, jsd_beta, labels)
     if problem.n_tokens == 0:
         return _empty_result(problem)
     needed = _needed(problem, strategy)
@@ -733,9 +765,9 @@ def naive_interaction_loss(student_hidden: Tensor, teacher_hidden: Tensor, stude
         if i not in s_logp:
             s_logp[i] = problem.student_logp(i, student_hidden[i])
         for j, weight, op in terms:
-            if j not in t_logp:
+            if j not in t_logp and op != "ce":  # ce reads the labels, not the teacher
                 t_logp[j] = problem.teacher_logp(j, teacher_hidden[j])
-            mean = pair_loss_logprobs(op, t_logp[j], s_logp[i], divergence, jsd_beta).mean()
+            mean = pair_loss_logprobs(op, t_logp.get(j), s_logp[i], divergence, jsd_beta, labels).mean()
             sums[i, j] = mean.detach().to(torch.float64) * problem.n_tokens
             loss = loss + weight * mean
     return _result(problem, loss, kld, matching, sums)

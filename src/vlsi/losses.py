@@ -15,7 +15,8 @@ With ``P = softmax(teacher)`` and ``Q = softmax(student)``, per token:
 * ``kld`` jsd: the generalised Jensen-Shannon divergence of GKD (Agarwal et al., ICLR 2024)
   with ``M = beta P + (1 - beta) Q``: ``beta KL(P || M) + (1 - beta) KL(Q || M)``; ``beta = 0``
   is forward KL and ``beta = 1`` reverse KL (the convention of TRL's GKD trainer)
-* ``ce``: ``-sum_v P_v log Q_v``  (= forward KL + entropy of P)
+* ``ce``: ``-log Q_{y}``, the autoregressive cross-entropy against the ground-truth next token
+  ``y`` of each response position (the teacher plays no part)
 * ``l2``: ``sum_v (P_v - Q_v)^2``
 
 :func:`chunked_head_ce` is the verbalization and SFT loss: next-token cross-entropy through a
@@ -63,19 +64,14 @@ def _plogp_ratio(p: Tensor, log_p: Tensor, log_q: Tensor) -> Tensor:
     return p * torch.where(p > 0, log_p - log_q, torch.zeros_like(p))
 
 
-def _p_log_q(p: Tensor, log_q: Tensor) -> Tensor:
-    """``p log q`` elementwise, 0 where ``p = 0``."""
-    return p * torch.where(p > 0, log_q, torch.zeros_like(p))
-
-
 def kl_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(P || Q)`` per row from log-probabilities ``[n, V]``; returns ``[n]`` (``0 log 0 = 0``)."""
     return _plogp_ratio(log_p.exp(), log_p, log_q).sum(dim=-1)
 
 
-def ce_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """Soft cross-entropy ``-sum_v P_v log Q_v`` per row from log-probabilities; ``[n]``."""
-    return -_p_log_q(log_p.exp(), log_q).sum(dim=-1)
+def label_ce_logprobs(log_q: Tensor, labels: Tensor) -> Tensor:
+    """``-log Q(y_n)`` per row from log-probabilities ``[n, V]`` and label ids long ``[n]``; ``[n]``."""
+    return -log_q.gather(1, labels.unsqueeze(1)).squeeze(1)
 
 
 def l2_logprobs(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -108,21 +104,28 @@ def jsd_logprobs(log_p: Tensor, log_q: Tensor, beta: float) -> Tensor:
             + (1 - beta) * _plogp_ratio(log_q.exp(), log_q, log_m).sum(dim=-1))
 
 
-def pair_loss_logprobs(op: str, t_logp: Tensor, s_logp: Tensor, divergence: str = "forward",
-                       beta: float = DEFAULT_JSD_BETA) -> Tensor:
+def _need_labels(labels: Tensor | None) -> Tensor:
+    if labels is None:
+        raise ValueError("op 'ce' is the cross-entropy against the ground-truth tokens: pass labels")
+    return labels
+
+
+def pair_loss_logprobs(op: str, t_logp: Tensor | None, s_logp: Tensor, divergence: str = "forward",
+                       beta: float = DEFAULT_JSD_BETA, labels: Tensor | None = None) -> Tensor:
     """Per-token loss ``[n]`` of ``op`` between teacher and student log-probabilities ``[n, V]``.
 
     ``op`` is ``kld`` (forward ``KL(P_t || Q_s)``, reverse ``KL(Q_s || P_t)`` or the JSD of
-    ``beta``, by ``divergence``), ``ce`` or ``l2``; ``none`` is not a loss and raises.
+    ``beta``, by ``divergence``), ``ce`` (``-log Q_s(labels)``, labels long ``[n]``; the teacher
+    is not read and may be ``None``) or ``l2``; ``none`` is not a loss and raises.
     """
     _check_op(op, divergence, beta)
+    if op == "ce":
+        return label_ce_logprobs(s_logp, _need_labels(labels))
     if op == "kld":
         direction = kl_direction(divergence, beta)
         if direction is None:
             return jsd_logprobs(t_logp, s_logp, beta)
         return kl_logprobs(t_logp, s_logp) if direction == "forward" else kl_logprobs(s_logp, t_logp)
-    if op == "ce":
-        return ce_logprobs(t_logp, s_logp)
     if op == "l2":
         return l2_logprobs(t_logp, s_logp)
     raise ValueError("op 'none' has no loss value; skip the term instead")
@@ -135,7 +138,7 @@ def row_dot(a: Tensor, b: Tensor) -> Tensor:
 
 def pair_loss_and_logit_grad(
     op: str,
-    t_logp: Tensor,
+    t_logp: Tensor | None,
     s_logp: Tensor,
     s_prob: Tensor,
     scratch: Tensor,
@@ -143,6 +146,7 @@ def pair_loss_and_logit_grad(
     weight: float = 1.0,
     divergence: str = "forward",
     beta: float = DEFAULT_JSD_BETA,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """Per-token loss ``[n]`` of ``op`` and its gradient w.r.t. the student's logits, in closed form.
 
@@ -151,7 +155,8 @@ def pair_loss_and_logit_grad(
     added to it in place, ``z`` being the student logits (``s_logp = log_softmax(z)``), with
     the softmax Jacobian folded in:
 
-    * ``kld`` forward and ``ce``: ``Q - P`` (both use ``sum_v P_v = 1``);
+    * ``kld`` forward: ``Q - P`` (uses ``sum_v P_v = 1``);
+    * ``ce``: ``Q - onehot(labels)`` (:func:`label_ce_and_logit_grad`; ``t_logp`` is not read);
     * ``kld`` reverse: ``Q * (log Q - log P - L)`` (at the most probable id without cancellation,
       :func:`_add_centered_grad`);
     * ``kld`` jsd: ``(1 - beta) Q * (log Q - log M - KL(Q || M))`` (``dL/dQ = (1 - beta) log(Q / M)``;
@@ -163,10 +168,13 @@ def pair_loss_and_logit_grad(
         s_prob: ``exp(s_logp)`` ``[n, V]``.
         scratch: ``[n, V]`` buffer, overwritten.
         grad: ``[n, V]`` accumulator, or ``None`` for the value only.
+        labels: long ``[n]`` ground-truth ids (op ``ce`` only).
     """
     _check_op(op, divergence, beta)
     if op == "none":
         raise ValueError("op 'none' has no loss value; skip the term instead")
+    if op == "ce":
+        return label_ce_and_logit_grad(s_logp, s_prob, _need_labels(labels), scratch, grad, weight)
     direction = kl_direction(divergence, beta) if op == "kld" else "forward"
     if direction is None:
         return _jsd_and_logit_grad(t_logp, s_logp, s_prob, scratch, grad, weight, beta)
@@ -183,10 +191,33 @@ def pair_loss_and_logit_grad(
         if grad is not None:
             grad.add_(d.sub_(row_dot(s_prob, d).unsqueeze(1)).mul_(s_prob), alpha=2 * weight)
         return loss
-    cross = row_dot(p, s_logp)
-    loss = row_dot(p, t_logp) - cross if op == "kld" else -cross
+    loss = row_dot(p, t_logp) - row_dot(p, s_logp)
     if grad is not None:
         grad.add_(s_prob, alpha=weight).sub_(p, alpha=weight)
+    return loss
+
+
+def label_ce_and_logit_grad(s_logp: Tensor, s_prob: Tensor, labels: Tensor, scratch: Tensor,
+                            grad: Tensor | None = None, weight: float = 1.0) -> Tensor:
+    """``-log Q(y_n)`` per token ``[n]`` and, into ``grad``, ``weight * (Q - onehot(y))``.
+
+    Neither side cancels when the student is confident: with ``r = sum_{u != y} Q_u`` computed
+    from the other ids (:func:`tail_log_mass`), the loss is ``log(1 + r / Q_y)`` (a softplus of
+    ``log r - log Q_y``) and the gradient at ``y`` is ``-r``, not ``Q_y - 1``. A label the
+    student masks (floored log-probability, :func:`finite_floor`) gives a huge finite loss.
+
+    Args:
+        s_logp, s_prob: student log-probabilities and probabilities ``[n, V]`` (``s_logp`` floored).
+        labels: long ``[n]``, ids below ``V``.
+        scratch: ``[n, V]`` buffer, overwritten; grad: ``[n, V]`` accumulator or ``None``.
+    """
+    ids = labels.unsqueeze(1)
+    log_rest, _ = tail_log_mass(s_logp, ids, scratch)
+    x = log_rest - s_logp.gather(1, ids).squeeze(1)
+    loss = x.clamp(min=0) + torch.log1p(torch.exp(-x.abs()))  # softplus without F.softplus's cutoff at x > 20
+    if grad is not None:
+        rest = log_rest.exp().unsqueeze(1).to(scratch.dtype)
+        grad.add_(scratch.copy_(s_prob).scatter_(1, ids, rest.neg_()), alpha=weight)
     return loss
 
 
@@ -222,7 +253,7 @@ def _add_centered_grad(grad: Tensor, s_prob: Tensor, diff: Tensor, mean: Tensor,
     grad.add_(diff, alpha=alpha)
 
 
-SPARSE_OPS = ("kld", "ce")  # ops a top-K teacher supports (forward divergence)
+SPARSE_OPS = ("kld", "ce")  # ops the loss supports with a top-K teacher (forward divergence; ce reads no teacher)
 
 
 def tail_log_mass(s_logp: Tensor, ids: Tensor, scratch: Tensor) -> tuple[Tensor, Tensor]:
@@ -248,14 +279,12 @@ def tail_log_mass(s_logp: Tensor, ids: Tensor, scratch: Tensor) -> tuple[Tensor,
     return sums.log() + m.squeeze(1), sums
 
 
-def sparse_bucket_loss(op: str, t_logp: Tensor, t_tail: Tensor, s_top: Tensor, log_q_tail: Tensor) -> Tensor:
-    """The ``K + 1`` bucket loss per row from the student's log-probabilities on the ids
+def sparse_bucket_kl(t_logp: Tensor, t_tail: Tensor, s_top: Tensor, log_q_tail: Tensor) -> Tensor:
+    """The ``K + 1`` bucket KL per row from the student's log-probabilities on the ids
     (``s_top`` ``[..., K]``) and on the tail (``log_q_tail`` ``[...]``); see
-    :func:`sparse_pair_loss_and_logit_grad`."""
-    p = t_logp.exp()
-    if op == "kld":  # one sum of p (log p - log q): no cancellation of two sums of size ~log V
-        return _plogp_ratio(p, t_logp, s_top).sum(dim=-1) + _plogp_ratio(t_tail, t_tail.log(), log_q_tail)
-    return -_p_log_q(p, s_top).sum(dim=-1) - _p_log_q(t_tail, log_q_tail)
+    :func:`sparse_pair_loss_and_logit_grad`. One sum of ``p (log p - log q)``: no cancellation of
+    two sums of size ``~log V``."""
+    return _plogp_ratio(t_logp.exp(), t_logp, s_top).sum(dim=-1) + _plogp_ratio(t_tail, t_tail.log(), log_q_tail)
 
 
 def sparse_pair_loss_and_logit_grad(
@@ -269,18 +298,14 @@ def sparse_pair_loss_and_logit_grad(
     grad: Tensor | None = None,
     weight: float = 1.0,
 ) -> Tensor:
-    """Per-token loss ``[n]`` against a top-K teacher, and its gradient w.r.t. the student logits.
+    """Per-token ``kld`` ``[n]`` against a top-K teacher, and its gradient w.r.t. the student logits.
 
     The teacher is known on ``K`` ids per token (``t_logp``) plus the mass of all other ids
     together (``t_tail``); the student is bucketed the same way: its log-probabilities on those
     ids and ``log q_tail``, the log-sum-exp of its log-probabilities outside them
-    (:func:`tail_log_mass`). Over these ``K + 1`` buckets:
-
-    * ``kld``: ``sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail)``;
-    * ``ce``: ``-sum_k p_k log q_k - p_tail log q_tail``;
-
-    with ``0 log 0 = 0`` for teacher buckets of probability 0 (masked ids, or log-probabilities
-    stored as ``-inf``).
+    (:func:`tail_log_mass`). Over these ``K + 1`` buckets,
+    ``sum_k p_k (log p_k - log q_k) + p_tail (log p_tail - log q_tail)``, with ``0 log 0 = 0``
+    for teacher buckets of probability 0 (masked ids, or log-probabilities stored as ``-inf``).
 
     Bias: this is the KL of the two bucketed distributions, which by the log-sum inequality is
     at most the full ``KL(P || Q)``; the gap is the disagreement of ``P`` and ``Q`` *within*
@@ -288,7 +313,7 @@ def sparse_pair_loss_and_logit_grad(
 
     Gradient, exact for the stored buckets whatever their sum ``s = sum_k p_k + p_tail``
     (float16 storage rounds it away from 1): ``s q_u - p_u`` on the ``K`` ids and
-    ``s q_u - p_tail q_u / q_tail`` elsewhere, for both ops; ``q_u / q_tail`` is taken from
+    ``s q_u - p_tail q_u / q_tail`` elsewhere; ``q_u / q_tail`` is taken from
     :func:`tail_log_mass`, so nothing cancels when the student is confident.
 
     Args:
@@ -296,11 +321,11 @@ def sparse_pair_loss_and_logit_grad(
         s_logp, s_prob: student log-probabilities and probabilities ``[n, V]``.
         scratch: ``[n, V]`` buffer, overwritten; grad: ``[n, V]`` accumulator or ``None``.
     """
-    if op not in SPARSE_OPS:
-        raise ValueError(f"a top-K teacher supports the ops {', '.join(SPARSE_OPS)}, not {op!r}")
+    if op != "kld":
+        raise ValueError(f"the bucketed loss is kld only, not {op!r} (ce reads no teacher: label_ce_and_logit_grad)")
     s_top = s_logp.gather(1, ids)
     log_q_tail, tail_sums = tail_log_mass(s_logp, ids, scratch)
-    loss = sparse_bucket_loss(op, t_logp, t_tail, s_top, log_q_tail)
+    loss = sparse_bucket_kl(t_logp, t_tail, s_top, log_q_tail)
     if grad is not None:
         p = t_logp.exp()
         total = p.sum(dim=-1) + t_tail

@@ -202,6 +202,14 @@ def gather_positions(x: Tensor, index: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, index)
 
 
+def response_labels(labels: Tensor, positions: Tensor) -> Tensor:
+    """Ground-truth next token of each compared position: long ``[N]`` in the order of
+    :meth:`VerbalizerSet.response_inputs`, ``labels[b, p + 1]`` for each true ``positions[b, p]``
+    (labels ``[B, T]``, positions bool ``[B, T]`` from :func:`prediction_positions`)."""
+    shifted = torch.roll(labels, -1, dims=1)  # the wrapped last column is never a compared position
+    return gather_positions(shifted.unsqueeze(-1), position_index(positions)).squeeze(-1)
+
+
 class VerbalizerSet(nn.Module):
     """Verbalizers for the target layers of one backbone.
 

@@ -244,6 +244,40 @@ def test_llava_onevision_with_gradient_accumulation(tiny_pair, verbalizers, data
     assert sum(map(sum, matches["counts"])) == 2 * 2 * len(STUDENT_LAYERS)
 
 
+def test_ce_ops_train_on_the_ground_truth_tokens(tiny_pair, verbalizers, data_file, tmp_path):
+    """With ce / ce the loss gets the batch's next tokens: on the first micro-batch (LoRA B = 0,
+    the student as loaded) its last-layer term is the student's ordinary next-token loss."""
+    pair = tiny_pair("qwen2_vl")
+    cfg = make_config(pair, data_file, max_steps=1)
+    cfg.interaction = InteractionConfig(chunk_size=16, intermediate_op="ce", last_op="ce")
+    seen: list = []
+    real_loss = interact.interaction_loss
+
+    def spy(*args, **kwargs):
+        result = real_loss(*args, **kwargs)
+        seen.append((kwargs["labels"], kwargs["vocab_size"], result))
+        return result
+
+    class Keeping(interact.InteractTrainer):
+        def compute_loss(self, model, inputs, **kwargs):
+            seen.append(dict(inputs))
+            return super().compute_loss(model, inputs, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(interact, "interaction_loss", spy)
+        mp.setattr(interact, "InteractTrainer", Keeping)
+        run_interact(cfg, tmp_path / "interact", teacher_verbalizers=verbalizers("qwen2_vl")[0],
+                     student_verbalizers=verbalizers("qwen2_vl")[1])
+    inputs, (labels, vocab, result) = seen[0], seen[1]
+    assert torch.equal(labels, inputs["labels"][:, 1:][inputs["labels"][:, 1:] != -100])
+    student = load_backbone(pair.student)
+    with torch.no_grad():
+        logits = student.model(**student.model_inputs(inputs)).logits[:, :-1, :vocab].float()
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), inputs["labels"][:, 1:].flatten())
+    assert result.last_loss == pytest.approx(float(expected), rel=1e-4)
+    assert (result.pair_losses[result.weights > 0] > 0).all()
+
+
 # -- one-line errors ---------------------------------------------------------------------------
 
 

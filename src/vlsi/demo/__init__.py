@@ -16,8 +16,11 @@
    matching, SFT) (:mod:`vlsi.demo.pipeline`);
 4. evaluates every row on the held-out split with greedy generation (beam search for VLsI
    without SFT too; :mod:`vlsi.evaluate`);
-5. writes ``report.html`` (self-contained), ``report.md`` and ``metrics.json`` into ``OUT``
-   (:mod:`vlsi.demo.report`), with the paired per-seed differences and the verdict.
+5. measures what the distillation targets hold beyond the labels, with the first seed's teacher
+   verbalizers (:mod:`vlsi.demo.regime`, ``OUT/regime.json``);
+6. writes ``report.html`` (self-contained), ``report.md`` and ``metrics.json`` into ``OUT``
+   (:mod:`vlsi.demo.report`), with the paired per-seed differences, the ``regime`` numbers and
+   the verdict.
 
 The seeds vary the distillation (LoRA initialisation, data order, matching draws), not the
 pretrained pair. ``--teacher-map`` also runs VLsI from the weaker teachers saved during the
@@ -114,7 +117,10 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
              command: str | None = None, teacher_map: bool = False,
              regime: str = DEFAULT_REGIME, label_noise: float = 0.0) -> dict[str, Any]:
     """Run the demo into ``out`` and return its metrics (see the module docstring)."""
-    from vlsi.demo.pipeline import FIXED_ROWS, evaluate_model, run_map_point, run_seed
+    from vlsi.config import load_config
+    from vlsi.demo.pipeline import FIXED_ROWS, distillation_data, evaluate_model, run_map_point, run_seed
+    from vlsi.demo.regime import demo_regime
+    from vlsi.stages.distill import layout
     from vlsi.demo.report import verdicts, write_report
     from vlsi.demo.workers import run_all, threads_per_worker, torch_threads
 
@@ -132,6 +138,13 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     seed_list = list(range(seed, seed + seeds))
     results = run_all(run_seed, [(recipe, out, data_dir, pair, items, s, _say) for s in seed_list],
                       recipe.workers)
+    first_config = results[0]["config"]
+    # the first records of the distillation data (whose first records are train.json's), in a
+    # file of their own, so that the rest of train.json is not scanned here
+    measured = min(recipe.regime_samples, recipe.distill_samples or recipe.regime_samples)
+    _say(f"measuring the targets' information on {measured} distillation samples")
+    regime = demo_regime(out, first_config, layout(load_config(first_config)).teacher_verbalize,
+                         measured, distillation_data(data_dir, measured))
     strengths = []
     if teacher_map:
         steps = sorted(int(k) for k in pair.meta["teacher_snapshots"])
@@ -145,7 +158,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
              "pair": {"dir": str(pair.root), "shipped": pair.shipped, "meta": pair.meta},
              "command": command or " ".join(["vlsi", *sys.argv[1:]]),
              "num_eval": len(items), "wall_seconds": round(time.perf_counter() - start, 1)}
-    metrics = write_report(out, fixed, results, setup, strengths)
+    metrics = write_report(out, fixed, results, setup, strengths, regime)
     _say("")
     for line in _summary(metrics):
         _say(line)

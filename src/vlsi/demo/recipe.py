@@ -99,6 +99,7 @@ class DemoRecipe:
     max_new_tokens: int = 8   # answers are one digit
     workers: int = 2          # seeds run side by side, one torch thread each (vlsi.demo.workers)
     eval_samples: int | None = None  # None: the whole held-out split
+    regime_samples: int = 512  # distillation samples the targets' information is measured on (vlsi.demo.regime)
 
     @property
     def pretraining(self) -> dict[str, Any]:

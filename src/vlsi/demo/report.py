@@ -27,6 +27,7 @@ from vlsi import __version__
 from vlsi.demo.charts import line_chart
 from vlsi.demo.pipeline import FIXED_ROWS, ON_POLICY_SHARE, ROWS, SEED_ROWS
 from vlsi.demo.pretrain import curve_measure
+from vlsi.demo.regime import regime_line, regime_rows
 from vlsi.layer_view import LayerResponses, html_page, html_panel, markdown_panel
 
 COMPARISONS = (("sft_only", "SFT-only"), ("llkd", "last-layer KD"))
@@ -389,15 +390,24 @@ def map_svg(points: list[dict[str, Any]]) -> str:
                       title="VLsI minus SFT-only against teacher strength")
 
 
+REGIME_TITLE = "## Information in the targets (teacher distributions on distillation response tokens)"
+
+
 def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[str, Any]],
-                 setup: dict[str, Any], strengths: list[list[dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """Write ``metrics.json``, ``report.md`` and ``report.html`` into ``out``; return the metrics."""
+                 setup: dict[str, Any], strengths: list[list[dict[str, Any]]] | None = None,
+                 regime: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``metrics.json``, ``report.md`` and ``report.html`` into ``out``; return the metrics.
+
+    ``regime``: :func:`vlsi.demo.regime.measure_regime`'s numbers (``metrics["regime"]``).
+    """
     from PIL import Image
 
     agg = aggregate(fixed, seeds)
     points = teacher_map(agg, strengths) if strengths else None
     if points:
         agg["teacher_map"] = points
+    if regime is not None:
+        agg["regime"] = regime
     first = seeds[0]
     curves = setup["pair"]["meta"]["curves"]
     measure = curve_measure(setup["recipe"]["task"]["categories"])
@@ -414,6 +424,8 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
            _md_table(*times)]
     md += ["## Results (held-out split, accuracy %; paper Table 4(b) layout)", "", _md_table(*results_table(agg))]
     md += ["## Paired differences (percentage points)", "", _md_table(*paired_table(agg))]
+    if regime is not None:
+        md += [REGIME_TITLE, "", regime_line(regime), "", _md_table(*regime_rows(regime))]
     if points:
         md += ["## Teacher strength map (VLsI minus SFT-only against the teacher-student gap)", "",
                _md_table(*map_rows(points))]
@@ -446,6 +458,8 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
              "<h2>Results (held-out split, accuracy %; paper Table 4(b) layout)</h2>",
              _html_table(*results_table(agg)),
              "<h2>Paired differences (percentage points)</h2>", _html_table(*paired_table(agg)),
+             *([f"<h2>{html.escape(REGIME_TITLE[3:])}</h2>", f"<p>{html.escape(regime_line(regime))}</p>",
+                _html_table(*regime_rows(regime))] if regime is not None else []),
              *(["<h2>Teacher strength map (VLsI minus SFT-only against the teacher-student gap)</h2>",
                 map_svg(points), _html_table(*map_rows(points))] if points else []),
              "<h2>Setup</h2>", _html_table(*recipe),

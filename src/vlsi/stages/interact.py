@@ -11,7 +11,9 @@ layers match the teacher's. Per micro-batch:
    (:meth:`VerbalizerSet.response_inputs`);
 3. :func:`vlsi.interaction.interaction_loss` scores ``KLD[i, j]``, selects pairs with the
    configured matching strategy and returns ``sum W[i, j] OP(P_j, Q_i) + LL(last layers)``, in two
-   chunked passes whose memory does not grow with the number of response tokens.
+   chunked passes whose memory does not grow with the number of response tokens. With a ``ce``
+   op the ground-truth next tokens of the response positions (:func:`vlsi.verbalizer.response_labels`)
+   are passed as its labels.
 
 No next-token loss in this step. Teacher, both verbalizer sets, the student's vision encoder,
 projector, final norm and LM head are frozen; only the LoRA weights train. The teacher sits
@@ -66,7 +68,8 @@ from vlsi.stages.cache_teacher import expected_manifest
 from vlsi.stages.callbacks import MeanMetrics
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
 from vlsi.teacher_cache import CacheError, KeyedCollator, TeacherCache, sample_key
-from vlsi.verbalizer import VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions
+from vlsi.verbalizer import (VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions,
+                             response_labels)
 
 MATCHES_LOG = "matches.jsonl"
 GENERATIONS_LOG = "generations.jsonl"  # on-policy micro-batches: the first responses of each logging window
@@ -251,6 +254,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         s_stack, s_fn = self.student_verbalizers.response_inputs(s_out.hidden_states, positions, s_ctx)
 
         cfg = self.interaction
+        labels = response_labels(inputs["labels"], positions) if "ce" in (cfg.intermediate_op, cfg.last_op) else None
         heads, roots = [self.student.final_norm, self.student.lm_head], (model,)
         if self.teacher is not None:
             heads, roots = heads + [self.teacher.final_norm, self.teacher.lm_head], (model, self.teacher_model)
@@ -268,6 +272,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                 generator=self._matching_generator() if model.training else None,
                 matching_kwargs=dict(scale=cfg.scale, eps=cfg.eps, k=cfg.k, temperature=cfg.temperature,
                                      temperature_rule=cfg.temperature_rule),
+                labels=labels,
             )
             loss_seconds = self._clock() - clock
         if model.training:
