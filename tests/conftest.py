@@ -6,7 +6,8 @@ Shared runs: ``distilled`` (one uninterrupted ``vlsi distill`` on the tiny pair)
 that only read their outputs read them, the tests that change them work on a copy
 (``distilled.copy(path)``).
 
-Tiers: tests marked ``slow`` run only in ``make test-all`` (see the README's Tests section)."""
+Tiers: tests marked ``slow`` run only in ``make test-slow`` and ``make test-all`` (the README's
+Tests section). Under ``VLSI_NO_SKIP=1`` (CI, .ci/run) a skipped test fails the run."""
 
 from __future__ import annotations
 
@@ -27,6 +28,19 @@ from helpers import DISTILL_SETTINGS, MISSING_IMAGE, REPO, RESUME_KILL_POINTS, T
 from vlsi.config import RunConfig, load_config
 from vlsi.data.synthetic import SyntheticConfig, generate_dataset
 from vlsi.tiny import TinyPair, save_tiny_pair
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """``VLSI_NO_SKIP=1``: a run that passed but skipped a test fails (CI runs every test)."""
+    if os.environ.get("VLSI_NO_SKIP") != "1" or exitstatus != 0:
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = [r for r in (reporter.stats.get("skipped", []) if reporter else []) if not hasattr(r, "wasxfail")]
+    if skipped:
+        reporter.write_line(f"\nVLSI_NO_SKIP=1 and {len(skipped)} test(s) skipped: "
+                            + "; ".join(f"{r.nodeid} ({r.longrepr[2] if isinstance(r.longrepr, tuple) else r.longrepr})"
+                                        for r in skipped), red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
