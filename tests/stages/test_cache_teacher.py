@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, TINY_CONFIG, free_port
+from helpers import REPO, TINY_CONFIG, free_port, one_line
 from vlsi.errors import VlsiError
 from vlsi.teacher_cache import MANIFEST, CacheError, TeacherCache
 
@@ -163,9 +163,10 @@ def _losses(step_dir: Path) -> list[list[float]]:
 
 
 def test_with_a_complete_cache_interact_and_distill_need_no_teacher_weights(tmp_path, tiny_pair, tiny_overrides,
-                                                                            set_args, run_cli):
+                                                                            set_args, run_cli, cli):
     """The teacher's *.safetensors removed after caching: `vlsi interact --teacher-cache` and
-    `vlsi distill` run on its config.json and tokenizer, with the teacher's identity of before."""
+    `vlsi distill` run on its config.json and tokenizer, with the teacher's identity of before.
+    (The verbalizers are trained and the refusals checked in this process.)"""
     from vlsi.fingerprint import model_identity
 
     teacher, run, cache = tmp_path / "teacher", tmp_path / "run", tmp_path / "cache"
@@ -173,7 +174,7 @@ def test_with_a_complete_cache_interact_and_distill_need_no_teacher_weights(tmp_
     k = {"interaction.teacher_cache_top_k": 8}
     overrides = tiny_overrides(run, **STEPS, **k, teacher=str(teacher), **{"interaction.teacher_cache": str(cache)})
     for role in ("teacher", "student"):
-        done = run_cli("verbalize", str(TINY_CONFIG), "--role", role, *set_args(overrides))
+        done = cli("verbalize", TINY_CONFIG, "--role", role, *set_args(overrides))
         assert done.returncode == 0, done.stderr[-3000:]
     made = run_cli("cache-teacher", str(TINY_CONFIG), *set_args(overrides), "--top-k", "8")
     assert made.returncode == 0, made.stderr[-3000:]
@@ -196,15 +197,13 @@ def test_with_a_complete_cache_interact_and_distill_need_no_teacher_weights(tmp_
 
     cache_manifest = json.loads((cache / MANIFEST).read_text())
     (cache / MANIFEST).write_text(json.dumps({**cache_manifest, "complete": False}))
-    refused = run_cli("interact", str(TINY_CONFIG), *set_args(overrides), "--out", str(tmp_path / "again"))
-    assert refused.returncode == 2 and "no *.safetensors weights, and the teacher cache" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    refused = cli("interact", TINY_CONFIG, *set_args(overrides), "--out", tmp_path / "again")
+    assert refused.returncode == 2 and "no *.safetensors weights, and the teacher cache" in one_line(refused.stderr)
 
     (cache / MANIFEST).write_text(json.dumps(cache_manifest))
     shutil.rmtree(run / "1-teacher-verbalize")  # a step that runs the teacher: refused before anything runs
-    refused = run_cli("distill", str(TINY_CONFIG), *set_args(overrides))
-    assert refused.returncode == 2 and "which the unfinished teacher verbalization step needs" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    refused = cli("distill", TINY_CONFIG, *set_args(overrides))
+    assert refused.returncode == 2 and "which the unfinished teacher verbalization step needs" in one_line(refused.stderr)
 
 
 def test_data_loader_workers_log_the_losses_of_the_training_process(tmp_path, verbalized, cache8, student_verbalizers,
