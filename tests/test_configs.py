@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO
 from vlsi.config import load_config
 from vlsi.families import FAMILIES
 from vlsi.verbalizer import validate_target_layers
 
-REPO = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
 

@@ -6,12 +6,11 @@ import importlib.util
 import math
 import re
 import tempfile
-from pathlib import Path
 
+from helpers import REPO
 from vlsi.cli import main as vlsi_main
 from vlsi.data.check import check_data, check_structure
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 RECORD = EXAMPLES / "sample_record.json"
 

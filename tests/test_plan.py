@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers import REPO
 from vlsi.cli import main
 from vlsi.config import load_config
 from vlsi.errors import VlsiError
 from vlsi.plan import Setup, parse_memory, plan_steps, run_plan, shape_from_checkpoint, shape_from_name
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_parse_memory():
@@ -81,7 +78,6 @@ def test_checkpointing_chunk_and_batch_move_their_own_parts():
     shrink = interact().parts["loss working set"] - interact(chunk_size=128).parts["loss working set"]
     assert shrink == (t_s + 4) * 128 * 151936 * 4  # the (t_s + 4) x chunk x V float32 buffers
     assert interact(batch={"verbalize": 1, "interact": 2, "sft": 1}).total > interact().total
-
 
 
 def _steps(teacher, student, **change) -> dict:

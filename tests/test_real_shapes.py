@@ -9,16 +9,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import REPO, TINY_CONFIG
 from vlsi.real_shapes import real_shape_config, save_real_shape_pair
 from vlsi.tiny import build_tiny_tokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-TINY_CONFIG = REPO / "configs" / "tiny-qwen2vl.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import REPO, TINY_CONFIG, free_port, one_line
 from vlsi.errors import VlsiError
 from vlsi.teacher_cache import MANIFEST, CacheError, TeacherCache
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "tiny-qwen2vl.yaml"
 STEPS = {"training.max_steps": 2, "training.per_device_train_batch_size": 2, "training.gradient_accumulation_steps": 1}
 
 
@@ -31,21 +30,35 @@ def _cache(run_cli, set_args, overrides, out: Path, *extra: str):
     return run_cli("cache-teacher", str(TINY_CONFIG), *set_args(overrides), "--out", str(out), *extra)
 
 
+@pytest.fixture(scope="module")
+def cache8(tmp_path_factory, verbalized, tiny_overrides, set_args, run_cli) -> Path:
+    """The teacher cache of ``verbalized`` at K = 8, 4 samples per shard (read it; copy to change it)."""
+    out = tmp_path_factory.mktemp("cache8") / "cache"
+    done = _cache(run_cli, set_args, tiny_overrides(verbalized, **STEPS), out, "--top-k", "8", "--samples-per-shard", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def student_verbalizers(tmp_path_factory, verbalized, tiny_overrides, set_args, run_cli) -> Path:
+    out = tmp_path_factory.mktemp("student_verbalizers") / "student-verbalizers"
+    made = run_cli("verbalize", str(TINY_CONFIG), "--role", "student", *set_args(tiny_overrides(verbalized, **STEPS)),
+                   "--out", str(out))
+    assert made.returncode == 0, made.stderr[-3000:]
+    return out
+
+
 def _files(root: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(root.iterdir())}
 
 
-def test_killed_mid_shard_then_rerun_writes_the_same_cache(tmp_path, verbalized, tiny_overrides, set_args,
-                                                           run_cli, cli_env):
+def test_killed_mid_shard_then_rerun_writes_the_same_cache(tmp_path, verbalized, cache8, tiny_overrides, set_args,
+                                                           run_cli):
     overrides = tiny_overrides(verbalized, **STEPS)
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = _cache(run_cli, set_args, overrides, whole, "--top-k", "8", "--samples-per-shard", "4")
-    assert done.returncode == 0, done.stderr[-3000:]
-    cli_env["VLSI_KILL_AT"] = "cache-teacher:samples:6"  # shard 0 written, shard 1 half full
-    try:
-        proc = _cache(run_cli, set_args, overrides, killed, "--top-k", "8", "--samples-per-shard", "4")
-    finally:
-        del cli_env["VLSI_KILL_AT"]
+    whole, killed = cache8, tmp_path / "killed"
+    # killed with shard 0 written and shard 1 half full
+    proc = run_cli("cache-teacher", str(TINY_CONFIG), *set_args(overrides), "--out", str(killed), "--top-k", "8",
+                   "--samples-per-shard", "4", env={"VLSI_KILL_AT": "cache-teacher:samples:6"})
     assert proc.returncode == -signal.SIGKILL
     assert sorted(p.name for p in killed.glob("shard-*")) == ["shard-00-00000.safetensors"]
     assert not json.loads((killed / MANIFEST).read_text())["complete"]
@@ -94,15 +107,12 @@ def test_distill_with_the_cache_and_k_equal_v_reproduces_the_online_step(tmp_pat
     assert (cached_dir / "4-sft" / "model" / "model.safetensors").is_file()
 
 
-def test_refusals_are_one_line(tmp_path, verbalized, tiny_overrides, tiny_config, set_args, run_cli, synth_dir):
+def test_refusals_are_one_line(tmp_path, verbalized, cache8, student_verbalizers, tiny_overrides, tiny_config,
+                               synth_dir):
     from vlsi.stages.interact import run_interact
+    from vlsi.stages.verbalize import run_verbalize
 
-    overrides = tiny_overrides(verbalized, **STEPS)
-    cache = tmp_path / "cache"
-    assert _cache(run_cli, set_args, overrides, cache, "--top-k", "8", "--samples-per-shard", "4").returncode == 0
-    student = tmp_path / "student-verbalizers"
-    made = run_cli("verbalize", str(TINY_CONFIG), "--role", "student", *set_args(overrides), "--out", str(student))
-    assert made.returncode == 0, made.stderr[-3000:]
+    cache, student = cache8, student_verbalizers
 
     def refusal(cache_dir: Path, teacher: Path | None = None, **more) -> str:
         cfg = tiny_config(verbalized, **STEPS, **{"interaction.teacher_cache": str(cache_dir),
@@ -116,9 +126,8 @@ def test_refusals_are_one_line(tmp_path, verbalized, tiny_overrides, tiny_config
     assert "other data" in refusal(cache, **{"data.train": [str(synth_dir / "eval.json")]})
     assert "other data" in refusal(cache, **{"data.max_pixels": 56 * 56})  # image bounds
     assert "another K than this run (8 vs 4 asked)" in refusal(cache, **{"interaction.teacher_cache_top_k": 4})
-    other = tmp_path / "other-teacher-verbalizers"
-    assert run_cli("verbalize", str(TINY_CONFIG), "--role", "teacher", "--out", str(other),
-                   *set_args(tiny_overrides(verbalized, **{**STEPS, "training.max_steps": 1}))).returncode == 0
+    other = tmp_path / "other-teacher-verbalizers"  # one step: other verbalizers
+    assert run_verbalize(tiny_config(verbalized, **{**STEPS, "training.max_steps": 1}), "teacher", other) == other
     assert "other teacher verbalizers" in refusal(cache, teacher=other)
 
     lacking = tmp_path / "lacking"
@@ -154,9 +163,10 @@ def _losses(step_dir: Path) -> list[list[float]]:
 
 
 def test_with_a_complete_cache_interact_and_distill_need_no_teacher_weights(tmp_path, tiny_pair, tiny_overrides,
-                                                                            set_args, run_cli):
+                                                                            set_args, run_cli, cli):
     """The teacher's *.safetensors removed after caching: `vlsi interact --teacher-cache` and
-    `vlsi distill` run on its config.json and tokenizer, with the teacher's identity of before."""
+    `vlsi distill` run on its config.json and tokenizer, with the teacher's identity of before.
+    (The verbalizers are trained and the refusals checked in this process.)"""
     from vlsi.fingerprint import model_identity
 
     teacher, run, cache = tmp_path / "teacher", tmp_path / "run", tmp_path / "cache"
@@ -164,7 +174,7 @@ def test_with_a_complete_cache_interact_and_distill_need_no_teacher_weights(tmp_
     k = {"interaction.teacher_cache_top_k": 8}
     overrides = tiny_overrides(run, **STEPS, **k, teacher=str(teacher), **{"interaction.teacher_cache": str(cache)})
     for role in ("teacher", "student"):
-        done = run_cli("verbalize", str(TINY_CONFIG), "--role", role, *set_args(overrides))
+        done = cli("verbalize", TINY_CONFIG, "--role", role, *set_args(overrides))
         assert done.returncode == 0, done.stderr[-3000:]
     made = run_cli("cache-teacher", str(TINY_CONFIG), *set_args(overrides), "--top-k", "8")
     assert made.returncode == 0, made.stderr[-3000:]
@@ -187,25 +197,20 @@ def test_with_a_complete_cache_interact_and_distill_need_no_teacher_weights(tmp_
 
     cache_manifest = json.loads((cache / MANIFEST).read_text())
     (cache / MANIFEST).write_text(json.dumps({**cache_manifest, "complete": False}))
-    refused = run_cli("interact", str(TINY_CONFIG), *set_args(overrides), "--out", str(tmp_path / "again"))
-    assert refused.returncode == 2 and "no *.safetensors weights, and the teacher cache" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    refused = cli("interact", TINY_CONFIG, *set_args(overrides), "--out", tmp_path / "again")
+    assert refused.returncode == 2 and "no *.safetensors weights, and the teacher cache" in one_line(refused.stderr)
 
     (cache / MANIFEST).write_text(json.dumps(cache_manifest))
     shutil.rmtree(run / "1-teacher-verbalize")  # a step that runs the teacher: refused before anything runs
-    refused = run_cli("distill", str(TINY_CONFIG), *set_args(overrides))
-    assert refused.returncode == 2 and "which the unfinished teacher verbalization step needs" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    refused = cli("distill", TINY_CONFIG, *set_args(overrides))
+    assert refused.returncode == 2 and "which the unfinished teacher verbalization step needs" in one_line(refused.stderr)
 
 
-def test_data_loader_workers_log_the_losses_of_the_training_process(tmp_path, verbalized, tiny_overrides, set_args,
-                                                                     run_cli):
+def test_data_loader_workers_log_the_losses_of_the_training_process(tmp_path, verbalized, cache8, student_verbalizers,
+                                                                     tiny_overrides, set_args, run_cli):
     """The cache read in 2 data-loader workers: the same logged losses as read by the training process."""
-    cache, student = tmp_path / "cache", tmp_path / "student-verbalizers"
+    cache, student = cache8, student_verbalizers
     overrides = tiny_overrides(verbalized, **STEPS, **{"interaction.teacher_cache_top_k": 8})
-    assert _cache(run_cli, set_args, overrides, cache, "--top-k", "8").returncode == 0
-    made = run_cli("verbalize", str(TINY_CONFIG), "--role", "student", *set_args(overrides), "--out", str(student))
-    assert made.returncode == 0, made.stderr[-3000:]
     logged = {}
     for workers in (0, 2):
         out = tmp_path / f"interact-{workers}"
@@ -263,22 +268,18 @@ def test_two_processes_shard_the_teacher_and_write_what_one_process_writes(tmp_p
                                                                           set_args, run_cli, cli_env):
     """``accelerate launch --multi_gpu --num_processes 2`` on the CPU (gloo): the FSDP2-sharded teacher
     gives every sample the same top-K as the whole teacher in one process."""
-    import socket
     import subprocess
     import sys
 
     import torch
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = free.getsockname()[1]
     overrides = set_args(tiny_overrides(verbalized, **STEPS))
     one, two = tmp_path / "one", tmp_path / "two"
     done = _cache(run_cli, set_args, tiny_overrides(verbalized, **STEPS), one, "--top-k", "8")
     assert done.returncode == 0, done.stderr[-3000:]
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), "-m", "vlsi.cli", "cache-teacher", str(TINY_CONFIG),
+               "--main_process_port", str(free_port()), "-m", "vlsi.cli", "cache-teacher", str(TINY_CONFIG),
                *overrides, "--out", str(two), "--top-k", "8"]
     proc = subprocess.run(command, cwd=REPO, env=cli_env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

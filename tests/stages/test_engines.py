@@ -29,7 +29,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -38,15 +37,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import REPO, STEPS, TINY_CONFIG, WEIGHTS, free_port
 from vlsi.backbones import checkpoint_dir
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "tiny-qwen2vl.yaml"
 FSDP_SHIM = Path(__file__).with_name("fsdp_on_cpu.py")
-STEPS = ("1-teacher-verbalize", "2-student-verbalize", "3-interact", "4-sft")
-WEIGHTS = ("1-teacher-verbalize/verbalizers.safetensors", "2-student-verbalize/verbalizers.safetensors",
-           "3-interact/adapter/adapter_model.safetensors", "4-sft/adapter/adapter_model.safetensors",
-           "4-sft/model/model.safetensors")
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
 
 # engine -> (accelerate config, script or module, kill points of the launches before the last)
@@ -60,12 +54,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(torch.cuda.is_available(), reason="runs two processes on the CPU; with CUDA they would need 2 GPUs"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _settings(tiny_overrides, set_args, out: Path, accumulate: int) -> list[str]:
@@ -98,7 +86,7 @@ def _launch(engine: str, out: Path, settings: list[str], env: dict[str, str], ki
     command = [sys.executable, "-m", "accelerate.commands.launch",
                "--config_file", str(REPO / "accelerate_configs" / config), "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), *target, "distill", str(TINY_CONFIG), *settings]
+               "--main_process_port", str(free_port()), *target, "distill", str(TINY_CONFIG), *settings]
     env = {**env, "VLSI_KILL_AT": kill or ""}
     proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)

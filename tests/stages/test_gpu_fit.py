@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import TrainingArguments
 
+from helpers import REPO, free_port
 from vlsi.config import load_config
 from vlsi.errors import VlsiError
 from vlsi.plan import STEPS, USABLE_FRACTION, gb, plan_step, setup_from_config, shape_from_name
 from vlsi.preflight import check_gpu_memory, check_run, launch_engine
 
-REPO = Path(__file__).resolve().parents[2]
 GPU = 80 * 10**9
 
 
@@ -116,14 +115,6 @@ def test_check_run_and_the_verbalize_step_refuse_before_loading(monkeypatch, tmp
 torch.set_num_threads(1)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_the_plan_builds_its_meta_models_inside_a_zero3_launch(monkeypatch, tmp_path, tiny_pair):
     """A ZeRO-3 launch's TrainingArguments make transformers build every model inside
     ``deepspeed.zero.Init``, which cannot initialise meta tensors: the GPU memory check of
@@ -136,7 +127,7 @@ def test_the_plan_builds_its_meta_models_inside_a_zero3_launch(monkeypatch, tmp_
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():  # a one-process launch's environment
+                           MASTER_PORT=str(free_port())).items():  # a one-process launch's environment
         monkeypatch.setenv(key, value)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     try:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers.utils import logging
 
+from helpers import REPO, TINY_CONFIG, free_port
 from vlsi.backbones import load_backbone
 from vlsi.config import ConfigError
 from vlsi.on_policy import longest_response, on_policy_draw
@@ -101,23 +102,18 @@ def test_teacher_cache_with_on_policy_is_a_one_line_refusal(tiny_config, tmp_pat
 
 
 @pytest.mark.slow
-def test_killed_mid_step_and_resumed_equals_uninterrupted(tmp_path, tiny_overrides, set_args, run_cli, cli_env,
-                                                          verbalizers):
+def test_killed_mid_step_and_resumed_equals_uninterrupted(tmp_path, tiny_overrides, set_args, run_cli, verbalizers):
     """SIGKILL inside interaction step 2 (after checkpoint-1), then ``--resume``: same generated
     tokens, same weights as an uninterrupted run."""
     more = {**STEPS, "interaction.on_policy": 1.0, "interaction.generation.max_new_tokens": 5}
     outs = {}
     for name, kill in (("reference", None), ("killed", "interact:step:2")):
         out = tmp_path / name
-        args = ["interact", str(Path(__file__).resolve().parents[2] / "configs" / "tiny-qwen2vl.yaml"),
+        args = ["interact", str(TINY_CONFIG),
                 "--teacher-verbalizers", str(verbalizers["teacher"]), "--student-verbalizers",
                 str(verbalizers["student"]), "--out", str(out), *set_args(tiny_overrides(tmp_path / "cfg", **more))]
         if kill:
-            cli_env["VLSI_KILL_AT"] = kill
-            try:
-                proc = run_cli(*args, timeout=300)
-            finally:
-                del cli_env["VLSI_KILL_AT"]
+            proc = run_cli(*args, env={"VLSI_KILL_AT": kill})
             assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
             assert (out / "checkpoint-1").is_dir() and not (out / "step_complete.json").exists()
             args.append("--resume")
@@ -131,8 +127,6 @@ def test_killed_mid_step_and_resumed_equals_uninterrupted(tmp_path, tiny_overrid
 
 # -- several processes --------------------------------------------------------------------------
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "tiny-qwen2vl.yaml"
 LAUNCHERS = {  # engine -> launcher arguments before the module or script
     "ddp": ["--multi_gpu"],
     "zero3": ["--config_file", str(REPO / "accelerate_configs" / "deepspeed_zero3.yaml")],
@@ -149,17 +143,13 @@ def _interact_args(out: Path, verbalizers, settings: list[str]) -> list[str]:
 
 
 def _launch_two(engine: str, args: list[str], env: dict[str, str]):
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     target = [str(Path(__file__).with_name("fsdp_on_cpu.py"))] if engine == "fsdp2" else ["-m", "vlsi.cli"]
     command = [sys.executable, "-m", "accelerate.commands.launch", *LAUNCHERS[engine], "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(port), *target, *args]
+               "--main_process_port", str(free_port()), *target, *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
 
 

@@ -1,6 +1,6 @@
 """Two processes under ``accelerate launch`` on the CPU (DDP over gloo): the interaction and SFT
 steps finish, the main process alone writes the outputs, and every rank's RNG state is
-checkpointed.
+checkpointed. The interaction runs in ``make test``, SFT in ``make test-all``.
 
 ``accelerate launch --cpu --num_processes 2`` starts ONE process (its CPU launcher expects MPI);
 ``--multi_gpu`` starts two through torchrun, and on a machine without CUDA the Trainer runs them
@@ -9,7 +9,6 @@ on the CPU with the gloo backend."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,23 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import REPO, TINY_CONFIG, free_port
 from vlsi.backbones import load_backbone
 from vlsi.verbalizer import VerbalizerSet
-
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "tiny-qwen2vl.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), "-m", "vlsi.cli", *args]
+               "--main_process_port", str(free_port()), "-m", "vlsi.cli", *args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -50,7 +40,6 @@ def verbalizers(tmp_path_factory, tiny_pair) -> tuple[Path, Path]:
             VerbalizerSet(load_backbone(pair.student)).save(root / "student"))
 
 
-@pytest.mark.slow
 @needs_no_cuda
 def test_interaction_in_two_processes(tmp_path, verbalizers, tiny_overrides, set_args, cli_env):
     teacher, student = verbalizers

@@ -1,7 +1,11 @@
 """Exact resume from any kill point: ``vlsi distill`` killed (SIGKILL, by the kill points of
 :mod:`vlsi.faults`) mid-step, right after a checkpoint, after the last checkpoint, while
 writing outputs and before ``step_complete.json``, in every stage, then rerun until it ends,
-finishes with exactly ``max_steps`` steps per stage and the weights of an uninterrupted run."""
+finishes with exactly ``max_steps`` steps per stage and the weights of an uninterrupted run.
+
+The default tier reads the session's shared run killed at three points (tests/conftest.py,
+``RESUME_KILL_POINTS``); ``make test-all`` also kills a run at every point of ``KILL_POINTS``.
+Both are compared with the shared uninterrupted run."""
 
 from __future__ import annotations
 
@@ -13,9 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parents[2]
-TINY_CONFIG = REPO / "configs" / "tiny-qwen2vl.yaml"
-STEPS = ("1-teacher-verbalize", "2-student-verbalize", "3-interact", "4-sft")
+from helpers import RESUME_KILL_POINTS, STEPS, TINY_CONFIG, WEIGHTS
+
 # Each point is reached by the rerun that sets it, after the earlier kills; both verbalization
 # steps share the stage name, so the teacher's step is the one killed there.
 KILL_POINTS = (
@@ -28,32 +31,9 @@ KILL_POINTS = (
     "sft:outputs",          # training over, the export not written
     "sft:complete",         # exported, step_complete.json not yet
 )
-WEIGHTS = ("1-teacher-verbalize/verbalizers.safetensors", "2-student-verbalize/verbalizers.safetensors",
-           "3-interact/adapter/adapter_model.safetensors", "4-sft/adapter/adapter_model.safetensors",
-           "4-sft/model/model.safetensors")
 
 
-@pytest.mark.slow
-def test_distill_killed_anywhere_and_rerun_equals_uninterrupted(tmp_path, tiny_overrides, set_args, run_cli,
-                                                               cli_env):
-    overrides = {"training.max_steps": 4, "training.save_steps": 2, "training.logging_steps": 1,
-                 "training.gradient_accumulation_steps": 2, "training.per_device_train_batch_size": 2}
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    done = run_cli("distill", str(TINY_CONFIG), *set_args(tiny_overrides(reference, **overrides)), timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-    settings = set_args(tiny_overrides(killed, **overrides))
-    for point in KILL_POINTS:
-        cli_env["VLSI_KILL_AT"] = point
-        try:
-            proc = run_cli("distill", str(TINY_CONFIG), *settings, timeout=300)
-        finally:
-            del cli_env["VLSI_KILL_AT"]
-        assert proc.returncode == -signal.SIGKILL, f"{point}: {proc.stderr[-2000:]}"
-    assert not (killed / "4-sft" / "step_complete.json").exists()
-    final = run_cli("distill", str(TINY_CONFIG), *settings, timeout=300)
-    assert final.returncode == 0, final.stderr[-3000:]
-
+def _assert_equals_uninterrupted(killed: Path, reference: Path, student: Path) -> None:
     for step in STEPS:
         assert json.loads((killed / step / "step_complete.json").read_text())["global_step"] == 4, step
         logged = [json.loads(line) for line in (killed / step / "metrics.jsonl").read_text().splitlines()]
@@ -66,9 +46,27 @@ def test_distill_killed_anywhere_and_rerun_equals_uninterrupted(tmp_path, tiny_o
         assert want.keys() == got.keys(), name
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
-    base = load_file(str(tiny_overrides(tmp_path)["student"]) + "/model.safetensors")
+    base = load_file(str(student / "model.safetensors"))
     merged = load_file(str(reference / "4-sft/model/model.safetensors"))
     assert any(not torch.equal(base[k], merged[k]) for k in base)  # the run did learn something
+
+
+def test_killed_at_three_points_and_rerun_equals_uninterrupted(resumed, distilled):
+    assert len(RESUME_KILL_POINTS) == 3 and set(RESUME_KILL_POINTS) <= set(KILL_POINTS)
+    _assert_equals_uninterrupted(resumed.out, distilled.out, Path(distilled.overrides["student"]))
+
+
+@pytest.mark.slow
+def test_distill_killed_anywhere_and_rerun_equals_uninterrupted(tmp_path, distilled, run_cli):
+    killed = tmp_path / "killed"
+    settings = distilled.settings(killed)
+    for point in KILL_POINTS:
+        proc = run_cli("distill", str(TINY_CONFIG), *settings, env={"VLSI_KILL_AT": point})
+        assert proc.returncode == -signal.SIGKILL, f"{point}: {proc.stderr[-2000:]}"
+    assert not (killed / "4-sft" / "step_complete.json").exists()
+    final = run_cli("distill", str(TINY_CONFIG), *settings)
+    assert final.returncode == 0, final.stderr[-3000:]
+    _assert_equals_uninterrupted(killed, distilled.out, Path(distilled.overrides["student"]))
 
 
 def test_cli_user_errors_are_one_line(tmp_path, tiny_overrides, set_args, capsys):

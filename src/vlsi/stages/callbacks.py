@@ -2,10 +2,13 @@
 
 * :class:`MetricsJsonlCallback`: every log record also goes to ``OUT/metrics.jsonl``;
 * :class:`LossProgressCallback`: the progress bar shows the latest loss beside the ETA;
-* :class:`SaveAtEndCallback`: a checkpoint at the last step too, so that a kill while the
-  stage writes its outputs costs no training (:mod:`vlsi.stages.checkpoints`);
 * :class:`KillPointCallback`: the test hooks of :mod:`vlsi.faults`;
 * :class:`MeanMetrics`: scalars collected per micro-batch, averaged per logging window.
+
+The last step is always checkpointed, so that a kill while the stage writes its outputs costs
+no training (:mod:`vlsi.stages.checkpoints`): transformers' own ``DefaultFlowCallback`` saves at
+``max_steps`` under ``save_strategy="steps"`` (:mod:`vlsi.stages.arguments`), whether or not
+``save_steps`` divides it.
 """
 
 from __future__ import annotations
@@ -57,14 +60,6 @@ class LossProgressCallback(ProgressCallback):
                 self.training_bar.set_postfix(shown, refresh=False)
 
 
-class SaveAtEndCallback(TrainerCallback):
-    """Ask for a checkpoint at the last optimizer step (``save_steps`` may not divide it)."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            control.should_save = True
-
-
 class KillPointCallback(TrainerCallback):
     """``<stage>:step:<N>`` and ``<stage>:saved:<N>`` kill points (:mod:`vlsi.faults`)."""
 
@@ -79,8 +74,7 @@ class KillPointCallback(TrainerCallback):
 
 
 def stage_callbacks(output_dir: str | Path, stage: str) -> list[TrainerCallback]:
-    return [MetricsJsonlCallback(Path(output_dir) / METRICS, stage), SaveAtEndCallback(),
-            KillPointCallback(stage)]
+    return [MetricsJsonlCallback(Path(output_dir) / METRICS, stage), KillPointCallback(stage)]
 
 
 def use_loss_progress_bar(trainer: Any) -> None:
