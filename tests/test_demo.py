@@ -18,7 +18,9 @@ from vlsi.demo import run_demo, run_pretrain
 from vlsi.demo.pair import (compare_pairs, install_pair, load_pair, load_teacher_source, model_files,
                             shipped_pair)
 from vlsi.demo.pipeline import ROWS, SEED_ROWS
-from vlsi.demo.recipe import REGIMES, DemoRecipe
+from vlsi.demo.recipe import DEFAULT_REGIME, REGIMES
+
+DEFAULT = REGIMES[DEFAULT_REGIME]()  # what `vlsi demo` runs
 from vlsi.errors import VlsiError
 
 
@@ -51,14 +53,15 @@ def test_quick_demo_writes_the_report(quick_demo):
             assert len(lines) == num_eval
             tallies.append(sum(json.loads(line)["correct"] for line in lines) / num_eval)
         assert row["per_seed"] == tallies  # the table is the predictions' tally
-    assert metrics["rows"]["vlsi_no_sft_beam"]["num_beams"] == DemoRecipe().num_beams
+    assert metrics["rows"]["vlsi_no_sft_beam"]["num_beams"] == DEFAULT.num_beams
     p = metrics["paired"]["sft_only"]
     assert p["per_seed"] == [a - b for a, b in zip(metrics["rows"]["vlsi"]["per_seed"],
                                                    metrics["rows"]["sft_only"]["per_seed"])]
+    assert metrics["setup"]["regime_name"] == DEFAULT_REGIME
     regime = metrics["regime"]
-    assert regime["samples"] == DemoRecipe().quick().regime_samples
-    assert regime["student_target_layers"] == DemoRecipe().student.num_layers - 1
-    assert regime["teacher_target_layers"] == len(regime["verbalized"]) == DemoRecipe().teacher.num_layers - 1
+    assert regime["samples"] == DEFAULT.quick().regime_samples
+    assert regime["student_target_layers"] == DEFAULT.student.num_layers - 1
+    assert regime["teacher_target_layers"] == len(regime["verbalized"]) == DEFAULT.teacher.num_layers - 1
     assert regime["mean_response_tokens"] >= 1
     triples = [(regime["teacher_entropy_nats"], regime["teacher_label_kl_nats"], regime["teacher_label_probability"])]
     triples += [(v["entropy_nats"], v["label_kl_nats"], v["label_probability"]) for v in regime["verbalized"]]
@@ -191,7 +194,7 @@ def test_other_recipe_in_same_out_is_refused(quick_demo, capsys):
 def test_pair_rebuild_is_bit_exact_and_checked(tmp_path, capsys):
     assert run_pretrain(tmp_path / "a", quick=True) == 0
     assert run_pretrain(tmp_path / "b", quick=True) == 0
-    quick = DemoRecipe().quick_pretraining()
+    quick = DEFAULT.quick_pretraining()
     a, b = load_pair(tmp_path / "a", quick), load_pair(tmp_path / "b", quick)
     assert compare_pairs(a, b) == []
     assert set(a.meta["files"]["teacher"]) >= {"model.safetensors", "config.json", "tokenizer.json"}
@@ -201,7 +204,7 @@ def test_pair_rebuild_is_bit_exact_and_checked(tmp_path, capsys):
     assert model_files(installed.student) == a.meta["files"]["student"]
     assert model_files(installed.snapshot(6)) == model_files(a.snapshot(6))
     with pytest.raises(VlsiError, match="another pretraining recipe"):
-        load_pair(tmp_path / "a", DemoRecipe())
+        load_pair(tmp_path / "a", DEFAULT)
     # another student for the same teacher: the teacher is reused, not retrained
     other = replace(quick, student=replace(quick.student, num_layers=quick.student.num_layers + 1))
     assert main(["demo", "pretrain", "--quick", "--out", str(tmp_path / "c"),
@@ -264,4 +267,4 @@ def test_teacher_map_distils_from_every_snapshot(quick_demo):
 
 
 def shipped_pair_meta():
-    return load_pair(shipped_pair(), DemoRecipe()).meta
+    return load_pair(shipped_pair(), DEFAULT).meta

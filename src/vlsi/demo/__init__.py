@@ -143,7 +143,7 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     # file of their own, so that the rest of train.json is not scanned here
     measured = min(recipe.regime_samples, recipe.distill_samples or recipe.regime_samples)
     _say(f"measuring the targets' information on {measured} distillation samples")
-    regime = demo_regime(out, first_config, layout(load_config(first_config)).teacher_verbalize,
+    targets = demo_regime(out, first_config, layout(load_config(first_config)).teacher_verbalize,
                          measured, distillation_data(data_dir, measured))
     strengths = []
     if teacher_map:
@@ -154,11 +154,11 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     setup = {"recipe": json.loads(json.dumps(asdict(recipe))), "quick": quick,
              "workers": min(recipe.workers, seeds),
              "threads_per_worker": threads_per_worker(recipe.workers) if seeds > 1 else torch_threads(),
-             "regime": regime if recipe_matches(recipe, regime) else "custom",
+             "regime_name": regime if recipe_matches(recipe, regime) else "custom",
              "pair": {"dir": str(pair.root), "shipped": pair.shipped, "meta": pair.meta},
              "command": command or " ".join(["vlsi", *sys.argv[1:]]),
              "num_eval": len(items), "wall_seconds": round(time.perf_counter() - start, 1)}
-    metrics = write_report(out, fixed, results, setup, strengths, regime)
+    metrics = write_report(out, fixed, results, setup, strengths, targets)
     _say("")
     for line in _summary(metrics):
         _say(line)

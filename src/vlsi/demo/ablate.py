@@ -32,7 +32,7 @@ from typing import Any, Callable
 import yaml
 
 from vlsi.demo.charts import bar_chart
-from vlsi.demo.recipe import DemoRecipe
+from vlsi.demo.recipe import DEFAULT_REGIME, DemoRecipe
 from vlsi.errors import VlsiError
 
 PAPER_METRICS = ("MMB", "BLINK", "MM-Vet", "MMMU")
@@ -284,7 +284,7 @@ def table_chart(title: str, rows: list[Row], summary: dict[str, dict[str, Any]])
 def run_ablate(out: str | Path = "runs/ablate", *, only: list[str] | None = None, seeds: int = 3,
                quick: bool = False, pair_dir: str | Path | None = None, command: str | None = None,
                recipe: DemoRecipe | None = None, say: Callable[[str], None] = _say,
-               regime: str = "counts") -> dict[str, Any]:
+               regime: str = DEFAULT_REGIME) -> dict[str, Any]:
     """Run the chosen sub-tables into ``out`` (on ``regime``'s pair) and write the tables and charts."""
     from vlsi.demo import prepare_run
     from vlsi.demo.workers import run_all

@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import torch
 
+from vlsi.demo.recipe import DEFAULT_REGIME
 from vlsi.errors import VlsiError
 
 PAIR_FILE = "pair.json"
@@ -212,7 +213,7 @@ def reuse_teacher(out: str | Path, source: Pair, recipe: Any) -> None:
         "params": source.meta["params"]["teacher"], "reused_from": str(source.root)})
 
 
-def load_teacher_source(path: str | Path, regime: str = "counts") -> Pair:
+def load_teacher_source(path: str | Path, regime: str = DEFAULT_REGIME) -> Pair:
     """The pair at ``path`` (``shipped``: the package's of ``regime``) read for :func:`reuse_teacher`."""
     pair = read_pair(shipped_pair(regime) if str(path) == "shipped" else path)
     check_model_files(pair, ("teacher",))
@@ -227,7 +228,7 @@ def check_recipe(pair: Pair, recipe: Any) -> None:
                         f"rebuild it with `{REBUILD_COMMAND}` and pass --pair DIR")
 
 
-def shipped_pair(regime: str = "counts") -> Path:
+def shipped_pair(regime: str = DEFAULT_REGIME) -> Path:
     """The directory of the pair the package ships for ``regime`` (``vlsi.demo.recipe.REGIMES``)."""
     if regime not in SHIPPED_DIRS:
         raise VlsiError(f"unknown demo regime {regime!r}; choose from {', '.join(SHIPPED_DIRS)}")

@@ -157,4 +157,4 @@ def lists_recipe() -> DemoRecipe:
 
 
 REGIMES = {"lists": lists_recipe, "counts": DemoRecipe}
-DEFAULT_REGIME = "counts"
+DEFAULT_REGIME = "lists"  # docs/demo.md

@@ -145,7 +145,7 @@ def provenance(setup: dict[str, Any]) -> list[tuple[str, str]]:
 
     pair = setup["pair"]
     meta = pair["meta"]
-    regime = setup.get("regime", "counts")
+    regime = setup.get("regime_name", "counts")
     flag = "" if regime == "custom" else f" --regime {regime}"
     rebuilt = (f"shipped with the package ({Path(pair['dir']).name}/); rebuild it from scratch with "
                f"`vlsi demo pretrain{flag} --out DIR` (then `vlsi demo{flag} --pair DIR`)") if pair["shipped"] \
