@@ -70,7 +70,7 @@ def test_quick_demo_writes_the_report(quick_demo):
         assert math.exp(-label_kl) <= probability + 1e-9  # Jensen: mean P(y) >= exp(mean log P(y))
     assert regime["teacher_verbalizers"].endswith("1-teacher-verbalize")
     md = (quick_demo / "report.md").read_text()
-    assert "Information in the targets" in md and "t_s = 1" in md
+    assert "Information in the targets" in md and f"t_s = {DEFAULT.student.num_layers - 1}" in md
     for _, label in ROWS:
         assert label in md
     for needle in ("VLsI minus SFT-only", "VLsI minus last-layer KD", "paper Fig. 5", "appendix B",
