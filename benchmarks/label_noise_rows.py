@@ -1,4 +1,5 @@
-"""Rows that separate where label noise enters a demo run (docs/demo.md, "Label noise").
+"""Rows that separate where label noise enters a demo run (docs/demo.md, "Label noise");
+on a clean run, the same rows without noise.
 
 For each seed of a finished ``vlsi demo --label-noise S --out DIR`` run, at the demo's equal
 compute (interaction + SFT optimizer steps, batch 32), from the student before:
@@ -38,36 +39,44 @@ def clean_subset(data_dir: Path, count: int) -> Path:
     return path
 
 
-def run_seed(demo: Path, seed: int, clean: int, items: list, recipe: DemoRecipe) -> dict[str, float]:
+ROWS = ("llkd_only", "sft_clean_subset")
+
+
+def run_seed(demo: Path, seed: int, clean: int, items: list, recipe: DemoRecipe,
+             rows: tuple[str, ...] = ROWS) -> dict[str, float]:
     cfg_file = demo / f"seed-{seed}" / "vlsi.yaml"
     base = load_config(cfg_file)
     run = layout(base)
     steps = base.stage("interact").max_steps + base.stage("sft").max_steps
     out = demo / "noise-rows" / f"seed-{seed}"
-    llkd_cfg = load_config(cfg_file, {"interaction.intermediate_op": "none", "interact.max_steps": steps})
-    run_interact(llkd_cfg, out / "llkd-only", teacher_verbalizers=run.teacher_verbalize,
-                 student_verbalizers=run.student_verbalize, resume=True)
-    llkd = export_merged(Path(base.student), out / "llkd-only" / "adapter", run.student_verbalize,
-                         out / "llkd-only-model")
-    clean_cfg = load_config(cfg_file, {"sft.max_steps": steps,
-                                       "data.train": [str(clean_subset(demo / "data", clean))]})
-    sft_clean = run_sft(clean_cfg, out / "sft-clean", adapter=None,
-                        student_verbalizers=run.student_verbalize, resume=True)
+    models = {}
+    if "llkd_only" in rows:
+        llkd_cfg = load_config(cfg_file, {"interaction.intermediate_op": "none", "interact.max_steps": steps})
+        run_interact(llkd_cfg, out / "llkd-only", teacher_verbalizers=run.teacher_verbalize,
+                     student_verbalizers=run.student_verbalize, resume=True)
+        models["llkd_only"] = export_merged(Path(base.student), out / "llkd-only" / "adapter",
+                                            run.student_verbalize, out / "llkd-only-model")
+    if "sft_clean_subset" in rows:
+        clean_cfg = load_config(cfg_file, {"sft.max_steps": steps,
+                                           "data.train": [str(clean_subset(demo / "data", clean))]})
+        models["sft_clean_subset"] = run_sft(clean_cfg, out / "sft-clean", adapter=None,
+                                             student_verbalizers=run.student_verbalize, resume=True)
     return {name: evaluate_model(name, model, items, out / "eval", recipe)["accuracy"]
-            for name, model in (("llkd_only", llkd), ("sft_clean_subset", sft_clean))}
+            for name, model in models.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("demo", type=Path, help="a finished `vlsi demo --label-noise` directory")
     parser.add_argument("--clean", type=int, default=800, help="clean records for the SFT row")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS), help="rows to run")
     args = parser.parse_args()
     metrics = read_json(args.demo / "metrics.json")
     recipe = DemoRecipe(max_new_tokens=metrics["setup"]["recipe"]["max_new_tokens"])
     items, _ = load_items(args.demo / "data" / "eval.json")
     rows: dict[str, list[float]] = {}
     for seed in metrics["seeds"]:
-        for name, acc in run_seed(args.demo, seed, args.clean, items, recipe).items():
+        for name, acc in run_seed(args.demo, seed, args.clean, items, recipe, tuple(args.rows)).items():
             print(json.dumps({"seed": seed, "row": name, "accuracy": acc}), flush=True)
             rows.setdefault(name, []).append(acc)
     for name, accs in rows.items():
