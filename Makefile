@@ -2,7 +2,7 @@
 # Each creates .venv and installs what is missing (DeepSpeed included, with no op compiled:
 # the suite runs ZeRO-2/3 on two CPU processes).
 #
-# Tests come in two tiers (README, "Tests"): `make test` is the default tier (every module's unit
+# Tests come in two tiers (docs/testing.md): `make test` is the default tier (every module's unit
 # tests, each stage end to end once, for the edit loop); `make test-slow` is the rest (tests
 # marked `slow`); `make test-all` runs both, one after the other, which is what CI (.ci/run) does.
 #

@@ -6,8 +6,8 @@ Shared runs: ``distilled`` (one uninterrupted ``vlsi distill`` on the tiny pair)
 that only read their outputs read them, the tests that change them work on a copy
 (``distilled.copy(path)``).
 
-Tiers: tests marked ``slow`` run only in ``make test-slow`` and ``make test-all`` (the README's
-Tests section). Under ``VLSI_NO_SKIP=1`` (CI, .ci/run) a skipped test fails the run."""
+Tiers: tests marked ``slow`` run only in ``make test-slow`` and ``make test-all``
+(docs/testing.md). Under ``VLSI_NO_SKIP=1`` (CI, .ci/run) a skipped test fails the run."""
 
 from __future__ import annotations
 

@@ -5,8 +5,8 @@ what the Trainer does not know about (the teacher, the verbalized backbone: part
 ZeRO-3, sharded under FSDP2), reports what each process holds of them, gathers sharded heads
 and norms while the chunked losses use them, gathers trained parameters whole for saving,
 restores sharded FSDP checkpoints, and loads verbalizers onto a backbone whose weights may
-still be on the meta device. What has run under which engine is in the README's multi-GPU
-section.
+still be on the meta device. What has run under which engine is in docs/multi_gpu.md
+("What has run").
 """
 
 from __future__ import annotations
