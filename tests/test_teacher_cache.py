@@ -150,3 +150,15 @@ def test_a_corrupt_shard_is_caught_in_a_worker_as_one_line(tmp_path):
     assert [("teacher_error" in b) for b in batches] == [False, False, True]
     assert "shard-00-00001.safetensors is corrupt" in batches[2]["teacher_error"]
     assert "\n" not in batches[2]["teacher_error"]
+
+
+def test_cache_complete_is_false_for_a_missing_or_malformed_manifest(tmp_path):
+    from vlsi.teacher_cache import MANIFEST, cache_complete
+
+    assert not cache_complete(tmp_path / "no-cache-here")
+    (tmp_path / MANIFEST).write_text("[1, 2]")
+    assert not cache_complete(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    assert not cache_complete(tmp_path)
+    (tmp_path / MANIFEST).write_text('{"complete": true}')
+    assert cache_complete(tmp_path)

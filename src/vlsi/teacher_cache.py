@@ -200,7 +200,7 @@ def cache_complete(root: Path) -> bool:
     """Whether ``root`` holds a teacher cache marked complete."""
     try:
         return bool(read_json(Path(root) / MANIFEST).get("complete"))
-    except (OSError, json.JSONDecodeError, AttributeError):
+    except (VlsiError, AttributeError):  # missing or unreadable manifest, or not an object
         return False
 
 
