@@ -1,7 +1,9 @@
-"""The demo's embedded default: task, model sizes and budgets (full and ``--quick``).
+"""The demo's recipes: task, model sizes and budgets (full and ``--quick``), one per regime.
 
-The demo aims at the paper's regime (``docs/demo.md`` has the curves, the search behind every
-number here and where the shipped pair falls short of that regime):
+:data:`REGIMES` maps ``--regime`` to its recipe: ``lists`` (:func:`lists_recipe`, the default:
+free-form answers right in any order, a 5-layer student) and ``counts`` (:class:`DemoRecipe`'s
+own defaults: one-digit counts, a 2-layer student). ``docs/demo.md`` has the curves, the search
+behind every number here and where each shipped pair falls short of the paper's regime. Both:
 
 * both models are pretrained long on the instruction data before distillation, so that
   continued SFT of the student adds little (the report says whether each curve has reached
@@ -9,12 +11,13 @@ number here and where the shipped pair falls short of that regime):
 * they share one vision encoder (Qwen2-VL-2B, -7B and -72B share one ViT): the teacher's,
   trained with it, is copied into the student and frozen, so the teacher's advantage is its
   deeper and wider language model;
-* the questions need that language model: counts combined by "and", "or", "more than" and
-  arithmetic on a count (:data:`vlsi.data.synthetic.REASONING_CATEGORIES`).
+* the questions need that language model (counts: combined by "and", "or", "more than" and
+  arithmetic on a count, :data:`vlsi.data.synthetic.REASONING_CATEGORIES`; lists: every item
+  named once, in an order of the model's choosing, :data:`vlsi.data.synthetic.LIST_CATEGORIES`).
 
-Pretraining the pair takes longer than the demo's budget (about 80 minutes), so the package
-ships the pair (:mod:`vlsi.demo.pair`); ``vlsi demo pretrain --out DIR`` rebuilds it from
-scratch with :attr:`DemoRecipe.pretraining` and reports whether the files are identical.
+Pretraining a pair takes longer than the demo's budget (30 to 80 minutes), so the package ships
+one per regime (:mod:`vlsi.demo.pair`); ``vlsi demo pretrain [--regime R] --out DIR`` rebuilds
+it from scratch with :attr:`DemoRecipe.pretraining` and reports whether the files are identical.
 """
 
 from __future__ import annotations
