@@ -121,3 +121,17 @@ def test_demo_regime_is_kept_and_reused(setup, tmp_path, monkeypatch):
     assert len(rows) == len(TEACHER_LAYERS) + 1 and len(head) == 4
     assert not any("|" in cell for cell in head + sum(rows, []))  # a "|" would split a Markdown cell
     assert "t_s = 2" in regime.regime_line(first) and "t_l = 3" in regime.regime_line(first)
+
+
+def test_the_demo_prints_the_targets_in_one_line():
+    from vlsi.demo import targets_summary
+
+    line = targets_summary({"samples": 512, "mean_response_tokens": 8.67, "student_target_layers": 4,
+                            "teacher_target_layers": 2, "teacher_entropy_nats": 0.1366,
+                            "teacher_label_probability": 0.9146, "teacher_label_kl_nats": 0.1282,
+                            "verbalized": [{"label_probability": 0.733}, {"label_probability": 0.804}]})
+    assert "\n" not in line
+    for needle in ("512 distillation samples", "8.7 response tokens", "t_s = 4, t_l = 2",
+                   "entropy 0.137 nats", "gives the label 0.915", "KL from the label 0.128",
+                   "verbalized layers give the label 0.73, 0.80"):
+        assert needle in line, needle

@@ -162,11 +162,23 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
     _say("")
     for line in _summary(metrics):
         _say(line)
+    if targets:
+        _say(targets_summary(targets))
     for line in verdicts(metrics):
         _say(line)
     _say(f"this invocation took {setup['wall_seconds']:.0f} s (finished seeds are reused; per-seed "
          f"times are in the report); report: {out / 'report.html'} (also report.md, metrics.json)")
     return metrics
+
+
+def targets_summary(targets: dict[str, Any]) -> str:
+    """The ``regime`` numbers in one line: what the teacher's targets hold beyond the labels."""
+    layers = ", ".join(f"{v['label_probability']:.2f}" for v in targets["verbalized"])
+    return (f"targets ({targets['samples']} distillation samples, {targets['mean_response_tokens']:.1f} response "
+            f"tokens each; t_s = {targets['student_target_layers']}, t_l = {targets['teacher_target_layers']}): "
+            f"the teacher's output has entropy {targets['teacher_entropy_nats']:.3f} nats and gives the label "
+            f"{targets['teacher_label_probability']:.3f} (KL from the label {targets['teacher_label_kl_nats']:.3f}); "
+            f"its verbalized layers give the label {layers}")
 
 
 def recipe_matches(recipe: DemoRecipe, regime: str) -> bool:
