@@ -182,8 +182,19 @@ def test_two_processes_agree_with_one(engine, tmp_path, one_process_half, verbal
     """Half the micro-batches on-policy, drawn per micro-batch and process: two processes
     generate (ZeRO-3 and FSDP2: together, every decoding step gathering parameters) the tokens
     one process generates, and end with its weights."""
-    out = tmp_path / "interact"
     settings = set_args(tiny_overrides(tmp_path, **ON_POLICY_HALF, **{"interact.gradient_accumulation_steps": 1}))
+    out = tmp_path / "interact"
     proc = _launch_two(engine, _interact_args(out, verbalizers, settings), cli_env)
+    if proc.returncode != 0 and _aborted_at_exit(proc, out):
+        # Known issue (docs/status.md): a rank sometimes aborts after its step is complete. That
+        # case alone is retried once, into a fresh directory; a second failure fails the test.
+        out = tmp_path / "interact-retry"
+        proc = _launch_two(engine, _interact_args(out, verbalizers, settings), cli_env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _assert_agree(out, one_process_half)
+
+
+def _aborted_at_exit(proc, out: Path) -> bool:
+    """The run finished its step, and then one rank aborted ("terminate called without an
+    active exception", a C++ thread destroyed at interpreter exit)."""
+    return (out / "step_complete.json").is_file() and "terminate called without an active exception" in proc.stderr
