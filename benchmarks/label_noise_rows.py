@@ -22,21 +22,13 @@ import statistics
 from pathlib import Path
 
 from vlsi.config import load_config
-from vlsi.demo.pipeline import evaluate_model, export_merged
+from vlsi.demo.pipeline import distillation_data, evaluate_model, export_merged
 from vlsi.demo.recipe import DemoRecipe
 from vlsi.evaluate import load_items
-from vlsi.files import read_json, write_json_atomic
+from vlsi.files import read_json
 from vlsi.stages.distill import layout
 from vlsi.stages.interact import run_interact
 from vlsi.stages.sft import run_sft
-
-
-def clean_subset(data_dir: Path, count: int) -> Path:
-    """The first ``count`` training records, answers as generated (no noise)."""
-    path = data_dir / f"clean-{count}.json"
-    if not path.is_file():
-        write_json_atomic(path, json.loads((data_dir / "train.json").read_text())[:count])
-    return path
 
 
 ROWS = ("llkd_only", "sft_clean_subset")
@@ -58,7 +50,7 @@ def run_seed(demo: Path, seed: int, clean: int, items: list, recipe: DemoRecipe,
                                             run.student_verbalize, out / "llkd-only-model")
     if "sft_clean_subset" in rows:
         clean_cfg = load_config(cfg_file, {"sft.max_steps": steps,
-                                           "data.train": [str(clean_subset(demo / "data", clean))]})
+                                           "data.train": [str(distillation_data(demo / "data", clean))]})
         models["sft_clean_subset"] = run_sft(clean_cfg, out / "sft-clean", adapter=None,
                                              student_verbalizers=run.student_verbalize, resume=True)
     return {name: evaluate_model(name, model, items, out / "eval", recipe)["accuracy"]
