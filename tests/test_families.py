@@ -74,3 +74,27 @@ def test_an_entry_naming_a_missing_config_attribute_is_an_error(tmp_path, monkey
     pair = save_tiny_pair(tmp_path / "pair", "qwen2_5_vl")
     with pytest.raises(VlsiError, match="config has no 'image_token'"):
         load_backbone(pair.student).image_token_id
+
+
+def _transformers_count(height: int, width: int, pinpoints: list[list[int]], tile: int, side: int,
+                        aspect: str) -> int:
+    """transformers' own LLaVA-OneVision count, called on a stand-in (its processor needs torchvision)."""
+    import functools
+    from types import SimpleNamespace
+
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor as P
+
+    stand_in = SimpleNamespace(image_processor=SimpleNamespace(image_grid_pinpoints=pinpoints),
+                               num_image_tokens=side * side, vision_aspect_ratio=aspect)
+    stand_in._get_unpadded_features = functools.partial(P._get_unpadded_features, stand_in)
+    return P._get_number_of_features(stand_in, height, width, tile, tile)
+
+
+@pytest.mark.parametrize("tile,side,grid", [(384, 27, 6), (32, 4, 2)])  # LLaVA-OV-0.5B; the tiny pair
+def test_anyres_max_tokens_matches_transformers(tile: int, side: int, grid: int) -> None:
+    pinpoints = [[h * tile, w * tile] for h in range(1, grid + 1) for w in range(1, grid + 1)]
+    sizes = [(h, w) for h in (1, 7, 31, 100, 383, 384, 385, 700, 1000, 2303, 4000)
+             for w in (1, 5, 32, 99, 384, 500, 1024, 3000)]
+    for height, width in sizes:
+        ours = families.anyres_max_tokens(height, width, pinpoints, (tile, tile), side, 9)
+        assert ours == _transformers_count(height, width, pinpoints, tile, side, "anyres_max_9"), (height, width)

@@ -20,10 +20,8 @@ backbone is adding an entry (``docs/adding-a-backbone.md``).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Callable
 
 import torch
@@ -82,12 +80,35 @@ class GridImages:
                 "image_grid_thw": torch.tensor([[1, m, m]], device=device)}
 
 
+def anyres_max_tokens(height: int, width: int, pinpoints: list[list[int]], tile: tuple[int, int],
+                      side: int, max_tiles: int) -> int:
+    """Placeholder tokens of one LLaVA-OneVision image of ``height`` x ``width`` pixels.
+
+    The image is tiled at the grid resolution that fits it best (``pinpoints``, transformers'
+    public ``select_best_resolution``), each ``tile`` gives ``side`` x ``side`` features; the
+    feature grid is cropped back to the image's aspect ratio, shrunk when it holds more than
+    ``max_tiles`` tiles' worth (by more than 10 %), and gets one newline token per row; the base
+    (whole-image) tile adds ``side ** 2``.
+    """
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution([height, width], pinpoints)
+    rows, cols = side * (best_h // tile[0]), side * (best_w // tile[1])
+    if width / height > cols / rows:  # wider than the grid: rows of padding above and below
+        rows -= 2 * ((rows - int(round(height * (cols / width), 7))) // 2)
+    else:
+        cols -= 2 * ((cols - int(round(width * (rows / height), 7))) // 2)
+    shrink = math.sqrt(rows * cols / (max_tiles * side * side))
+    if shrink > 1.1:
+        rows, cols = int(rows // shrink), int(cols // shrink)
+    return rows * cols + rows + side * side
+
+
 class TiledImages:
     """LLaVA-OneVision: anyres tiles of a fixed size, resized here to the pixel bounds.
 
-    Placeholder counts follow transformers' ``LlavaOnevisionProcessor`` formulas (the class
-    itself needs torchvision for its video processor, so its two counting methods are called
-    on a stand-in object); a sample with several images uses base features + 1 newline each.
+    Placeholder counts are the anyres-max ones (:func:`anyres_max_tokens`); a sample with several
+    images uses base features + 1 newline each (the model keeps only the base tile then).
     """
 
     def bounds(self, processor: Any, min_pixels: int | None, max_pixels: int | None) -> tuple[int, int]:
@@ -111,21 +132,17 @@ class TiledImages:
                           self._counts(processor, config, out, multi_image=len(images) > 1))
 
     def _counts(self, processor: Any, cfg: Any, out: dict, multi_image: bool) -> list[int]:
-        from transformers.models.llava_onevision import processing_llava_onevision as plo
-
         vcfg = cfg.vision_config
-        base = (vcfg.image_size // vcfg.patch_size) ** 2
-        stand_in = SimpleNamespace(image_processor=processor, num_image_tokens=base,
-                                   vision_aspect_ratio=cfg.vision_aspect_ratio)
-        stand_in._get_unpadded_features = functools.partial(
-            plo.LlavaOnevisionProcessor._get_unpadded_features, stand_in)
-        height, width = out["pixel_values"][0][0].shape[-2:]
+        side = vcfg.image_size // vcfg.patch_size
+        tile_h, tile_w = out["pixel_values"][0][0].shape[-2:]
+        max_tiles = int(cfg.vision_aspect_ratio.removeprefix("anyres_max_"))
         counts = []
         for orig_h, orig_w in out["image_sizes"].tolist():
             if multi_image:
-                n = base + 1
+                n = side * side + 1
             else:
-                n = plo.LlavaOnevisionProcessor._get_number_of_features(stand_in, orig_h, orig_w, height, width)
+                n = anyres_max_tokens(orig_h, orig_w, processor.image_grid_pinpoints, (tile_h, tile_w),
+                                      side, max_tiles)
             if cfg.vision_feature_select_strategy == "default":
                 n -= 1
             counts.append(n)
