@@ -268,3 +268,12 @@ def test_teacher_map_distils_from_every_snapshot(quick_demo):
 
 def shipped_pair_meta():
     return load_pair(shipped_pair(), DEFAULT).meta
+
+
+def test_rebuild_command_names_the_regime() -> None:
+    from vlsi.demo.pair import rebuild_command
+    from vlsi.demo.recipe import DemoRecipe, lists_recipe
+
+    assert rebuild_command(lists_recipe()) == "vlsi demo pretrain --regime lists --out DIR"
+    assert rebuild_command(DemoRecipe().quick()) == "vlsi demo pretrain --regime counts --out DIR"
+    assert rebuild_command(DemoRecipe().quick_pretraining()) == "vlsi demo pretrain --regime REGIME --out DIR"

@@ -67,7 +67,7 @@ def _check_recipe(out: Path, recipe: DemoRecipe, quick: bool, pair_dir: Path) ->
 def prepare_data(out: Path, recipe: DemoRecipe, pair: Any) -> Path:
     """``OUT/data``, regenerated; refused if it is not the data the pair was trained on."""
     from vlsi.data.synthetic import generate_dataset
-    from vlsi.demo.pair import REBUILD_COMMAND, data_digest
+    from vlsi.demo.pair import data_digest, rebuild_command
 
     data_dir = out / "data"
     if not (data_dir / "meta.json").is_file():
@@ -75,7 +75,7 @@ def prepare_data(out: Path, recipe: DemoRecipe, pair: Any) -> Path:
         generate_dataset(data_dir, recipe.task, overwrite=True)
     if data_digest(data_dir) != pair.meta["data_sha256"]:
         raise VlsiError(f"{data_dir} differs from the data the pretrained pair was trained on; "
-                        f"rebuild the pair with `{REBUILD_COMMAND}`")
+                        f"rebuild the pair with `{rebuild_command(recipe)}`")
     return data_dir
 
 

@@ -41,7 +41,15 @@ PAIR_FILE = "pair.json"
 SHIPPED_DIR = Path(__file__).parent / "pair"  # the "counts" regime's pair
 SHIPPED_DIRS = {"counts": SHIPPED_DIR, "lists": Path(__file__).parent / "pair-lists"}
 ROLES = ("teacher", "student")
-REBUILD_COMMAND = "vlsi demo pretrain --out DIR"
+
+
+def rebuild_command(recipe: Any = None) -> str:
+    """The command that rebuilds the pair of ``recipe`` (its regime named when it is one of ours)."""
+    from vlsi.demo.recipe import REGIMES
+
+    regime = next((name for name, make in REGIMES.items()
+                   if recipe is not None and make().pretraining == recipe.pretraining), "REGIME")
+    return f"vlsi demo pretrain --regime {regime} --out DIR"
 
 
 def sha256(path: Path) -> str:
@@ -225,7 +233,7 @@ def check_recipe(pair: Pair, recipe: Any) -> None:
     if pair.meta.get("recipe") != _jsonable(recipe.pretraining):
         where = "the shipped pair" if pair.shipped else str(pair.root)
         raise VlsiError(f"{where} was made from another pretraining recipe than this demo's; "
-                        f"rebuild it with `{REBUILD_COMMAND}` and pass --pair DIR")
+                        f"rebuild it with `{rebuild_command(recipe)}` and pass --pair DIR")
 
 
 def shipped_pair(regime: str = DEFAULT_REGIME) -> Path:
@@ -241,7 +249,7 @@ def read_pair(path: str | Path) -> Pair:
     meta_file = root / PAIR_FILE
     if not meta_file.is_file():
         raise VlsiError(f"{root} holds no pretrained pair ({PAIR_FILE} missing); build one with "
-                        f"`{REBUILD_COMMAND}`")
+                        f"`{rebuild_command()}`")
     return Pair(root, json.loads(meta_file.read_text()))
 
 
