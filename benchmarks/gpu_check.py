@@ -336,8 +336,8 @@ def sparse_teacher_from(teacher_fn: Callable, teacher_hidden: Any, vocab: int, k
 
 
 def bucketed_kl64(ids: Any, t_logp: Any, t_tail: Any, s_logp: Any) -> Any:
-    """``KL_K(P || Q)`` per token ``[n]`` in float64 over the K ids and one tail bucket (SPEC
-    "Teacher cache"); the student's tail is the ``logsumexp`` of its log-probs outside the ids.
+    """``KL_K(P || Q)`` per token ``[n]`` in float64 over the K ids and one tail bucket
+    (docs/method.md#teacher-cache); the student's tail is the ``logsumexp`` of its log-probs outside the ids.
 
     Args:
         ids: long ``[n, K]``; t_logp: ``[n, K]``; t_tail: ``[n]``; s_logp: float64 ``[n, V]``.
