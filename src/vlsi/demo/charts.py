@@ -1,8 +1,9 @@
 """The reports' charts, drawn with matplotlib and returned as inline ``<svg>`` elements.
 
-:func:`line_chart` draws series of ``(x, y)`` points; :func:`bar_chart` draws labelled
-horizontal bars with optional error bars and a note right of each bar. The SVG keeps its text
-as ``<text>`` (searchable, selectable) and is byte-for-byte the same for the same inputs.
+:func:`line_chart` draws series of ``(x, y)`` points (group ``series-K`` per series);
+:func:`bar_chart` draws labelled horizontal bars (group ``bar-K``) with optional error bars and
+a note right of each bar. The SVG keeps its text as ``<text>`` (searchable, selectable) and is
+byte-for-byte the same for the same inputs.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, x_title: str
     with matplotlib.rc_context(SVG_RC):
         fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
         ax = fig.add_subplot()
-        for name, pts in series.items():
+        for k, (name, pts) in enumerate(series.items()):
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3.5,
-                    linewidth=1.8, label=name)
+                    linewidth=1.8, label=name, gid=f"series-{k}")
         if y_range is not None:
             ax.set_ylim(*y_range)
         if y_percent:
@@ -68,8 +69,10 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], *, errors: Sequenc
         fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
         ax = fig.add_subplot()
         y = list(range(len(labels)))
-        ax.barh(y, list(values), xerr=list(errors) if errors is not None else None, height=0.75,
-                color="#08519c", alpha=0.8, error_kw={"ecolor": "#222222", "elinewidth": 1.5})
+        bars = ax.barh(y, list(values), xerr=list(errors) if errors is not None else None, height=0.75,
+                       color="#08519c", alpha=0.8, error_kw={"ecolor": "#222222", "elinewidth": 1.5})
+        for k, bar in enumerate(bars):
+            bar.set_gid(f"bar-{k}")
         ax.set_yticks(y, list(labels))
         ax.invert_yaxis()
         if x_range is not None:
