@@ -18,6 +18,7 @@ from matplotlib.ticker import FuncFormatter, PercentFormatter
 # Fixed ids (no random salt), text kept as text, no date: the same chart gives the same bytes.
 SVG_RC = {"svg.hashsalt": "vlsi", "svg.fonttype": "none", "font.family": "sans-serif",
           "font.sans-serif": ["DejaVu Sans"], "font.size": 10}
+NO_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}  # no <metadata> block
 DPI = 100  # figure inches x DPI = the SVG's size in pixels
 
 
@@ -25,7 +26,7 @@ def svg_element(fig: Figure) -> str:
     """``fig`` as an ``<svg>`` element (no XML prolog), deterministic."""
     buf = io.StringIO()
     with matplotlib.rc_context(SVG_RC):
-        fig.savefig(buf, format="svg", metadata={"Date": None})
+        fig.savefig(buf, format="svg", metadata=NO_METADATA)
     text = buf.getvalue()
     return text[text.index("<svg"):].strip()
 
@@ -45,6 +46,8 @@ def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, x_title: str
                     linewidth=1.8, label=name, gid=f"series-{k}")
         if y_range is not None:
             ax.set_ylim(*y_range)
+        if all(x >= 0 for pts in series.values() for x, _ in pts):
+            ax.set_xlim(left=0)  # steps: the axis starts at step 0
         if y_percent:
             ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
         ax.set_xlabel(x_title)
