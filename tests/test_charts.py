@@ -26,7 +26,8 @@ def test_line_chart_shows_every_series_with_its_titles():
                      y_range=(0.0, 1.0), y_percent=True)
     assert svg.startswith("<svg") and svg.endswith("</svg>")
     texts = _texts(svg)
-    assert {"teacher", "student &lt;s&gt;", "third", "optimizer step", "held-out accuracy", "curves"} <= set(texts)
+    assert {"teacher", "student &lt;s&gt;", "third", "optimizer step", "held-out accuracy",
+            "curves"} <= set(texts)
     assert "100%" in texts and "0%" in texts  # the y axis in percent over the given range
     assert _drawn(svg, "series") == 3
     assert _drawn(line_chart(dict(list(SERIES.items())[:2]), x_title="x", y_title="y"), "series") == 2

@@ -111,8 +111,9 @@ def render_heatmap(
     totals.set_yticks(range(rows), [f"n={int(t)}" for t in counts.sum(dim=1).tolist()])
     totals.tick_params(length=0)
     totals.spines["right"].set_visible(False)
-    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), SHARE_CMAP), ax=ax, orientation="horizontal", shrink=0.8,
-                       aspect=30, format=PercentFormatter(xmax=1.0, decimals=0))
+    scale = ScalarMappable(Normalize(0.0, 1.0), SHARE_CMAP)
+    bar = fig.colorbar(scale, ax=ax, orientation="horizontal", shrink=0.8, aspect=30,
+                       format=PercentFormatter(xmax=1.0, decimals=0))
     bar.set_ticks([0.0, 0.5, 1.0])
     bar.set_label("share of the student layer's selections (n per row)")
     return fig
