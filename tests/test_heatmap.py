@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
 import torch
 from PIL import Image
 
-from vlsi.heatmap import colour, heatmap_json, render_heatmap, row_shares, save_heatmap
+from vlsi.heatmap import NEVER, colour, heatmap_json, render_heatmap, row_shares, save_heatmap
 
 COUNTS = torch.tensor([[5, 3, 0, 0], [0, 2, 6, 0], [0, 0, 0, 0]])
 
@@ -28,13 +29,39 @@ def test_colour_runs_from_light_to_dark():
     assert mids == sorted(mids, reverse=True)  # monotonically darker
 
 
+def _pixels(figure) -> Image.Image:
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png")
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
 def test_render_draws_cells_in_their_share_colour():
     cell = 40
-    image = render_heatmap(COUNTS, [1, 5, 9], [1, 5, 9, 13], title="t", cell=cell)
-    assert image.mode == "RGB" and image.width > 4 * cell and image.height > 3 * cell
-    # the darkest cell (row 1, column 2: share 0.75) and an unchosen one are both present
+    image = _pixels(render_heatmap(COUNTS, [1, 5, 9], [1, 5, 9, 13], title="t", cell=cell))
+    assert image.width > 4 * cell and image.height > 3 * cell
+    # every chosen cell in its share's colour (the darkest: row 1, column 2, share 0.75),
+    # and the unchosen ones in grey
     pixels = {rgb for _, rgb in image.getcolors(maxcolors=1 << 20)}
-    assert colour(6 / 8) in pixels and colour(0.0) in pixels
+    assert {colour(5 / 8), colour(3 / 8), colour(2 / 8), colour(6 / 8), NEVER} <= pixels
+    # a matrix without a pair chosen has no share colour in its grid
+    empty = _pixels(render_heatmap(COUNTS * 0, [1, 5, 9], [1, 5, 9, 13], cell=cell))
+    assert colour(6 / 8) not in {rgb for _, rgb in empty.getcolors(maxcolors=1 << 20)}
+
+
+def test_render_labels_cells_rows_and_axes():
+    figure = render_heatmap(COUNTS, [1, 5, 9], [1, 5, 9, 13], title="last 10%")
+    figure.draw_without_rendering()
+    texts = {t.get_text() for t in figure.findobj(lambda a: hasattr(a, "get_text")) if t.get_text()}
+    assert {"62%", "38%", "25%", "75%", "n=8", "n=0", "13", "9", "last 10%",
+            "student layer", "teacher layer"} <= texts
+    assert "0%" not in {t.get_text() for t in figure.axes[0].texts}  # unchosen cells stay blank
+
+
+def test_same_counts_give_the_same_png(tmp_path):
+    a, _ = save_heatmap(tmp_path / "a.png", COUNTS, [1, 5, 9], [1, 5, 9, 13], title="t")
+    b, _ = save_heatmap(tmp_path / "b.png", COUNTS, [1, 5, 9], [1, 5, 9, 13], title="t")
+    assert a.read_bytes() == b.read_bytes()
 
 
 def test_render_checks_shapes():

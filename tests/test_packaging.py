@@ -1,5 +1,5 @@
-"""The shipped demo pair is package data: every one of its files matches a pattern in
-pyproject.toml, so a wheel (not only an editable install) carries it."""
+"""The shipped demo pairs and the page templates are package data: every one of their files
+matches a pattern in pyproject.toml, so a wheel (not only an editable install) carries them."""
 
 from __future__ import annotations
 
@@ -23,3 +23,13 @@ def test_every_file_of_the_shipped_pair_is_package_data(regime):
     missing = [str(f) for f in files if not any(f.match(pattern) and len(f.parts) == len(PurePosixPath(pattern).parts)
                                                 for pattern in patterns)]
     assert missing == []
+
+
+def test_the_page_templates_are_package_data():
+    templates = ROOT / "src" / "vlsi" / "templates"
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    files = [PurePosixPath(p.relative_to(templates.parent).as_posix())
+             for p in templates.rglob("*") if p.is_file()]
+    assert {f.name for f in files} >= {"page.html.j2", "macros.html.j2", "report.html.j2",
+                                       "layer_view.html.j2", "ablation.html.j2"}
+    assert [str(f) for f in files if not any(f.match(pattern) for pattern in package_data["vlsi"])] == []

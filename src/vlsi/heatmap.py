@@ -1,11 +1,12 @@
-"""Heatmaps of matched layer pairs (the paper's Fig. 5), drawn with PIL only.
+"""Heatmaps of matched layer pairs (the paper's Fig. 5), drawn with matplotlib.
 
 The interaction step counts how often each (student layer, teacher layer) pair was selected
 (:class:`vlsi.recorder.MatchRecorder`); the paper plots these counts at the start and at the end
 of training. :func:`render_heatmap` draws a ``[rows, cols]`` count matrix: one cell per pair,
 coloured by its share of the row's selections (each student layer's row sums to 1, so rows with
 different totals stay comparable), that share written in the cell as a percentage, each row's
-number of selections at its right end, axes labelled with the actual decoder-layer indices. :func:`save_heatmap` writes the PNG and a JSON twin with the numbers.
+number of selections at its right end, axes labelled with the actual decoder-layer indices.
+:func:`save_heatmap` writes the PNG and a JSON twin with the numbers.
 
 Example::
 
@@ -17,24 +18,27 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Sequence
 
-import math
-
+import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import LinearSegmentedColormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
 
 from vlsi.recorder import MatchRecorder
 
 HEATMAP_FRACTION = 0.1  # Fig. 5: the first and the last 10% of the recorded steps
 
-# A short sequential palette (light yellow -> teal -> dark blue); shares are interpolated
-# between its stops. Light for "never chosen" keeps the chosen pairs visible at a glance.
-_PALETTE = [(255, 255, 217), (199, 233, 180), (65, 182, 196), (34, 94, 168), (8, 29, 88)]
-_BACKGROUND = (255, 255, 255)
-_NEVER = (240, 240, 240)  # a pair never chosen: light grey, so the grid stays visible
-_INK = (20, 20, 20)
+# A short sequential palette (light yellow -> teal -> dark blue). Light for "never chosen"
+# keeps the chosen pairs visible at a glance.
+SHARE_CMAP = LinearSegmentedColormap.from_list(
+    "vlsi_share", ["#ffffd9", "#c7e9b4", "#41b6c4", "#225ea8", "#081d58"])
+NEVER = (240, 240, 240)  # a pair never chosen: light grey, so the grid stays visible
+DPI = 100  # ``cell`` is in pixels at this resolution
 
 
 def row_shares(counts: torch.Tensor) -> torch.Tensor:
@@ -44,28 +48,9 @@ def row_shares(counts: torch.Tensor) -> torch.Tensor:
 
 
 def colour(share: float) -> tuple[int, int, int]:
-    """Palette colour of a share in ``[0, 1]``."""
-    x = min(max(share, 0.0), 1.0) * (len(_PALETTE) - 1)
-    lo = min(int(x), len(_PALETTE) - 2)
-    t = x - lo
-    a, b = _PALETTE[lo], _PALETTE[lo + 1]
-    return tuple(round(a[c] + t * (b[c] - a[c])) for c in range(3))  # type: ignore[return-value]
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _text_size(draw: ImageDraw.ImageDraw, text: str, font) -> tuple[int, int]:
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    return right - left, bottom - top
-
-
-def _centered(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, font, fill) -> None:
-    draw.text(xy, text, font=font, fill=fill, anchor="mm")
+    """RGB colour (0-255) of a share in ``[0, 1]``, clamped."""
+    r, g, b, _ = SHARE_CMAP(min(max(float(share), 0.0), 1.0), bytes=True)
+    return int(r), int(g), int(b)
 
 
 def render_heatmap(
@@ -77,15 +62,15 @@ def render_heatmap(
     row_axis: str = "student layer",
     col_axis: str = "teacher layer",
     cell: int = 64,
-) -> Image.Image:
-    """Draw ``counts`` ``[rows, cols]`` as an RGB heatmap image.
+) -> Figure:
+    """Draw ``counts`` ``[rows, cols]`` as a heatmap figure (``Figure.savefig`` writes it).
 
     Args:
         counts: selection counts, rows = student target layers, columns = teacher ones.
         row_labels, col_labels: the layer index shown beside each row / under each column.
         title: drawn above the grid.
         row_axis, col_axis: axis titles.
-        cell: side of one cell in pixels.
+        cell: about the side of one cell in pixels (the figure grows with it).
     """
     counts = torch.as_tensor(counts, dtype=torch.int64)
     if counts.dim() != 2:
@@ -94,59 +79,44 @@ def render_heatmap(
     if len(row_labels) != rows or len(col_labels) != cols:
         raise ValueError(f"need {rows} row labels and {cols} column labels, "
                          f"got {len(row_labels)} and {len(col_labels)}")
-    shares = row_shares(counts)
-    font, small = _font(max(14, cell // 4)), _font(max(13, cell // 4 - 2))
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = max(_text_size(probe, str(x), font)[0] for x in row_labels)
-    totals = [f"n={int(t)}" for t in counts.sum(dim=1).tolist()]
-    total_w = max(_text_size(probe, t, small)[0] for t in totals) + 12
-    line_h = _text_size(probe, "Ag0", font)[1] + 8
+    shares = row_shares(counts).tolist()
+    chosen = (counts > 0).tolist()
+    rgb = np.array([[colour(shares[i][j]) if chosen[i][j] else NEVER for j in range(cols)]
+                    for i in range(rows)], dtype=np.uint8).reshape(rows, cols, 3)
 
-    left = line_h + label_w + 12           # rotated row-axis title, then row labels
-    top = 2 * line_h if title else line_h // 2
-    grid_w, grid_h = cols * cell, rows * cell
-    legend_h = 2 * line_h + 12
-    width = max(left + grid_w + total_w + 16, left + _text_size(probe, title, font)[0] + 16, 420)
-    height = top + grid_h + 2 * line_h + legend_h + 8
-
-    image = Image.new("RGB", (width, height), _BACKGROUND)
-    draw = ImageDraw.Draw(image)
+    side = cell / DPI
+    fig = Figure(figsize=(max(4.2, cols * side + 2.0), rows * side + 2.2 + (0.3 if title else 0)),
+                 dpi=DPI, layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(rgb, interpolation="nearest", aspect="equal")
+    ax.set_xticks(range(cols), [str(c) for c in col_labels])
+    ax.set_yticks(range(rows), [str(r) for r in row_labels])
+    ax.set_xticks(np.arange(cols + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(rows + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=1)
+    ax.tick_params(which="both", length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_xlabel(col_axis)
+    ax.set_ylabel(row_axis)
     if title:
-        _centered(draw, (width / 2, line_h), title, font, _INK)
-
+        ax.set_title(title)
+    size = max(7.0, 0.2 * cell * 72 / DPI)  # points
     for i in range(rows):
-        y0 = top + i * cell
-        _centered(draw, (left - 6 - label_w / 2, y0 + cell / 2), str(row_labels[i]), font, _INK)
         for j in range(cols):
-            x0 = left + j * cell
-            share = float(shares[i, j])
-            fill = colour(share) if counts[i, j] > 0 else _NEVER
-            draw.rectangle([x0, y0, x0 + cell - 1, y0 + cell - 1], fill=fill, outline=_BACKGROUND)
-            if counts[i, j] > 0:  # dark cells get white digits
-                ink = _BACKGROUND if share > 0.55 else _INK
-                _centered(draw, (x0 + cell / 2, y0 + cell / 2), f"{100 * share:.0f}%", small, ink)
-        draw.text((left + grid_w + 8, y0 + cell / 2), totals[i], font=small, fill=_INK, anchor="lm")
-    for j in range(cols):
-        _centered(draw, (left + j * cell + cell / 2, top + grid_h + line_h / 2 + 2), str(col_labels[j]), font, _INK)
-    _centered(draw, (left + grid_w / 2, top + grid_h + 1.5 * line_h + 2), col_axis, font, _INK)
-
-    # Row-axis title, written horizontally then rotated to run up the left edge.
-    tw, th = _text_size(probe, row_axis, font)
-    label = Image.new("RGB", (tw + 4, th + 8), _BACKGROUND)
-    ImageDraw.Draw(label).text((2, 0), row_axis, font=font, fill=_INK)
-    label = label.rotate(90, expand=True)
-    image.paste(label, (2, max(0, int(top + grid_h / 2 - label.height / 2))))
-
-    # Legend: the palette from 0% to 100% of a row's selections.
-    ly = top + grid_h + 2 * line_h + 6
-    lw = max(160, min(grid_w, 240))
-    for x in range(lw):
-        draw.line([(left + x, ly), (left + x, ly + 12)], fill=colour(x / max(lw - 1, 1)))
-    draw.text((left, ly + 14), "0%", font=small, fill=_INK)
-    draw.text((left + lw, ly + 14), "100%", font=small, fill=_INK, anchor="ra")
-    draw.text((left, ly + 14 + line_h - 4), "share of the student layer's selections (n per row)",
-              font=small, fill=_INK)
-    return image
+            if chosen[i][j]:  # dark cells get white digits
+                ax.text(j, i, f"{100 * shares[i][j]:.0f}%", ha="center", va="center", fontsize=size,
+                        color="white" if shares[i][j] > 0.55 else "#141414")
+    totals = ax.secondary_yaxis("right")
+    totals.set_yticks(range(rows), [f"n={int(t)}" for t in counts.sum(dim=1).tolist()])
+    totals.tick_params(length=0)
+    totals.spines["right"].set_visible(False)
+    scale = ScalarMappable(Normalize(0.0, 1.0), SHARE_CMAP)
+    bar = fig.colorbar(scale, ax=ax, orientation="horizontal", shrink=0.8, aspect=30,
+                       format=PercentFormatter(xmax=1.0, decimals=0))
+    bar.set_ticks([0.0, 0.5, 1.0])
+    bar.set_label("share of the student layer's selections (n per row)")
+    return fig
 
 
 def heatmap_json(counts: torch.Tensor | Sequence[Sequence[int]], row_labels: Sequence[int | str],
@@ -174,7 +144,7 @@ def save_heatmap(png_path: str | Path, counts: torch.Tensor | Sequence[Sequence[
     png = Path(png_path)
     png.parent.mkdir(parents=True, exist_ok=True)
     labels = dict(title=title, row_axis=row_axis, col_axis=col_axis)
-    render_heatmap(counts, row_labels, col_labels, **labels).save(png)
+    render_heatmap(counts, row_labels, col_labels, **labels).savefig(png, format="png")
     js = png.with_suffix(".json")
     js.write_text(json.dumps(heatmap_json(counts, row_labels, col_labels, **labels, **extra), indent=1) + "\n")
     return png, js

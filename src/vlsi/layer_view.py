@@ -15,14 +15,13 @@ the sequence, so for them the cache is off and each step re-reads the whole sequ
 (quadratic, fine for short answers). Only token ids the tokenizer knows are eligible (the LM
 head's padding rows are masked).
 
-Writes ``OUT.html`` (self-contained: the image inlined as a data URI, no external assets) and
-``OUT.md`` beside it.
+Writes ``OUT.html`` (the ``layer_view.html.j2`` template; self-contained: the image inlined as
+a data URI, no external assets) and ``OUT.md`` beside it.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlsi.errors import VlsiError
 from vlsi.inference import Generator, Prompt, as_images, resolve_device
+from vlsi.pages import render
 from vlsi.verbalizer import VerbalizerSet, capture_layer_context
 
 
@@ -154,35 +154,12 @@ def comparison_rows(columns: list[LayerResponses]) -> list[list[tuple[str, str] 
     return rows
 
 
-STYLE = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
-vertical-align:top;text-align:left}th{background:#f2f2f2}.lab{color:#777;font-size:85%}
-.resp{font-family:ui-monospace,Menlo,monospace}.q{white-space:pre-wrap}img{image-rendering:pixelated}
-.num{text-align:right;font-variant-numeric:tabular-nums}.panel{margin-bottom:2em}"""
-
-
-def html_panel(prompt_text: str, image: Image.Image | None, columns: list[LayerResponses],
-               reference: str | None = None) -> str:
-    """One question's block: image, question, then the layer-by-model table (an HTML fragment)."""
-    parts = ['<div class="panel">']
-    if image is not None:
-        parts.append(f'<img src="{image_data_uri(image)}" alt="question image">')
-    parts.append(f'<p class="q"><b>Q:</b> {html.escape(prompt_text)}</p>')
-    if reference is not None:
-        parts.append(f"<p><b>Reference:</b> {html.escape(reference)}</p>")
-    parts.append("<table><tr>" + "".join(f"<th>{html.escape(c.name)}</th>" for c in columns) + "</tr>")
-    for row in comparison_rows(columns):
-        cells = []
-        for cell in row:
-            if cell is None:
-                cells.append("<td></td>")
-            else:
-                label, text = cell
-                cells.append(f'<td><span class="lab">{html.escape(label)}</span><br>'
-                             f'<span class="resp">{html.escape(text) or "&#8709;"}</span></td>')
-        parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</table></div>")
-    return "\n".join(parts)
+def panel(prompt_text: str, image: Image.Image | None, columns: list[LayerResponses],
+          reference: str | None = None) -> dict[str, Any]:
+    """One question's block for the page templates (``macros.html.j2``'s ``panel``): the image's
+    data URI, the question, the reference, the models' names and :func:`comparison_rows`."""
+    return {"image": image_data_uri(image) if image is not None else None, "question": prompt_text,
+            "reference": reference, "names": [c.name for c in columns], "rows": comparison_rows(columns)}
 
 
 def _md_cell(text: str) -> str:
@@ -202,12 +179,6 @@ def markdown_panel(prompt_text: str, columns: list[LayerResponses], image_name: 
     for row in comparison_rows(columns):
         lines.append("| " + " | ".join("" if c is None else f"{c[0]}: {_md_cell(c[1])}" for c in row) + " |")
     return "\n".join(lines) + "\n"
-
-
-def html_page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head>\n<body>\n"
-            f"<h1>{html.escape(title)}</h1>\n{body}\n</body></html>\n")
 
 
 def run_verbalize_layers(model: str | Path, verbalizers: str | Path, image: str | Path | None,
@@ -231,8 +202,9 @@ def run_verbalize_layers(model: str | Path, verbalizers: str | Path, image: str 
         out = out.with_suffix(".html")
     out.parent.mkdir(parents=True, exist_ok=True)
     title = "Layer-wise verbalized responses"
-    panel = html_panel(prompt, images[0] if images else None, columns)
-    out.write_text(html_page(title, panel), encoding="utf-8")
+    page = render("layer_view.html.j2", title=title,
+                  panels=[panel(prompt, images[0] if images else None, columns)])
+    out.write_text(page, encoding="utf-8")
     md = out.with_suffix(".md")
     md.write_text(f"# {title}\n\n" + markdown_panel(prompt, columns, str(image) if image else None),
                   encoding="utf-8")

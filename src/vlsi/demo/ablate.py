@@ -12,7 +12,7 @@ once per architecture and seed and shared by the runs that use them. The paper's
 are benchmark scores of 7B models, ours are accuracies of a tiny student, so compare the
 ordering of the rows, not the values.
 
-Outputs: ``ablation.md``, ``ablation.html`` (one chart per sub-table, inline SVG),
+Outputs: ``ablation.md``, ``ablation.html`` (one matplotlib chart per sub-table, inline SVG),
 ``ablation.json`` and ``table4<x>.svg``; ``runs/<run>/seed-S/`` (a ``vlsi distill`` layout) and
 ``results/<row>/seed-S.json`` per evaluated row. A rerun skips finished rows and resumes
 unfinished runs.
@@ -288,7 +288,7 @@ def run_ablate(out: str | Path = "runs/ablate", *, only: list[str] | None = None
     """Run the chosen sub-tables into ``out`` (on ``regime``'s pair) and write the tables and charts."""
     from vlsi.demo import prepare_run
     from vlsi.demo.workers import run_all
-    from vlsi.layer_view import html_page
+    from vlsi.pages import render
 
     start = time.perf_counter()
     out = Path(out)
@@ -317,16 +317,16 @@ def run_ablate(out: str | Path = "runs/ablate", *, only: list[str] | None = None
               f"{len(items)} held-out questions; this invocation {wall:.0f} s (finished rows are reused). "
               "Paper columns: arXiv 2412.01822 Table 4 (Qwen2-VL-72B -> VLsI-7B).")
     md = ["# VLsI ablations (paper Table 4 at tiny scale)", "", header, ""]
-    parts = [f"<p>{header}</p>"]
+    charts = []
     for name in chosen:
         title, rows = tables[name]
         md.append(table_markdown(title, rows, summary))
         svg = table_chart(title, rows, summary)
         (out / f"table4{name}.svg").write_text(svg)
-        parts += [f"<h2>{title}</h2>", svg,
-                  "<pre>" + table_markdown(title, rows, summary).replace("<", "&lt;") + "</pre>"]
+        charts.append({"title": title, "svg": svg, "markdown": table_markdown(title, rows, summary)})
     (out / "ablation.md").write_text("\n".join(md), encoding="utf-8")
-    (out / "ablation.html").write_text(html_page("VLsI ablations", "\n".join(parts)), encoding="utf-8")
+    page = render("ablation.html.j2", title="VLsI ablations", header=header, tables=charts)
+    (out / "ablation.html").write_text(page, encoding="utf-8")
     result = {"seeds": seeds, "quick": quick, "wall_seconds": wall, "command": command,
               "tables": {n: {"title": tables[n][0],
                              "rows": [{**asdict(r), **summary[r.key]} for r in tables[n][1]]}

@@ -1,133 +1,94 @@
-"""Small inline-SVG charts for the reports (no plotting library needed, no external asset).
+"""The reports' charts, drawn with matplotlib and returned as inline ``<svg>`` elements.
 
-:func:`line_chart` draws series of ``(x, y)`` points with ticks and axis titles on both axes;
-:func:`bar_chart` draws labelled horizontal bars with optional error bars and notes.
+:func:`line_chart` draws series of ``(x, y)`` points (group ``series-K`` per series);
+:func:`bar_chart` draws labelled horizontal bars (group ``bar-K``) with optional error bars and
+a note right of each bar. The SVG keeps its text as ``<text>`` (searchable, selectable) and is
+byte-for-byte the same for the same inputs.
 """
 
 from __future__ import annotations
 
-import html
-import math
+import io
 from typing import Sequence
 
-PALETTE = ("#08519c", "#e6550d", "#31a354", "#756bb1", "#636363", "#dd1c77", "#3182bd", "#fd8d3c")
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, PercentFormatter
+
+# Fixed ids (no random salt), text kept as text, no date: the same chart gives the same bytes.
+SVG_RC = {"svg.hashsalt": "vlsi", "svg.fonttype": "none", "font.family": "sans-serif",
+          "font.sans-serif": ["DejaVu Sans"], "font.size": 10}
+NO_METADATA = {"Date": None, "Creator": None, "Format": None, "Type": None}  # no <metadata> block
+DPI = 100  # figure inches x DPI = the SVG's size in pixels
 
 
-def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """About ``count`` round tick values covering ``[low, high]``."""
-    if high <= low:
-        high = low + 1.0
-    raw = (high - low) / max(count, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    start = math.floor(low / step) * step
-    ticks = []
-    value = start
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 10))
-        value += step
-    return ticks
-
-
-def _fmt(value: float) -> str:
-    return f"{value:g}" if abs(value) < 1e5 else f"{value:.3g}"
+def svg_element(fig: Figure) -> str:
+    """``fig`` as an ``<svg>`` element (no XML prolog), deterministic."""
+    buf = io.StringIO()
+    with matplotlib.rc_context(SVG_RC):
+        fig.savefig(buf, format="svg", metadata=NO_METADATA)
+    text = buf.getvalue()
+    return text[text.index("<svg"):].strip()
 
 
 def line_chart(series: dict[str, Sequence[tuple[float, float]]], *, x_title: str, y_title: str,
                title: str = "", y_range: tuple[float, float] | None = None, width: int = 640,
                height: int = 320, y_percent: bool = False) -> str:
-    """One polyline (with point markers) per series; returns an ``<svg>`` element."""
-    left, right, top, bottom = 64, 150, 30 if title else 12, 48
-    plot_w, plot_h = width - left - right, height - top - bottom
-    xs = [x for pts in series.values() for x, _ in pts] or [0.0, 1.0]
-    ys = [y for pts in series.values() for _, y in pts] or [0.0, 1.0]
-    x_ticks = nice_ticks(min(0.0, min(xs)), max(xs))
-    y_lo, y_hi = y_range if y_range else (min(ys), max(ys))
-    y_ticks = nice_ticks(y_lo, y_hi)
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    """One line with point markers per series, the legend right of the plot; an ``<svg>``.
 
-    def px(x: float) -> float:
-        return left + plot_w * (x - x0) / ((x1 - x0) or 1)
-
-    def py(y: float) -> float:
-        return top + plot_h * (1 - (y - y0) / ((y1 - y0) or 1))
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'role="img" aria-label="{html.escape(title or y_title)}" font-family="sans-serif">']
-    if title:
-        out.append(f'<text x="{left + plot_w / 2}" y="18" font-size="14" text-anchor="middle">'
-                   f'{html.escape(title)}</text>')
-    out.append(f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>')
-    for t in y_ticks:
-        y = py(t)
-        label = f"{100 * t:g}%" if y_percent else _fmt(t)
-        out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="12" text-anchor="end">{label}</text>')
-    for t in x_ticks:
-        x = px(t)
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h}" y2="{top + plot_h + 5}" stroke="#999"/>')
-        out.append(f'<text x="{x:.1f}" y="{top + plot_h + 18}" font-size="12" text-anchor="middle">{_fmt(t)}</text>')
-    out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" font-size="13" text-anchor="middle">'
-               f'{html.escape(x_title)}</text>')
-    out.append(f'<text x="16" y="{top + plot_h / 2}" font-size="13" text-anchor="middle" '
-               f'transform="rotate(-90 16 {top + plot_h / 2})">{html.escape(y_title)}</text>')
-    for k, (name, pts) in enumerate(series.items()):
-        colour = PALETTE[k % len(PALETTE)]
-        xy = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
-        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{xy}"/>')
-        out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{colour}"/>' for x, y in pts]
-        ly = top + 14 + 18 * k
-        out.append(f'<line x1="{left + plot_w + 12}" x2="{left + plot_w + 32}" y1="{ly - 4}" '
-                   f'y2="{ly - 4}" stroke="{colour}" stroke-width="3"/>')
-        out.append(f'<text x="{left + plot_w + 38}" y="{ly}" font-size="12">{html.escape(name)}</text>')
-    out.append("</svg>")
-    return "".join(out)
+    ``y_percent``: y values are fractions, labelled as percentages.
+    """
+    with matplotlib.rc_context(SVG_RC):
+        fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+        ax = fig.add_subplot()
+        for k, (name, pts) in enumerate(series.items()):
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", markersize=3.5,
+                    linewidth=1.8, label=name, gid=f"series-{k}")
+        if y_range is not None:
+            ax.set_ylim(*y_range)
+        if all(x >= 0 for pts in series.values() for x, _ in pts):
+            ax.set_xlim(left=0)  # steps: the axis starts at step 0
+        if y_percent:
+            ax.yaxis.set_major_formatter(PercentFormatter(xmax=1.0, decimals=0))
+        ax.set_xlabel(x_title)
+        ax.set_ylabel(y_title)
+        if title:
+            ax.set_title(title)
+        ax.grid(True, color="#eeeeee")
+        if series:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+    return svg_element(fig)
 
 
 def bar_chart(labels: Sequence[str], values: Sequence[float], *, errors: Sequence[float] | None = None,
               notes: Sequence[str] | None = None, x_title: str, title: str = "",
               x_range: tuple[float, float] | None = None, width: int = 720, percent: bool = True) -> str:
-    """Horizontal bars (value +- error), a note right of each bar; returns an ``<svg>``."""
-    bar_h, gap = 22, 8
-    left, right, top, bottom = 230, 170, 30 if title else 10, 44
-    height = top + bottom + len(labels) * (bar_h + gap)
-    plot_w = width - left - right
-    errors = list(errors) if errors is not None else [0.0] * len(values)
-    lo = x_range[0] if x_range else min(0.0, min((v - e for v, e in zip(values, errors)), default=0))
-    hi = x_range[1] if x_range else max((v + e for v, e in zip(values, errors)), default=1)
-    ticks = nice_ticks(lo, hi)
-    t0, t1 = ticks[0], ticks[-1]
+    """Horizontal bars (value ± error), first label on top, a note right of each bar; an ``<svg>``.
 
-    def px(x: float) -> float:
-        return left + plot_w * (x - t0) / ((t1 - t0) or 1)
-
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
-           f'aria-label="{html.escape(title or x_title)}" font-family="sans-serif">']
-    if title:
-        out.append(f'<text x="{left + plot_w / 2}" y="18" font-size="14" text-anchor="middle">'
-                   f'{html.escape(title)}</text>')
-    base = top + len(labels) * (bar_h + gap)
-    for t in ticks:
-        x = px(t)
-        label = f"{100 * t:g}" if percent else _fmt(t)
-        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{base}" stroke="#eee"/>')
-        out.append(f'<text x="{x:.1f}" y="{base + 16}" font-size="12" text-anchor="middle">{label}</text>')
-    out.append(f'<text x="{left + plot_w / 2}" y="{height - 8}" font-size="13" text-anchor="middle">'
-               f'{html.escape(x_title)}</text>')
-    zero = px(max(t0, 0.0))
-    for k, (label, value) in enumerate(zip(labels, values)):
-        y = top + k * (bar_h + gap)
-        x = px(value)
-        out.append(f'<text x="{left - 8}" y="{y + bar_h / 2 + 4}" font-size="12" text-anchor="end">'
-                   f'{html.escape(label)}</text>')
-        out.append(f'<rect x="{min(zero, x):.1f}" y="{y}" width="{abs(x - zero):.1f}" height="{bar_h}" '
-                   f'fill="{PALETTE[0]}" opacity="0.8"/>')
-        if errors[k]:
-            a, b = px(value - errors[k]), px(value + errors[k])
-            out.append(f'<line x1="{a:.1f}" x2="{b:.1f}" y1="{y + bar_h / 2}" y2="{y + bar_h / 2}" '
-                       f'stroke="#222" stroke-width="1.5"/>')
+    ``percent``: values are fractions, the axis labelled in percent.
+    """
+    height = 80 + 30 * len(labels) + (20 if title else 0)
+    with matplotlib.rc_context(SVG_RC):
+        fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+        ax = fig.add_subplot()
+        y = list(range(len(labels)))
+        bars = ax.barh(y, list(values), xerr=list(errors) if errors is not None else None, height=0.75,
+                       color="#08519c", alpha=0.8, error_kw={"ecolor": "#222222", "elinewidth": 1.5})
+        for k, bar in enumerate(bars):
+            bar.set_gid(f"bar-{k}")
+        ax.set_yticks(y, list(labels))
+        ax.invert_yaxis()
+        if x_range is not None:
+            ax.set_xlim(*x_range)
+        if percent:
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:g}"))
         if notes:
-            out.append(f'<text x="{left + plot_w + 8}" y="{y + bar_h / 2 + 4}" font-size="12">'
-                       f'{html.escape(notes[k])}</text>')
-    out.append("</svg>")
-    return "".join(out)
+            right = ax.secondary_yaxis("right")
+            right.set_yticks(y, list(notes))
+            right.tick_params(length=0)
+        ax.set_xlabel(x_title)
+        if title:
+            ax.set_title(title)
+        ax.grid(True, axis="x", color="#eeeeee")
+        ax.set_axisbelow(True)
+    return svg_element(fig)

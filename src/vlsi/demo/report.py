@@ -7,15 +7,15 @@ minus last-layer KD (same seed, same data order for the SFT step, same held-out 
 "VLsI beats X" is said only when every seed's difference is positive and their mean exceeds
 their standard deviation; with one seed the claim is not tested.
 
-The HTML inlines its images (data URIs) and draws its charts as inline SVG, so it is one file
-with no external asset.
+The HTML is the ``report.html.j2`` template (:mod:`vlsi.pages`); it inlines its images (data
+URIs) and its matplotlib charts (inline SVG, :mod:`vlsi.demo.charts`), so it is one file with no
+external asset.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime
-import html
 import json
 import platform
 import statistics
@@ -28,7 +28,8 @@ from vlsi.demo.charts import line_chart
 from vlsi.demo.pipeline import FIXED_ROWS, ON_POLICY_SHARE, ROWS, SEED_ROWS
 from vlsi.demo.pretrain import curve_measure
 from vlsi.demo.regime import regime_line, regime_rows
-from vlsi.layer_view import LayerResponses, html_page, html_panel, markdown_panel
+from vlsi.layer_view import LayerResponses, markdown_panel, panel
+from vlsi.pages import render
 
 COMPARISONS = (("sft_only", "SFT-only"), ("llkd", "last-layer KD"))
 PLATEAU_GAIN = 0.01  # a model is at its plateau when its last 20% of steps add less
@@ -304,14 +305,6 @@ def _md_table(head: list[str], body: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _html_table(head: list[str], body: list[list[str]]) -> str:
-    h = "".join(f"<th>{html.escape(c)}</th>" for c in head)
-    rows = "".join("<tr>" + "".join(
-        f'<td{" class=num" if i else ""}>{html.escape(c)}</td>' for i, c in enumerate(r)) + "</tr>"
-        for r in body)
-    return f"<table><tr>{h}</tr>{rows}</table>"
-
-
 def _kv_table(pairs: list[tuple[str, str]]) -> tuple[list[str], list[list[str]]]:
     return ["", ""], [[k, v] for k, v in pairs]
 
@@ -451,46 +444,29 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
            config_text.rstrip(), "```", ""]
     (out / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
-    parts = [_html_table(*prov), "<h2>Verdict</h2>",
-             "<ul>" + "".join(f"<li>{html.escape(v)}</li>" for v in verdicts(agg)) + "</ul>",
-             f"<h2>Wall time per phase (seconds; this invocation {setup['wall_seconds']:.0f} s)</h2>",
-             _html_table(*times),
-             "<h2>Results (held-out split, accuracy %; paper Table 4(b) layout)</h2>",
-             _html_table(*results_table(agg)),
-             "<h2>Paired differences (percentage points)</h2>", _html_table(*paired_table(agg)),
-             *([f"<h2>{html.escape(REGIME_TITLE[3:])}</h2>", f"<p>{html.escape(regime_line(regime))}</p>",
-                _html_table(*regime_rows(regime))] if regime is not None else []),
-             *(["<h2>Teacher strength map (VLsI minus SFT-only against the teacher-student gap)</h2>",
-                map_svg(points), _html_table(*map_rows(points))] if points else []),
-             "<h2>Setup</h2>", _html_table(*recipe),
-             "<h2>Pretraining curves</h2>", f"<p>{html.escape(plateau_line(curves))}</p>",
-             curve_svg(curves),
-             f"<details><summary>the curves' points</summary>{_html_table(*curve_rows(curves, measure))}</details>",
-             f"<h2>Matching entropy (seed {first['seed']})</h2>",
-             entropy_svg(first["matching_entropy"]) if first["matching_entropy"] else "",
-             _html_table(*entropy_rows(first["matching_entropy"])),
-             *([f"<h2>{html.escape(gen_title)}</h2>", _html_table(*generation_rows(first["generations"]))]
-               if first.get("generations") else []),
-             f"<h2>Matched layers (paper Fig. 5, seed {first['seed']})</h2><div>"]
-    for name in ("start", "end"):
-        uri = _png_uri(first["heatmap_png"][name])
-        if uri:
-            parts.append(f'<img src="{uri}" alt="heatmap {name}" style="margin-right:1em">')
-        else:
-            parts.append(_html_table(*heatmap_rows(first["heatmaps"][name])))
-    parts.append("</div>")
-    parts.append(f"<h2>Verbalization loss per layer (paper appendix B, seed {first['seed']})</h2>")
-    for role in ("teacher", "student"):
-        parts += [f"<h3>{role}</h3>", _html_table(*layer_loss_rows(first["layer_loss"][role]))]
-    parts.append(f"<h2>Layer-wise verbalized responses (paper Fig. 3, seed {first['seed']})</h2>")
+    panels = []
     for entry in first["panel"]:
         image = None
         if entry["image"] and Path(entry["image"]).is_file():
             with Image.open(entry["image"]) as im:
                 image = im.convert("RGB")
-        parts.append(html_panel(entry["question"], image, _columns(entry), entry["reference"]))
-    parts += [f"<h2>Resolved config (seed {first['seed']})</h2>",
-              f"<details><summary>{html.escape(first['config'])}</summary><pre>"
-              f"{html.escape(config_text)}</pre></details>"]
-    (out / "report.html").write_text(html_page("VLsI demo report", "\n".join(parts)), encoding="utf-8")
+        panels.append(panel(entry["question"], image, _columns(entry), entry["reference"]))
+    page = render(
+        "report.html.j2", title="VLsI demo report", prov=prov, verdicts=verdicts(agg),
+        wall_seconds=setup["wall_seconds"], times=times, results=results_table(agg),
+        paired=paired_table(agg),
+        regime={"title": REGIME_TITLE[3:], "line": regime_line(regime), "table": regime_rows(regime)}
+        if regime is not None else None,
+        teacher_map={"svg": map_svg(points), "table": map_rows(points)} if points else None,
+        recipe=recipe, plateau=plateau_line(curves), curves_svg=curve_svg(curves),
+        curve_points=curve_rows(curves, measure), seed=first["seed"],
+        entropy_svg=entropy_svg(first["matching_entropy"]) if first["matching_entropy"] else None,
+        entropy=entropy_rows(first["matching_entropy"]),
+        generations={"title": gen_title, "table": generation_rows(first["generations"])}
+        if first.get("generations") else None,
+        heatmaps=[{"name": name, "uri": _png_uri(first["heatmap_png"][name]),
+                   "table": heatmap_rows(first["heatmaps"][name])} for name in ("start", "end")],
+        layer_loss=[(role, layer_loss_rows(first["layer_loss"][role])) for role in ("teacher", "student")],
+        panels=panels, config_name=first["config"], config_text=config_text)
+    (out / "report.html").write_text(page, encoding="utf-8")
     return metrics
