@@ -35,6 +35,16 @@ def test_config_prints_every_key_with_its_help(capsys):
     assert main(["config", REPO_CONFIG, "--set", "training.optim=adamw_torch_fused"]) == 0
     out = capsys.readouterr().out
     assert 'interaction.strategy = "vlsi"    # layer matching' in out
-    assert 'training.arguments = {"optim": "adamw_torch_fused"}' in out
+    assert 'training.optim = "adamw_torch_fused"    # TrainingArguments: ' in out
+    assert 'training.min_learning_rate = 1e-05    # learning rate at the end of the cosine schedule' in out
     lines = [line for line in out.splitlines() if " = " in line]
     assert all("    # " in line for line in lines), [line for line in lines if "    # " not in line]
+
+
+def test_teacher_cache_option_is_validated_with_the_config(tmp_path, capsys):
+    """--teacher-cache is a config override: what the cache rules out fails at load, in one line."""
+    argv = ["interact", REPO_CONFIG, "--teacher-cache", str(tmp_path / "cache"), "--set",
+            "interaction.on_policy=0.5", "--teacher-verbalizers", str(tmp_path / "missing")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: interaction.on_policy: a teacher cache") and "\n" not in err

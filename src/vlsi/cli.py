@@ -106,10 +106,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
              max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device)
 
 
-def _load_config(args: argparse.Namespace):
+def _load_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
+    """The config of ``args.config`` with the ``--set`` overrides, then ``overrides`` (from the
+    command's own options), applied before validation."""
     from vlsi.config import load_config
 
-    return load_config(args.config, parse_overrides(args.set))
+    return load_config(args.config, {**parse_overrides(args.set), **(overrides or {})})
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -153,16 +155,13 @@ def _cmd_interact(args: argparse.Namespace) -> None:
     from vlsi.stages.distill import layout
     from vlsi.stages.interact import run_interact
 
-    cfg = _load_config(args)
+    cfg = _load_config(args, {"interaction.teacher_cache": args.teacher_cache} if args.teacher_cache else None)
     run = layout(cfg)
     teacher = _existing_dir(Path(args.teacher_verbalizers or run.teacher_verbalize), "teacher verbalizers",
                            "run `vlsi verbalize CONFIG --role teacher` or pass --teacher-verbalizers")
     student = _existing_dir(Path(args.student_verbalizers or run.student_verbalize), "student verbalizers",
                            "run `vlsi verbalize CONFIG --role student` or pass --student-verbalizers")
     out = Path(args.out) if args.out else run.interact
-    if args.teacher_cache:
-        cfg.interaction.teacher_cache = args.teacher_cache
-        cfg.interaction.check("interaction")  # what the cache rules out (e.g. on_policy) fails here
     result = run_interact(cfg, out, teacher_verbalizers=teacher, student_verbalizers=student,
                           resume=args.resume, restart=args.restart_changed)
     print(f"interact: {result}")
