@@ -404,7 +404,7 @@ def _trainer_value(name: str, value: Any, key: str) -> Any:
     for item in items:
         text = str(item).lower() if isinstance(item, bool) else str(item)
         try:
-            parsed = getattr(parser.parse_args([action.option_strings[0], text]), name)
+            parsed = getattr(parser.parse_args([f"{action.option_strings[0]}={text}"]), name)
         except _ParserError as err:
             message = str(err).split(": ", 1)[-1]
             if "(choose from " in message:  # optimizers, schedulers: dozens of choices
