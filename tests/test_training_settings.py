@@ -64,6 +64,8 @@ def test_flat_settings_are_typed_by_transformers():
     assert tcfg.per_device_train_batch_size == 4 and tcfg.seed == 42  # the paper's defaults
     assert tcfg.logging_first_step is False  # transformers' default
     assert TrainingConfig(arguments={"optim": "adafactor"}) == TrainingConfig(optim="adafactor")
+    assert TrainingConfig(save_total_limit=None).save_total_limit is None
+    assert TrainingConfig(lr_scheduler_kwargs={"num_cycles": 2}).lr_scheduler_kwargs == {"num_cycles": 2}
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -74,6 +76,8 @@ def test_flat_settings_are_typed_by_transformers():
     ({"arguments": {"seed": 1}, "seed": 2}, r"^training\.arguments\.seed: also set as training\.seed"),
     ({"arguments": [1]}, r"^training\.arguments: expected a mapping"),
     ({"save_total_limit": [1, 2]}, r"^training\.save_total_limit: expected a single value"),
+    ({"learning_rate": None}, r"^training\.learning_rate: invalid value None"),
+    ({"max_steps": {"a": 1}}, r"^training\.max_steps: invalid value"),
 ])
 def test_bad_values_are_one_line_errors_naming_the_key(settings, message):
     with pytest.raises(ConfigError, match=message):

@@ -4,7 +4,9 @@ One YAML file describes a whole VLsI run (``vlsi distill CONFIG``) or one of its
 Unknown keys and out-of-range values are errors that name the key (``interaction.strategy``).
 Defaults are the paper's (section 4.1c; docs/method.md#training-defaults): AdamW, cosine
 schedule from 1e-4 down to 1e-6 (``cosine_with_min_lr``), gradient accumulation 16, per-device batch 4,
-gradient checkpointing, bf16 where the hardware has it, LoRA r=64 alpha=64.
+gradient checkpointing, bf16 where the hardware has it, LoRA r=64 alpha=64. Training settings
+are ``transformers.TrainingArguments`` fields (the paper's values in :data:`PAPER_TRAINING`)
+beside vlsi's own (:class:`TrainingConfig`; docs/training.md#training-settings).
 
 Example::
 
@@ -391,12 +393,17 @@ def _trainer_value(name: str, value: Any, key: str) -> Any:
     if name not in fields:
         raise ConfigError(f"{key}.{name}: unknown key (neither a vlsi training setting nor a "
                           "transformers TrainingArguments field)")
-    if value is None or isinstance(value, dict):  # optional fields; dict-valued ones (lr_scheduler_kwargs, ...)
+    hint = _trainer_hints()[name]
+    if value is None and type(None) in typing.get_args(hint):
         return value
+    if isinstance(value, dict) and "dict" in str(hint):  # lr_scheduler_kwargs, fsdp_config, ...
+        return value
+    if value is None or isinstance(value, dict):
+        raise ConfigError(f"{key}.{name}: invalid value {value!r}")
     parser, actions = _trainer_parser()
     action = actions[name]
     items = value if isinstance(value, list) else [value]
-    if isinstance(value, list) and action.nargs not in ("+", "*") and "list" not in str(_trainer_hints()[name]):
+    if isinstance(value, list) and action.nargs not in ("+", "*") and "list" not in str(hint):
         raise ConfigError(f"{key}.{name}: expected a single value, got {value!r}")
     if any(isinstance(v, (list, dict)) for v in items):
         raise ConfigError(f"{key}.{name}: invalid value {value!r}")
