@@ -35,6 +35,39 @@ def test_config_prints_every_key_with_its_help(capsys):
     assert main(["config", REPO_CONFIG, "--set", "training.optim=adamw_torch_fused"]) == 0
     out = capsys.readouterr().out
     assert 'interaction.strategy = "vlsi"    # layer matching' in out
-    assert 'training.arguments = {"optim": "adamw_torch_fused"}' in out
+    assert 'training.optim = "adamw_torch_fused"    # TrainingArguments: ' in out
+    assert 'training.min_learning_rate = 1e-05    # learning rate at the end of the cosine schedule' in out
     lines = [line for line in out.splitlines() if " = " in line]
     assert all("    # " in line for line in lines), [line for line in lines if "    # " not in line]
+
+
+def test_teacher_cache_option_is_validated_with_the_config(tmp_path, capsys):
+    """--teacher-cache is a config override: what the cache rules out fails at load, in one line."""
+    argv = ["interact", REPO_CONFIG, "--teacher-cache", str(tmp_path / "cache"), "--set",
+            "interaction.on_policy=0.5", "--teacher-verbalizers", str(tmp_path / "missing")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: interaction.on_policy: a teacher cache") and "\n" not in err
+
+
+def test_demo_pretrain_is_a_sub_command_and_demo_alone_runs_the_demo():
+    from vlsi.cli import _cmd_demo, _cmd_demo_pretrain, build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo", "--quick"]).func is _cmd_demo
+    assert parser.parse_args(["demo", "run", "--seeds", "2"]).func is _cmd_demo
+    pretrain = parser.parse_args(["demo", "pretrain", "--regime", "lists", "--out", "d", "--teacher-from", "shipped"])
+    assert pretrain.func is _cmd_demo_pretrain and (pretrain.out, pretrain.regime) == ("d", "lists")
+    with pytest.raises(SystemExit):  # a demo-run option, not a pretraining one
+        parser.parse_args(["demo", "pretrain", "--seeds", "2"])
+
+
+def test_every_command_of_the_table_is_registered():
+    from vlsi.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    for command in COMMANDS:
+        assert command.name in parser.format_help()
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args([command.name, "--help"])
+        assert stop.value.code == 0

@@ -30,7 +30,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import yaml
 
@@ -54,18 +54,21 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from vlsi.demo import run_demo, run_pretrain
+    from vlsi.demo import run_demo
 
-    if args.action == "pretrain":
-        if args.pair:
-            raise VlsiError("--pair is for `vlsi demo`; `vlsi demo pretrain` builds a pair into --out")
-        run_pretrain(args.out, quick=args.quick, teacher_from=args.teacher_from, regime=args.regime)
-        return
     if args.teacher_from:
         raise VlsiError("--teacher-from is for `vlsi demo pretrain`")
     run_demo(args.out, quick=args.quick, seeds=args.seeds, seed=args.seed, pair_dir=args.pair,
              command=" ".join(["vlsi", *args.argv]), teacher_map=args.teacher_map, regime=args.regime,
              label_noise=args.label_noise)
+
+
+def _cmd_demo_pretrain(args: argparse.Namespace) -> None:
+    from vlsi.demo import run_pretrain
+
+    if args.pair:
+        raise VlsiError("--pair is for `vlsi demo`; `vlsi demo pretrain` builds a pair into --out")
+    run_pretrain(args.out, quick=args.quick, teacher_from=args.teacher_from, regime=args.regime)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
@@ -106,10 +109,12 @@ def _cmd_eval(args: argparse.Namespace) -> None:
              max_new_tokens=args.max_new_tokens, limit=args.limit, device=args.device)
 
 
-def _load_config(args: argparse.Namespace):
+def _load_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
+    """The config of ``args.config`` with the ``--set`` overrides, then ``overrides`` (from the
+    command's own options), applied before validation."""
     from vlsi.config import load_config
 
-    return load_config(args.config, parse_overrides(args.set))
+    return load_config(args.config, {**parse_overrides(args.set), **(overrides or {})})
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
@@ -153,16 +158,13 @@ def _cmd_interact(args: argparse.Namespace) -> None:
     from vlsi.stages.distill import layout
     from vlsi.stages.interact import run_interact
 
-    cfg = _load_config(args)
+    cfg = _load_config(args, {"interaction.teacher_cache": args.teacher_cache} if args.teacher_cache else None)
     run = layout(cfg)
     teacher = _existing_dir(Path(args.teacher_verbalizers or run.teacher_verbalize), "teacher verbalizers",
                            "run `vlsi verbalize CONFIG --role teacher` or pass --teacher-verbalizers")
     student = _existing_dir(Path(args.student_verbalizers or run.student_verbalize), "student verbalizers",
                            "run `vlsi verbalize CONFIG --role student` or pass --student-verbalizers")
     out = Path(args.out) if args.out else run.interact
-    if args.teacher_cache:
-        cfg.interaction.teacher_cache = args.teacher_cache
-        cfg.interaction.check("interaction")  # what the cache rules out (e.g. on_policy) fails here
     result = run_interact(cfg, out, teacher_verbalizers=teacher, student_verbalizers=student,
                           resume=args.resume, restart=args.restart_changed)
     print(f"interact: {result}")
@@ -229,6 +231,13 @@ def _cmd_plan(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+# ---------------------------------------------------------------------------------------------
+# Arguments: one function per command, then the table of commands
+# ---------------------------------------------------------------------------------------------
+
+DEVICE_HELP = "cpu, cuda or cuda:N (default: the GPU, in bf16, when there is one)"
+
+
 def _add_run_args(parser: argparse.ArgumentParser, *, out: bool = True, restart: bool = True) -> None:
     parser.add_argument("config", metavar="CONFIG", help="the run's YAML config")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
@@ -245,13 +254,7 @@ def _add_run_args(parser: argparse.ArgumentParser, *, out: bool = True, restart:
                             help="continue from the newest checkpoint in the output directory")
 
 
-def _add_demo_args(parser: argparse.ArgumentParser, out: str) -> None:
-    parser.add_argument("--out", default=out, help="output directory (a rerun resumes it)")
-    parser.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
-    parser.add_argument("--seeds", type=positive_int, default=3,
-                        help="distillation seeds (default 3): mean ± std and the paired verdict")
-    parser.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain` (default: "
-                                                      "the regime's shipped one)")
+def _add_regime_arg(parser: argparse.ArgumentParser) -> None:
     from vlsi.demo.recipe import DEFAULT_REGIME, REGIMES
 
     parser.add_argument("--regime", choices=sorted(REGIMES), default=DEFAULT_REGIME,
@@ -260,156 +263,219 @@ def _add_demo_args(parser: argparse.ArgumentParser, out: str) -> None:
                              "teacher) or 'counts' (one-digit counts; 2-layer student)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vlsi", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"vlsi {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_demo_args(parser: argparse.ArgumentParser, out: str) -> None:
+    parser.add_argument("--out", default=out, help="output directory (a rerun resumes it)")
+    parser.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
+    parser.add_argument("--seeds", type=positive_int, default=3,
+                        help="distillation seeds (default 3): mean ± std and the paired verdict")
+    parser.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain` (default: "
+                                                      "the regime's shipped one)")
+    _add_regime_arg(parser)
 
-    tiny = sub.add_parser("tiny", help="build an offline tiny teacher/student pair")
-    tiny.add_argument("out_dir")
-    tiny.add_argument("--family", default="qwen2_vl", choices=sorted(FAMILIES))
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--force", action="store_true", help="rebuild a pair of other settings already in OUT_DIR")
-    tiny.set_defaults(func=_cmd_tiny)
 
-    data = sub.add_parser("data", help="dataset tools")
-    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+def _args_tiny(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", default="qwen2_vl", choices=sorted(FAMILIES))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--force", action="store_true", help="rebuild a pair of other settings already in OUT_DIR")
+
+
+def _args_data(parser: argparse.ArgumentParser) -> None:
     from vlsi.data import check, synthetic
 
-    synthetic.add_cli(data_sub)
-    check.add_cli(data_sub)
+    commands = parser.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    synthetic.add_cli(commands)
+    check.add_cli(commands)
 
-    bench = sub.add_parser("bench", help="benchmarks")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    from vlsi import bench as bench_mod
 
-    bench_mod.add_cli(bench_sub)
+def _args_bench(parser: argparse.ArgumentParser) -> None:
+    from vlsi import bench
 
-    demo = sub.add_parser("demo", help="the method's claim on the embedded default; writes a report",
-                          description="`vlsi demo`: distil the shipped pretrained pair three ways "
-                                      "and report; `vlsi demo pretrain --out DIR`: rebuild the pair.")
-    demo.add_argument("action", nargs="?", default="run", choices=["run", "pretrain"],
-                      help="run (default) or pretrain (train the teacher/student pair from scratch)")
-    _add_demo_args(demo, "runs/demo")
-    demo.add_argument("--seed", type=int, default=0, help="first seed")
-    demo.add_argument("--label-noise", type=float, default=0.0, metavar="SHARE",
-                      help="make this share of the distillation answers wrong the way a weaker "
-                           "annotator is (a missed list item, a count off by one); evaluation "
-                           "stays clean (docs/demo.md)")
-    demo.add_argument("--teacher-from", metavar="PAIR",
-                      help="pretrain: reuse this pair's teacher (a directory, or `shipped`) and "
-                           "train only the student")
-    demo.add_argument("--teacher-map", action="store_true",
-                      help="also distil from the weaker teacher snapshots: VLsI minus SFT-only "
-                           "against the teacher-student gap")
-    demo.set_defaults(func=_cmd_demo)
+    bench.add_cli(parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH"))
 
-    ablate = sub.add_parser("ablate", help="the paper's Table 4 (b, d, e, f) at tiny scale on the demo's pair, "
-                                           "and (g) on-policy interaction with three divergences")
-    _add_demo_args(ablate, "runs/ablate")
-    ablate.add_argument("--only", nargs="+", choices=["b", "d", "e", "f", "g"], help="sub-tables to run "
+
+def _args_demo_run(parser: argparse.ArgumentParser) -> None:
+    _add_demo_args(parser, "runs/demo")
+    parser.add_argument("--seed", type=int, default=0, help="first seed")
+    parser.add_argument("--label-noise", type=float, default=0.0, metavar="SHARE",
+                        help="make this share of the distillation answers wrong the way a weaker "
+                             "annotator is (a missed list item, a count off by one); evaluation "
+                             "stays clean (docs/demo.md)")
+    parser.add_argument("--teacher-map", action="store_true",
+                        help="also distil from the weaker teacher snapshots: VLsI minus SFT-only "
+                             "against the teacher-student gap")
+    parser.add_argument("--teacher-from", help=argparse.SUPPRESS)  # a `vlsi demo pretrain` option: refused
+
+
+def _args_demo_pretrain(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="output directory (a rerun resumes it)")
+    parser.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
+    _add_regime_arg(parser)
+    parser.add_argument("--teacher-from", metavar="PAIR",
+                        help="reuse this pair's teacher (a directory, or `shipped`) and train only the student")
+    parser.add_argument("--pair", help=argparse.SUPPRESS)  # a `vlsi demo` option: refused
+
+
+def _args_demo(parser: argparse.ArgumentParser) -> None:
+    """``vlsi demo [options]`` runs the demo; ``vlsi demo pretrain`` is a command of its own."""
+    _args_demo_run(parser)
+    commands = parser.add_subparsers(dest="demo_command", metavar="{run,pretrain}")
+    run = commands.add_parser("run", help="the demo (the default: `vlsi demo [options]` runs it)")
+    _args_demo_run(run)
+    pretrain = commands.add_parser("pretrain", help="train the teacher/student pair from scratch",
+                                   description="Rebuild the demo's pretrained pair into --out.")
+    _args_demo_pretrain(pretrain)
+    pretrain.set_defaults(func=_cmd_demo_pretrain)
+
+
+def _args_ablate(parser: argparse.ArgumentParser) -> None:
+    _add_demo_args(parser, "runs/ablate")
+    parser.add_argument("--only", nargs="+", choices=["b", "d", "e", "f", "g"], help="sub-tables to run "
                                                                                 "(default: all)")
-    ablate.set_defaults(func=_cmd_ablate)
 
-    gen = sub.add_parser("generate", help="answer a prompt (greedy; --num-beams for beam search)")
-    gen.add_argument("--model", required=True, metavar="DIR", help="a checkpoint (e.g. an exported student)")
-    gen.add_argument("--image", action="append", metavar="IMG", help="an image (repeatable)")
-    gen.add_argument("--prompt", required=True, help="the question; <image> tags place the images")
-    gen.add_argument("--num-beams", type=positive_int, default=1)
-    gen.add_argument("--max-new-tokens", type=positive_int, default=128)
-    gen.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU, in bf16, when there is one)")
-    gen.set_defaults(func=_cmd_generate)
 
-    layers = sub.add_parser("verbalize-layers",
-                            help="each target layer's verbalized response, side by side (HTML + Markdown)")
-    layers.add_argument("--model", required=True, metavar="DIR")
-    layers.add_argument("--verbalizers", required=True, metavar="DIR",
+def _args_generate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR", help="a checkpoint (e.g. an exported student)")
+    parser.add_argument("--image", action="append", metavar="IMG", help="an image (repeatable)")
+    parser.add_argument("--prompt", required=True, help="the question; <image> tags place the images")
+    parser.add_argument("--num-beams", type=positive_int, default=1)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=128)
+    parser.add_argument("--device", help=DEVICE_HELP)
+
+
+def _args_verbalize_layers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR")
+    parser.add_argument("--verbalizers", required=True, metavar="DIR",
                         help="the model's verbalizers (an exported model's DIR/verbalizers)")
-    layers.add_argument("--image", metavar="IMG")
-    layers.add_argument("--prompt", required=True)
-    layers.add_argument("--compare", nargs=2, action="append", metavar=("MODEL", "VERBALIZERS"),
+    parser.add_argument("--image", metavar="IMG")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--compare", nargs=2, action="append", metavar=("MODEL", "VERBALIZERS"),
                         help="another model and its verbalizers, shown beside (repeatable)")
-    layers.add_argument("--out", required=True, metavar="FILE.html", help="also writes FILE.md")
-    layers.add_argument("--max-new-tokens", type=positive_int, default=32)
-    layers.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU, in bf16, when there is one)")
-    layers.set_defaults(func=_cmd_verbalize_layers)
+    parser.add_argument("--out", required=True, metavar="FILE.html", help="also writes FILE.md")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=32)
+    parser.add_argument("--device", help=DEVICE_HELP)
 
-    ev = sub.add_parser("eval", help="multiple-choice / short-answer accuracy on a dataset")
-    ev.add_argument("--model", required=True, metavar="DIR")
-    ev.add_argument("--data", required=True, metavar="FILE", help="project JSON/JSONL or MMBench-style .tsv")
-    ev.add_argument("--image-root", metavar="DIR", help="JSON image paths are relative to this "
-                                                       "(default: the file's directory)")
-    ev.add_argument("--out", metavar="FILE.jsonl", help="predictions (default: "
-                                                       "runs/eval/MODEL-DATA.predictions.jsonl)")
-    ev.add_argument("--batch-size", type=positive_int, default=32)
-    ev.add_argument("--max-new-tokens", type=positive_int, default=16)
-    ev.add_argument("--limit", type=positive_int, help="evaluate the first N questions only")
-    ev.add_argument("--device", help="cpu, cuda or cuda:N (default: the GPU, in bf16, when there is one)")
-    ev.set_defaults(func=_cmd_eval)
 
-    verbalize = sub.add_parser("verbalize", help="step 1: train one backbone's verbalizers")
-    _add_run_args(verbalize)
-    verbalize.add_argument("--role", required=True, choices=["teacher", "student"])
-    verbalize.set_defaults(func=_cmd_verbalize)
+def _args_eval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, metavar="DIR")
+    parser.add_argument("--data", required=True, metavar="FILE", help="project JSON/JSONL or MMBench-style .tsv")
+    parser.add_argument("--image-root", metavar="DIR", help="JSON image paths are relative to this "
+                                                           "(default: the file's directory)")
+    parser.add_argument("--out", metavar="FILE.jsonl", help="predictions (default: "
+                                                           "runs/eval/MODEL-DATA.predictions.jsonl)")
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=16)
+    parser.add_argument("--limit", type=positive_int, help="evaluate the first N questions only")
+    parser.add_argument("--device", help=DEVICE_HELP)
 
-    interact = sub.add_parser("interact", help="step 2: layer-matched interaction (LoRA on the student)")
-    _add_run_args(interact)
-    interact.add_argument("--teacher-verbalizers", metavar="DIR",
-                          help="default: OUTPUT_DIR/1-teacher-verbalize")
-    interact.add_argument("--student-verbalizers", metavar="DIR",
-                          help="default: OUTPUT_DIR/2-student-verbalize")
-    interact.add_argument("--teacher-cache", metavar="DIR",
-                          help="read the teacher's top-K from a `vlsi cache-teacher` directory; no teacher is loaded")
-    interact.set_defaults(func=_cmd_interact)
 
-    cache = sub.add_parser("cache-teacher", help="run the teacher and its verbalizers over the data once; "
-                                                 "store their top-K for `interact --teacher-cache`")
-    _add_run_args(cache, out=False, restart=False)
-    cache.add_argument("--out", metavar="DIR", help="the cache directory (default: interaction.teacher_cache, "
-                                                   "else OUTPUT_DIR/teacher-cache); a rerun continues it")
-    cache.add_argument("--teacher-verbalizers", metavar="DIR",
-                       help="default: OUTPUT_DIR/1-teacher-verbalize")
-    cache.add_argument("--top-k", type=positive_int, metavar="K",
-                       help="log-probabilities kept per layer and token (default interaction.teacher_cache_top_k)")
-    cache.add_argument("--storage", choices=["float16", "float32"], default="float16",
-                       help="dtype of the stored log-probabilities (default float16)")
-    cache.add_argument("--samples-per-shard", type=positive_int, default=256, metavar="N",
-                       help="samples per shard file (default 256)")
-    cache.set_defaults(func=_cmd_cache_teacher)
+def _args_verbalize(parser: argparse.ArgumentParser) -> None:
+    _add_run_args(parser)
+    parser.add_argument("--role", required=True, choices=["teacher", "student"])
 
-    sft = sub.add_parser("sft", help="step 3: next-token SFT of the student, then export")
-    _add_run_args(sft)
-    sft.add_argument("--adapter", metavar="DIR",
-                     help="LoRA adapter to continue (default: OUTPUT_DIR/3-interact/adapter if it "
-                          "exists, else a fresh LoRA)")
-    sft.add_argument("--student-verbalizers", metavar="DIR",
-                     help="verbalizers exported beside the model (default: "
-                          "OUTPUT_DIR/2-student-verbalize if it exists)")
-    sft.set_defaults(func=_cmd_sft)
 
-    config = sub.add_parser("config", help="print the resolved config, every key with its help")
-    _add_run_args(config, out=False, restart=False)
-    config.set_defaults(func=_cmd_config)
+def _args_interact(parser: argparse.ArgumentParser) -> None:
+    _add_run_args(parser)
+    parser.add_argument("--teacher-verbalizers", metavar="DIR", help="default: OUTPUT_DIR/1-teacher-verbalize")
+    parser.add_argument("--student-verbalizers", metavar="DIR", help="default: OUTPUT_DIR/2-student-verbalize")
+    parser.add_argument("--teacher-cache", metavar="DIR",
+                        help="read the teacher's top-K from a `vlsi cache-teacher` directory; no teacher is loaded")
 
-    plan = sub.add_parser("plan", help="per-GPU memory of every step, from the model configs, before any loading")
-    _add_run_args(plan, out=False, restart=False)
-    plan.add_argument("--gpus", type=positive_int, default=8, help="GPUs (processes) of the launch (default 8)")
-    plan.add_argument("--gpu-memory", default="80GB", metavar="SIZE", help="memory of one GPU, e.g. 80GB, 141GB")
-    plan.add_argument("--engine", choices=["ddp", "zero2", "zero3", "fsdp"], default="zero3",
-                      help="how weights and optimizer states are spread (default zero3)")
-    plan.add_argument("--teacher-shape", metavar="NAME", help="plan a published shape instead of the teacher "
-                      "checkpoint's config.json: qwen2-vl-2b, qwen2-vl-7b, qwen2-vl-72b")
-    plan.add_argument("--student-shape", metavar="NAME", help="the same for the student")
-    plan.add_argument("--response-tokens", type=positive_int, metavar="N",
-                      help="supervised tokens per sample (default: data.max_length, the worst case)")
-    plan.set_defaults(func=_cmd_plan)
 
-    distill = sub.add_parser("distill", help="the whole pipeline: both verbalizations, interaction, SFT")
-    _add_run_args(distill, out=False)
-    distill.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                         help="continue unfinished steps from their newest checkpoint (default); "
-                              "--no-resume restarts them from scratch. Finished steps never rerun.")
-    distill.set_defaults(func=_cmd_distill)
+def _args_cache_teacher(parser: argparse.ArgumentParser) -> None:
+    _add_run_args(parser, out=False, restart=False)
+    parser.add_argument("--out", metavar="DIR", help="the cache directory (default: interaction.teacher_cache, "
+                                                     "else OUTPUT_DIR/teacher-cache); a rerun continues it")
+    parser.add_argument("--teacher-verbalizers", metavar="DIR", help="default: OUTPUT_DIR/1-teacher-verbalize")
+    parser.add_argument("--top-k", type=positive_int, metavar="K",
+                        help="log-probabilities kept per layer and token (default interaction.teacher_cache_top_k)")
+    parser.add_argument("--storage", choices=["float16", "float32"], default="float16",
+                        help="dtype of the stored log-probabilities (default float16)")
+    parser.add_argument("--samples-per-shard", type=positive_int, default=256, metavar="N",
+                        help="samples per shard file (default 256)")
+
+
+def _args_sft(parser: argparse.ArgumentParser) -> None:
+    _add_run_args(parser)
+    parser.add_argument("--adapter", metavar="DIR",
+                        help="LoRA adapter to continue (default: OUTPUT_DIR/3-interact/adapter if it "
+                             "exists, else a fresh LoRA)")
+    parser.add_argument("--student-verbalizers", metavar="DIR",
+                        help="verbalizers exported beside the model (default: "
+                             "OUTPUT_DIR/2-student-verbalize if it exists)")
+
+
+def _args_config(parser: argparse.ArgumentParser) -> None:
+    _add_run_args(parser, out=False, restart=False)
+
+
+def _args_plan(parser: argparse.ArgumentParser) -> None:
+    _add_run_args(parser, out=False, restart=False)
+    parser.add_argument("--gpus", type=positive_int, default=8, help="GPUs (processes) of the launch (default 8)")
+    parser.add_argument("--gpu-memory", default="80GB", metavar="SIZE", help="memory of one GPU, e.g. 80GB, 141GB")
+    parser.add_argument("--engine", choices=["ddp", "zero2", "zero3", "fsdp"], default="zero3",
+                        help="how weights and optimizer states are spread (default zero3)")
+    parser.add_argument("--teacher-shape", metavar="NAME", help="plan a published shape instead of the teacher "
+                        "checkpoint's config.json: qwen2-vl-2b, qwen2-vl-7b, qwen2-vl-72b")
+    parser.add_argument("--student-shape", metavar="NAME", help="the same for the student")
+    parser.add_argument("--response-tokens", type=positive_int, metavar="N",
+                        help="supervised tokens per sample (default: data.max_length, the worst case)")
+
+
+def _args_distill(parser: argparse.ArgumentParser) -> None:
+    _add_run_args(parser, out=False)
+    parser.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                        help="continue unfinished steps from their newest checkpoint (default); "
+                             "--no-resume restarts them from scratch. Finished steps never rerun.")
+
+
+class Command(NamedTuple):
+    """A ``vlsi`` command: its name and help, the function adding its arguments, its handler
+    (``None``: a group whose sub-commands set their own)."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], Any] | None
+    description: str | None = None
+
+
+COMMANDS = (
+    Command("tiny", "build an offline tiny teacher/student pair", _args_tiny, _cmd_tiny),
+    Command("data", "dataset tools", _args_data, None),
+    Command("bench", "benchmarks", _args_bench, None),
+    Command("demo", "the method's claim on the embedded default; writes a report", _args_demo, _cmd_demo,
+            "`vlsi demo`: distil the shipped pretrained pair three ways and report; "
+            "`vlsi demo pretrain --out DIR`: rebuild the pair."),
+    Command("ablate", "the paper's Table 4 (b, d, e, f) at tiny scale on the demo's pair, "
+                      "and (g) on-policy interaction with three divergences", _args_ablate, _cmd_ablate),
+    Command("generate", "answer a prompt (greedy; --num-beams for beam search)", _args_generate, _cmd_generate),
+    Command("verbalize-layers", "each target layer's verbalized response, side by side (HTML + Markdown)",
+            _args_verbalize_layers, _cmd_verbalize_layers),
+    Command("eval", "multiple-choice / short-answer accuracy on a dataset", _args_eval, _cmd_eval),
+    Command("verbalize", "step 1: train one backbone's verbalizers", _args_verbalize, _cmd_verbalize),
+    Command("interact", "step 2: layer-matched interaction (LoRA on the student)", _args_interact, _cmd_interact),
+    Command("cache-teacher", "run the teacher and its verbalizers over the data once; "
+                             "store their top-K for `interact --teacher-cache`", _args_cache_teacher,
+            _cmd_cache_teacher),
+    Command("sft", "step 3: next-token SFT of the student, then export", _args_sft, _cmd_sft),
+    Command("config", "print the resolved config, every key with its help", _args_config, _cmd_config),
+    Command("plan", "per-GPU memory of every step, from the model configs, before any loading", _args_plan,
+            _cmd_plan),
+    Command("distill", "the whole pipeline: both verbalizations, interaction, SFT", _args_distill, _cmd_distill),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vlsi`` parser: one sub-command per entry of :data:`COMMANDS`."""
+    parser = argparse.ArgumentParser(prog="vlsi", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"vlsi {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        sub = commands.add_parser(command.name, help=command.help, description=command.description)
+        command.arguments(sub)
+        if command.handler is not None:
+            sub.set_defaults(func=command.handler)
     return parser
 
 

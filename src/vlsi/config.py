@@ -4,7 +4,9 @@ One YAML file describes a whole VLsI run (``vlsi distill CONFIG``) or one of its
 Unknown keys and out-of-range values are errors that name the key (``interaction.strategy``).
 Defaults are the paper's (section 4.1c; docs/method.md#training-defaults): AdamW, cosine
 schedule from 1e-4 down to 1e-6 (``cosine_with_min_lr``), gradient accumulation 16, per-device batch 4,
-gradient checkpointing, bf16 where the hardware has it, LoRA r=64 alpha=64.
+gradient checkpointing, bf16 where the hardware has it, LoRA r=64 alpha=64. Training settings
+are ``transformers.TrainingArguments`` fields (the paper's values in :data:`PAPER_TRAINING`)
+beside vlsi's own (:class:`TrainingConfig`; docs/training.md#training-settings).
 
 Example::
 
@@ -26,7 +28,11 @@ Example::
 
 from __future__ import annotations
 
+import argparse
+import copy
 import dataclasses
+import enum
+import functools
 import json
 import types
 import typing
@@ -193,49 +199,115 @@ class LoraSettings:
             raise ConfigError(f"{key}.dropout must be in [0, 1), got {self.dropout}")
 
 
-@dataclass
-class TrainingConfig:
-    """Optimisation settings of one stage, mapped onto ``transformers.TrainingArguments``.
+# TrainingArguments values of every stage unless its config sets them: the paper's (section 4.1c),
+# stated once. Any other TrainingArguments field keeps transformers' default unless set.
+PAPER_TRAINING: dict[str, Any] = {
+    "learning_rate": 1e-4,
+    "num_train_epochs": 1.0,
+    "max_steps": -1,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 16,
+    "weight_decay": 0.0,
+    "max_grad_norm": 1.0,
+    "gradient_checkpointing": True,
+    "logging_steps": 10,
+    "save_steps": 500,
+    "save_total_limit": 2,
+    "seed": 42,
+    "dataloader_num_workers": 0,
+    "dataloader_pin_memory": True,
+    "report_to": ["tensorboard"],
+    "ddp_timeout": DEFAULT_DDP_TIMEOUT,
+}
 
-    The fields below are this project's defaults (the paper's, section 4.1c). Any other
-    ``TrainingArguments`` field may be set beside them (``training.report_to: [wandb]``,
-    ``training.optim: adamw_torch_fused``, ...): it is kept in :attr:`arguments`, passed
-    through last, and validated by transformers itself (:func:`vlsi.stages.arguments.check`).
+# TrainingArguments fields the stages set themselves: a config may not set them.
+RESERVED_ARGUMENTS = frozenset({"output_dir", "remove_unused_columns"})
+
+
+@dataclass(init=False, eq=False)
+class TrainingConfig:
+    """One stage's training settings: ``transformers.TrainingArguments`` fields plus vlsi's own.
+
+    Construct it flat, as a config's ``training`` section reads:
+    ``TrainingConfig(learning_rate=2e-4, min_learning_rate=2e-6, optim="adafactor")``. The fields
+    below are vlsi's own; any ``TrainingArguments`` field may be given beside them and is kept,
+    typed by transformers' own argument parser, in :attr:`arguments`. Reading a
+    ``TrainingArguments`` field (``tcfg.learning_rate``) gives the config's value, else the
+    paper's (:data:`PAPER_TRAINING`), else transformers' default.
+    :func:`vlsi.stages.arguments.training_arguments` builds the stage's ``TrainingArguments``.
     """
 
-    learning_rate: float = _f(1e-4, "peak learning rate (AdamW, cosine schedule)")
-    min_learning_rate: float = _f(1e-6, "learning rate at the end of the cosine schedule")
-    num_train_epochs: float = _f(1.0, "epochs over the training data (when max_steps is -1)")
-    max_steps: int = _f(-1, "optimizer steps; -1: num_train_epochs decides")
-    per_device_train_batch_size: int = _f(4, "samples per device per micro-batch")
-    gradient_accumulation_steps: int = _f(16, "micro-batches per optimizer step")
-    warmup_ratio: float = _f(0.0, "share of the steps spent warming the learning rate up")
-    weight_decay: float = _f(0.0, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    gradient_checkpointing: bool = _f(True, "recompute activations in backward (memory for time)")
+    min_learning_rate: float = _f(1e-6, "learning rate at the end of the cosine schedule (cosine_with_min_lr "
+                                         "from learning_rate)")
+    warmup_ratio: float = _f(0.0, "share of the steps spent warming the learning rate up "
+                                  "(TrainingArguments.warmup_steps as a ratio)")
     bf16: bool | Literal["auto"] = _f("auto", "bf16 mixed precision; auto: where the GPU has it")
-    logging_steps: int = _f(10, "optimizer steps between log records")
-    save_steps: int = _f(500, "optimizer steps between checkpoints (one is also saved at the end)")
-    save_total_limit: int | None = _f(2, "checkpoints kept (older ones are deleted)")
-    seed: int = _f(42, "seed of initialisation, data order and matching draws")
-    dataloader_num_workers: int = _f(0, "data-loading worker processes (0: the training process "
-                                        "decodes images and reads the teacher cache itself)")
-    dataloader_pin_memory: bool = _f(True, "collate into pinned memory; batches then reach the GPU "
-                                           "by non-blocking copies")
-    report_to: list[str] = _f(factory=lambda: ["tensorboard"], help="logging integrations "
-                                                                     "(TrainingArguments.report_to)")
     max_consecutive_nonfinite: int = _f(5, "non-finite losses in a row that stop the run")
-    ddp_timeout: int = _f(DEFAULT_DDP_TIMEOUT, "seconds a process waits in a collective (multi-GPU) while "
-                                               "another works alone, e.g. rank 0 loading a checkpoint; "
-                                               "training section only")
-    arguments: dict[str, Any] = _f(factory=dict, help="other TrainingArguments fields, passed through")
+    arguments: dict[str, Any] = _f(factory=dict, help="the TrainingArguments fields this config sets")
+
+    def __init__(self, arguments: dict[str, Any] | None = None, **settings: Any):
+        self._load({**settings, **({"arguments": arguments} if arguments is not None else {})}, "training")
+
+    @classmethod
+    def parse(cls, raw: Any, key: str) -> TrainingConfig:
+        """The settings of mapping ``raw`` (a config section); errors name ``key``."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{key}: expected a mapping of training settings, got {type(raw).__name__}")
+        tcfg = cls.__new__(cls)
+        tcfg._load(raw, key)
+        return tcfg
+
+    def _load(self, raw: dict[str, Any], key: str) -> None:
+        own = {f.name: f for f in dataclasses.fields(TrainingConfig) if f.name != "arguments"}
+        for name, f in own.items():
+            setattr(self, name, f.default)
+        self.arguments = {}
+        settings = _flatten_arguments(raw, key)
+        hints = typing.get_type_hints(TrainingConfig)
+        for name, value in settings.items():
+            if name in own:
+                setattr(self, name, _coerce(value, hints[name], f"{key}.{name}"))
+            else:
+                self.arguments[name] = _trainer_value(name, value, key)
+
+    def explicit(self) -> dict[str, Any]:
+        """What the config set, flat: vlsi's own settings and the ``TrainingArguments`` fields."""
+        return {**{name: getattr(self, name) for name in _OWN_TRAINING}, **copy.deepcopy(self.arguments)}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrainingConfig) and self.settings() == other.settings()
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or "arguments" not in self.__dict__:
+            raise AttributeError(name)
+        if name in self.arguments:
+            return self.arguments[name]
+        if name in PAPER_TRAINING:
+            return copy.deepcopy(_paper_training()[name])
+        fields = trainer_argument_fields()
+        if name not in fields:
+            raise AttributeError(f"{type(self).__name__} has no setting {name!r}")
+        f = fields[name]
+        return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+    def settings(self) -> dict[str, Any]:
+        """Every setting that differs from transformers' defaults: :data:`PAPER_TRAINING` with the
+        config's values, vlsi's own, and the other ``TrainingArguments`` fields set under
+        ``arguments``. Fingerprints record this form (it predates the flat spelling)."""
+        other = {k: v for k, v in self.arguments.items() if k not in PAPER_TRAINING}
+        return {**{k: getattr(self, k) for k in PAPER_TRAINING},
+                **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "arguments"},
+                "arguments": copy.deepcopy(other)}
+
+    def flat(self) -> dict[str, Any]:
+        """:meth:`settings` as a config's ``training`` section spells them (``config.yaml``)."""
+        settings = self.settings()
+        return {**{k: v for k, v in settings.items() if k != "arguments"}, **settings["arguments"]}
 
     def check(self, key: str) -> None:
         for name in ("learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps",
                      "logging_steps", "save_steps", "max_consecutive_nonfinite", "ddp_timeout"):
             _positive(getattr(self, name), f"{key}.{name}")
-        if "ddp_timeout" in self.arguments:
-            raise ConfigError(f"{key}.arguments.ddp_timeout: set {key}.ddp_timeout instead")
         if not 0 <= self.min_learning_rate <= self.learning_rate:
             raise ConfigError(f"{key}.min_learning_rate must be in [0, learning_rate], got {self.min_learning_rate}")
         if self.max_steps == 0 or self.max_steps < -1:
@@ -251,15 +323,107 @@ class TrainingConfig:
             _positive(self.save_total_limit, f"{key}.save_total_limit")
 
 
-# TrainingArguments fields the stages set themselves: a config may not override them.
-RESERVED_ARGUMENTS = frozenset({"output_dir", "remove_unused_columns"})
+_OWN_TRAINING = tuple(f.name for f in dataclasses.fields(TrainingConfig) if f.name != "arguments")
 
 
+def _flatten_arguments(raw: dict[str, Any], key: str) -> dict[str, Any]:
+    """``raw`` with the former ``arguments:`` sub-mapping merged into it (both spellings load)."""
+    if "arguments" not in raw:
+        return raw
+    arguments = raw["arguments"] or {}
+    if not isinstance(arguments, dict):
+        raise ConfigError(f"{key}.arguments: expected a mapping, got {arguments!r}")
+    rest = {k: v for k, v in raw.items() if k != "arguments"}
+    both = sorted(set(arguments) & set(rest))
+    if both:
+        raise ConfigError(f"{key}.arguments.{both[0]}: also set as {key}.{both[0]}; keep one")
+    return {**arguments, **rest}
+
+
+@functools.lru_cache(maxsize=1)
 def trainer_argument_fields() -> dict[str, Any]:
     """``TrainingArguments``' own fields (name -> dataclass field)."""
     from transformers import TrainingArguments
 
     return {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+@functools.lru_cache(maxsize=1)
+def _paper_training() -> dict[str, Any]:
+    """:data:`PAPER_TRAINING` typed as a config's values are (``logging_steps`` is a float)."""
+    return {name: _trainer_value(name, value, "PAPER_TRAINING") for name, value in PAPER_TRAINING.items()}
+
+
+@functools.lru_cache(maxsize=1)
+def _trainer_hints() -> dict[str, Any]:
+    """``TrainingArguments``' annotations (``HfArgumentParser`` rewrites its fields' ``type``)."""
+    from transformers import TrainingArguments
+
+    return typing.get_type_hints(TrainingArguments)
+
+
+class _ParserError(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=1)
+def _trainer_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Action]]:
+    """transformers' own command-line parser of ``TrainingArguments`` (``--learning_rate 1e-4``)."""
+    from transformers import HfArgumentParser, TrainingArguments
+
+    parser = HfArgumentParser(TrainingArguments)
+
+    def error(message: str) -> typing.NoReturn:
+        raise _ParserError(message)
+
+    parser.error = error  # type: ignore[method-assign]
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # a field's own option comes before its --no_ complement
+        if action.option_strings:
+            actions.setdefault(action.dest, action)
+    return parser, actions
+
+
+def _trainer_value(name: str, value: Any, key: str) -> Any:
+    """``value`` of ``TrainingArguments`` field ``name`` typed as transformers types it on the
+    command line (``1e-4`` strings become numbers, ``2`` epochs ``2.0``, choices checked)."""
+    fields = trainer_argument_fields()
+    if name in RESERVED_ARGUMENTS:
+        raise ConfigError(f"{key}.{name}: set by vlsi itself, not configurable")
+    if name not in fields:
+        raise ConfigError(f"{key}.{name}: unknown key (neither a vlsi training setting nor a "
+                          "transformers TrainingArguments field)")
+    hint = _trainer_hints()[name]
+    if value is None and type(None) in typing.get_args(hint):
+        return value
+    if isinstance(value, dict) and "dict" in str(hint):  # lr_scheduler_kwargs, fsdp_config, ...
+        return value
+    if value is None or isinstance(value, dict):
+        raise ConfigError(f"{key}.{name}: invalid value {value!r}")
+    parser, actions = _trainer_parser()
+    action = actions[name]
+    items = value if isinstance(value, list) else [value]
+    if isinstance(value, list) and action.nargs not in ("+", "*") and "list" not in str(hint):
+        raise ConfigError(f"{key}.{name}: expected a single value, got {value!r}")
+    if any(isinstance(v, (list, dict)) for v in items):
+        raise ConfigError(f"{key}.{name}: invalid value {value!r}")
+    typed = []
+    for item in items:
+        text = str(item).lower() if isinstance(item, bool) else str(item)
+        try:
+            parsed = getattr(parser.parse_args([f"{action.option_strings[0]}={text}"]), name)
+        except _ParserError as err:
+            message = str(err).split(": ", 1)[-1]
+            if "(choose from " in message:  # optimizers, schedulers: dozens of choices
+                head, choices = message.split("(choose from ", 1)
+                message = f"{head}(choose from {', '.join(choices.split(', ')[:4])}, ...)"
+            raise ConfigError(f"{key}.{name}: {message}") from None
+        if isinstance(item, bool) != isinstance(parsed, bool):
+            raise ConfigError(f"{key}.{name}: invalid value {item!r}")
+        if isinstance(parsed, list) and len(parsed) == 1:  # options of nargs "+"
+            parsed = parsed[0]
+        typed.append(parsed.value if isinstance(parsed, enum.Enum) else parsed)
+    return typed if isinstance(value, list) else typed[0]
 
 
 STAGES = ("verbalize", "interact", "sft")
@@ -299,7 +463,7 @@ class RunConfig:
         for part in ("data", "verbalizer", "interaction", "lora", "training"):
             getattr(self, part).check(part)
         for name in STAGES:
-            if "ddp_timeout" in getattr(self, name):
+            if "ddp_timeout" in _flatten_arguments(getattr(self, name), name):
                 # the first stage's TrainingArguments set up the process group; later ones reuse it
                 raise ConfigError(f"{name}.ddp_timeout: one process group serves every stage; set "
                                   "training.ddp_timeout")
@@ -308,8 +472,8 @@ class RunConfig:
     def stage(self, name: str) -> TrainingConfig:
         """The :class:`TrainingConfig` of stage ``name``: ``training`` with its overrides."""
         _choice(name, STAGES, "stage")
-        merged = {**dataclasses.asdict(self.training), **getattr(self, name)}
-        cfg = _build(TrainingConfig, merged, name)
+        merged = {**self.training.explicit(), **_flatten_arguments(getattr(self, name), name)}
+        cfg = TrainingConfig.parse(merged, name)
         cfg.check(name)
         return cfg
 
@@ -347,28 +511,44 @@ def describe_config(cfg: RunConfig) -> str:
     the stages' merged training settings last."""
     lines: list[str] = []
 
+    def line(key: str, value: Any, help_text: str) -> None:
+        lines.append(f"{key} = {json.dumps(value)}" + (f"    # {help_text}" if help_text else ""))
+
     def walk(obj: Any, prefix: str) -> None:
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
             key = f"{prefix}{f.name}"
-            if dataclasses.is_dataclass(value):
+            if isinstance(value, TrainingConfig):
+                for name, setting in value.flat().items():
+                    line(f"{key}.{name}", setting, training_help(name))
+            elif dataclasses.is_dataclass(value):
                 walk(value, key + ".")
             elif not (obj is cfg and f.name in STAGES):
-                help_text = f.metadata.get("help", "")
-                lines.append(f"{key} = {json.dumps(value)}" + (f"    # {help_text}" if help_text else ""))
+                line(key, value, f.metadata.get("help", ""))
 
     walk(cfg, "")
+    shared = cfg.training.flat()
     for name in STAGES:
-        merged = cfg.stage(name)
-        changed = {k: v for k, v in dataclasses.asdict(merged).items()
-                   if v != getattr(cfg.training, k)}
+        changed = {k: v for k, v in cfg.stage(name).flat().items() if k not in shared or shared[k] != v}
         lines.append(f"{name}: training settings with {json.dumps(changed) if changed else 'no overrides'}")
     return "\n".join(lines)
 
 
+def training_help(name: str) -> str:
+    """Help text of training setting ``name``: vlsi's own, else transformers' (first sentence)."""
+    own = {f.name: f for f in dataclasses.fields(TrainingConfig)}
+    if name in own:
+        return own[name].metadata.get("help", "")
+    text = " ".join(str(trainer_argument_fields()[name].metadata.get("help", "")).split())
+    first = text.split(". ")[0].rstrip(".")
+    return f"TrainingArguments: {first}" if first else "TrainingArguments field"
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The config as YAML (written beside every run for reproducibility)."""
-    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)
+    raw = dataclasses.asdict(cfg)
+    raw["training"] = cfg.training.flat()
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
@@ -385,10 +565,10 @@ def _build(cls: type, raw: Any, key: str) -> Any:
     """Build dataclass ``cls`` from a mapping, checking keys and value types."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(raw).__name__}")
+    if cls is TrainingConfig:
+        return TrainingConfig.parse(raw, key or "training")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    if cls is TrainingConfig:
-        raw = _collect_trainer_arguments(raw, key)
     unknown = sorted(set(raw) - known)
     if unknown:
         where = f"{key}.{unknown[0]}" if key else unknown[0]
@@ -406,30 +586,12 @@ def _build(cls: type, raw: Any, key: str) -> Any:
     return cls(**values)
 
 
-def _collect_trainer_arguments(raw: dict[str, Any], key: str) -> dict[str, Any]:
-    """Move ``TrainingArguments`` fields that are not vlsi settings into ``arguments``."""
-    own = {f.name for f in dataclasses.fields(TrainingConfig)}
-    extra = {k: v for k, v in raw.items() if k not in own}
-    if not extra:
-        return raw
-    fields = trainer_argument_fields()
-    for name in extra:
-        if name in RESERVED_ARGUMENTS:
-            raise ConfigError(f"{key}.{name}: set by vlsi itself, not configurable")
-        if name not in fields:
-            raise ConfigError(f"{key}.{name}: unknown key (neither a vlsi training setting nor a "
-                              "transformers TrainingArguments field)")
-    arguments = dict(raw.get("arguments") or {})
-    arguments.update(extra)
-    return {**{k: v for k, v in raw.items() if k in own}, "arguments": arguments}
-
-
 def _stage_overrides(value: Any, key: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise ConfigError(f"{key}: expected a mapping of training settings")
-    _build(TrainingConfig, value, key)  # checks keys and types now
+    TrainingConfig.parse(value, key)  # checks keys and types now
     return dict(value)
 
 

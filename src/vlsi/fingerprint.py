@@ -93,7 +93,7 @@ def directory_identity(path: str | Path) -> str:
 
 
 def _settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
-    return {k: v for k, v in dataclasses.asdict(cfg.stage(stage)).items() if k not in NOT_RESULT_SETTINGS}
+    return {k: v for k, v in cfg.stage(stage).settings().items() if k not in NOT_RESULT_SETTINGS}
 
 
 def step_inputs(cfg: RunConfig, step: str, upstream: dict[str, str | None] | None = None) -> dict[str, Any]:

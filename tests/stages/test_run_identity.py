@@ -83,7 +83,8 @@ def test_a_changed_data_file_is_a_changed_input(distilled, tmp_path, cli):
     ({"verbalizer.student_layers": [0, 1, 2], "verbalizer.teacher_layers": [1]},
      "the student has more target layers than the teacher"),
     ({"data.train": ["/nonexistent/train.json"]}, "data.train: /nonexistent/train.json not found"),
-    ({"training.optim": "no_such_optimizer"}, "transformers refuses these training arguments"),
+    ({"training.optim": "no_such_optimizer"}, "training.optim: invalid choice: 'no_such_optimizer'"),
+    ({"training.dataloader_prefetch_factor": 2}, "transformers refuses these training arguments"),
 ])
 def test_preflight_failures_are_one_line_before_any_training(change, message, tmp_path, tiny_overrides,
                                                               set_args, cli):

@@ -111,9 +111,7 @@ def demo_regime(out: Path, config: str | Path, teacher_verbalizers: str | Path, 
         kept = json.loads(path.read_text())
         if all(kept.get(k) == v for k, v in key.items()):
             return kept
-    cfg = load_config(config)
-    if data is not None:
-        cfg.data.train = [str(data)]
+    cfg = load_config(config, None if data is None else {"data.train": [str(data)]})
     result = {**measure_regime(cfg, teacher_verbalizers, samples), **key}
     path.write_text(json.dumps(result, indent=2) + "\n")
     return result
