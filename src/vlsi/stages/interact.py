@@ -83,7 +83,10 @@ class InteractTrainer(MicroBatchTiming, MicroBatchDraws, OnPolicyInputs, VlsiTra
 
     ``model`` is the student ``PeftModel``. The verbalizer sets are frozen, not submodules of
     it (replicated on every device, never in checkpoints); the student's is attached to the
-    student backbone, the teacher's to the teacher backbone.
+    student backbone, the teacher's to the teacher backbone. The mixins time the micro-batch
+    (:mod:`~vlsi.stages.interact_timing`), number it for the seeded draws
+    (:mod:`~vlsi.stages.interact_draws`) and make on-policy batches
+    (:mod:`~vlsi.stages.interact_on_policy`).
 
     Args:
         teacher_verbalizers: attached to the teacher :class:`Backbone` (whose model is placed

@@ -214,6 +214,21 @@ def run_verbalize(run: RunConfig | ResolvedRun, role: str, out_dir: str | Path, 
         if gpu_memory(args) is not None:  # before the backbone loads: refuse what cannot fit
             shape = run.plan_shape(role)
             check_gpu_memory(cfg, (f"{role}-verbalize",), *((shape, None) if role == "teacher" else (None, shape)), args)
+        backbone = load_backbone(model_dir, dtype=torch.bfloat16 if args.bf16 else None,
+                                 attn_implementation=cfg.attn_implementation)
+        backbone.model.requires_grad_(False).eval()
+        set_seed(cfg.stage("verbalize").seed)
+        # float32 master weights even on a bf16 backbone (mixed precision runs the matmuls in bf16)
+        parts["verbalizers"] = VerbalizerSet(backbone, layers, cfg.verbalizer.architecture).float()
+        parts["log"] = (LayerLossLog(out / LAYER_LOSS_STEPS, parts["verbalizers"].layers,
+                                     keep_until=resumed_step) if args.should_save else None)
+        model = VerbalizerTrainingModel(parts["verbalizers"],
+                                        checkpoint_transforms=cfg.stage("verbalize").gradient_checkpointing)
+        return VerbalizeTrainer(model=model, args=args,
+                                train_dataset=dataset, data_collator=collator,
+                                max_consecutive_nonfinite=cfg.stage("verbalize").max_consecutive_nonfinite,
+                                loss_log=parts["log"])
+
     def restore(trainer: Trainer, checkpoint: Path) -> None:
         trainer.model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
 
