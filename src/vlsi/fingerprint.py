@@ -20,6 +20,10 @@ The inputs of a step:
 * what the step reads from earlier steps (verbalizers, the interaction adapter): the digest of
   the earlier step's own fingerprint when it has one, else of its weight files;
 * the package version.
+
+The data and model identities of a run are computed once per :class:`~vlsi.resolved.ResolvedRun`
+(:func:`identity_of_data`, :func:`identity_of_teacher`, :func:`model_identity`); the functions
+that take a run accept a :class:`~vlsi.config.RunConfig` too and resolve it.
 """
 
 from __future__ import annotations

@@ -20,7 +20,9 @@ sample of the data, so a mistake costs seconds, not a verbalized teacher:
   :mod:`vlsi.plan`'s figures): a 72B teacher under DDP is refused here, not by an OOM after
   it loaded. On a CPU there is no per-GPU budget and nothing is checked.
 
-The run identity of each step directory is checked by the stages themselves
+The model facts (paths, shapes, target layers, parameters, shared vocabulary) are the run's
+:class:`~vlsi.resolved.ResolvedRun`'s, read once; the checks here only compare them. The run
+identity of each step directory is checked by the stages themselves
 (:mod:`vlsi.fingerprint`). :func:`plan_lines` describes the run in a few lines.
 """
 
