@@ -54,7 +54,7 @@ def test_model_facts_of_the_tiny_pair(tiny_pair, tiny_config, tmp_path, family):
         text = config.get("text_config") or config
         facts = run.facts(role)
         assert facts.path == run.model_dir(role) == Path(path)
-        assert facts.model_type == config["model_type"] == family
+        assert facts.model_type == config["model_type"] == family == facts.family.model_type
         assert (facts.num_layers, facts.hidden_size, facts.vocab_size) == (
             text["num_hidden_layers"], text["hidden_size"], text["vocab_size"])
         assert facts.parameters == safetensors_parameters(Path(path))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from vlsi.backbones import checkpoint_dir, read_model_type
 from vlsi.config import RunConfig
 from vlsi.errors import VlsiError
-from vlsi.families import family_for
+from vlsi.families import Family, family_for
 from vlsi.verbalizer import validate_target_layers
 
 if TYPE_CHECKING:
@@ -90,6 +90,11 @@ class ModelFacts:
     vocab_size: int  # LM-head rows
     parameters: int
     target_layers: list[int] = field(default_factory=list)
+
+    @property
+    def family(self) -> Family:
+        """The family entry of ``model_type`` (:mod:`vlsi.families`)."""
+        return family_for(self.model_type)
 
 
 def text_config(path: Path) -> dict[str, Any]:
@@ -209,11 +214,11 @@ class ResolvedRun:
     def teacher(self) -> ModelFacts:
         """The teacher's facts; a complete teacher cache stands in for absent weights."""
         parameters = self.cached_teacher_parameters
-        return model_facts(self.cfg.teacher, "teacher", self.configured_layers("teacher"), parameters)
+        return model_facts(self.teacher_dir, "teacher", self.configured_layers("teacher"), parameters)
 
     @cached_property
     def student(self) -> ModelFacts:
-        return model_facts(self.cfg.student, "student", self.configured_layers("student"))
+        return model_facts(self.student_dir, "student", self.configured_layers("student"))
 
     def facts(self, role: str) -> ModelFacts:
         _check_role(role)
