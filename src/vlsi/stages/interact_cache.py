@@ -51,4 +51,5 @@ def cached_teacher(inputs: dict[str, Any], device: torch.device) -> SparseTeache
 
 
 def describe(cache: TeacherCache) -> str:
+    """The line the main process prints in place of the teacher's footprint."""
     return f"teacher: none loaded; top-{cache.k} of {cache.layers} layers read from {cache.root}"
