@@ -175,7 +175,7 @@ class ResolvedRun:
 
     cfg: RunConfig
     layout: RunLayout
-    _shapes: dict[str, Any] = field(default_factory=dict, repr=False)
+    _shapes: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # role -> ModelShape
 
     # -- paths --------------------------------------------------------------------------------
     @cached_property
