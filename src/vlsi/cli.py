@@ -144,76 +144,76 @@ def _existing_files(paths: list[str], what: str) -> None:
 
 
 def _cmd_verbalize(args: argparse.Namespace) -> None:
-    from vlsi.stages.distill import layout
+    from vlsi.resolved import resolve_run
     from vlsi.stages.verbalize import run_verbalize
 
-    cfg = _load_config(args)
-    run = layout(cfg)
-    out = Path(args.out) if args.out else run.verbalize_dir(args.role)
-    done = run_verbalize(cfg, args.role, out, resume=args.resume, restart=args.restart_changed)
+    run = resolve_run(_load_config(args))
+    out = Path(args.out) if args.out else run.layout.verbalize_dir(args.role)
+    done = run_verbalize(run, args.role, out, resume=args.resume, restart=args.restart_changed)
     print(f"verbalize ({args.role}): {done}")
 
 
 def _cmd_interact(args: argparse.Namespace) -> None:
-    from vlsi.stages.distill import layout
+    from vlsi.resolved import resolve_run
     from vlsi.stages.interact import run_interact
 
+    # before validation: what the cache rules out (e.g. on_policy) fails there
     cfg = _load_config(args, {"interaction.teacher_cache": args.teacher_cache} if args.teacher_cache else None)
-    run = layout(cfg)
-    teacher = _existing_dir(Path(args.teacher_verbalizers or run.teacher_verbalize), "teacher verbalizers",
+    run = resolve_run(cfg)
+    teacher = _existing_dir(Path(args.teacher_verbalizers or run.layout.teacher_verbalize), "teacher verbalizers",
                            "run `vlsi verbalize CONFIG --role teacher` or pass --teacher-verbalizers")
-    student = _existing_dir(Path(args.student_verbalizers or run.student_verbalize), "student verbalizers",
+    student = _existing_dir(Path(args.student_verbalizers or run.layout.student_verbalize), "student verbalizers",
                            "run `vlsi verbalize CONFIG --role student` or pass --student-verbalizers")
-    out = Path(args.out) if args.out else run.interact
-    result = run_interact(cfg, out, teacher_verbalizers=teacher, student_verbalizers=student,
+    out = Path(args.out) if args.out else run.layout.interact
+    result = run_interact(run, out, teacher_verbalizers=teacher, student_verbalizers=student,
                           resume=args.resume, restart=args.restart_changed)
     print(f"interact: {result}")
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> None:
+    from vlsi.resolved import resolve_run
     from vlsi.stages.cache_teacher import run_cache_teacher
-    from vlsi.stages.distill import layout
 
-    cfg = _load_config(args)
-    run = layout(cfg)
-    teacher = _existing_dir(Path(args.teacher_verbalizers or run.teacher_verbalize), "teacher verbalizers",
+    run = resolve_run(_load_config(args))
+    teacher = _existing_dir(Path(args.teacher_verbalizers or run.layout.teacher_verbalize), "teacher verbalizers",
                            "run `vlsi verbalize CONFIG --role teacher` or pass --teacher-verbalizers")
-    out = Path(args.out or cfg.interaction.teacher_cache or run.teacher_cache)
-    top_k = args.top_k or cfg.interaction.teacher_cache_top_k
-    print(f"cache-teacher: {run_cache_teacher(cfg, out, teacher_verbalizers=teacher, top_k=top_k, storage=args.storage, samples_per_shard=args.samples_per_shard)}")
+    out = Path(args.out or run.teacher_cache or run.layout.teacher_cache)
+    top_k = args.top_k or run.cfg.interaction.teacher_cache_top_k
+    print(f"cache-teacher: {run_cache_teacher(run, out, teacher_verbalizers=teacher, top_k=top_k, storage=args.storage, samples_per_shard=args.samples_per_shard)}")
 
 
 def _cmd_sft(args: argparse.Namespace) -> None:
-    from vlsi.stages.distill import layout
+    from vlsi.resolved import resolve_run
     from vlsi.stages.sft import run_sft
 
-    cfg = _load_config(args)
-    run = layout(cfg)
+    run = resolve_run(_load_config(args))
+    paths = run.layout
     if args.adapter:
         adapter: Path | None = _existing_dir(Path(args.adapter), "LoRA adapter", "check --adapter")
-    elif run.interact_adapter.is_dir():
-        adapter = run.interact_adapter
+    elif paths.interact_adapter.is_dir():
+        adapter = paths.interact_adapter
     else:
         adapter = None
-        print(f"sft: no interaction adapter at {run.interact_adapter}; training a fresh LoRA")
+        print(f"sft: no interaction adapter at {paths.interact_adapter}; training a fresh LoRA")
     if args.student_verbalizers:
         verbalizers: Path | None = _existing_dir(Path(args.student_verbalizers), "student verbalizers",
                                                  "check --student-verbalizers")
-    elif (run.student_verbalize / "verbalizers.json").is_file():
-        verbalizers = run.student_verbalize
+    elif (paths.student_verbalize / "verbalizers.json").is_file():
+        verbalizers = paths.student_verbalize
     else:
         verbalizers = None
-        print(f"sft: no student verbalizers at {run.student_verbalize}; exporting the model alone")
-    out = Path(args.out) if args.out else run.sft
-    model_dir = run_sft(cfg, out, adapter=adapter, student_verbalizers=verbalizers, resume=args.resume,
+        print(f"sft: no student verbalizers at {paths.student_verbalize}; exporting the model alone")
+    out = Path(args.out) if args.out else paths.sft
+    model_dir = run_sft(run, out, adapter=adapter, student_verbalizers=verbalizers, resume=args.resume,
                         restart=args.restart_changed)
     print(f"sft: exported {model_dir}")
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
+    from vlsi.resolved import resolve_run
     from vlsi.stages.distill import run_distill
 
-    run_distill(_load_config(args), resume=args.resume, restart_changed=args.restart_changed)
+    run_distill(resolve_run(_load_config(args)), resume=args.resume, restart_changed=args.restart_changed)
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
@@ -224,8 +224,9 @@ def _cmd_config(args: argparse.Namespace) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> None:
     from vlsi.plan import run_plan
+    from vlsi.resolved import resolve_run
 
-    lines = run_plan(_load_config(args), gpus=args.gpus, gpu_memory=args.gpu_memory, engine=args.engine,
+    lines = run_plan(resolve_run(_load_config(args)), gpus=args.gpus, gpu_memory=args.gpu_memory, engine=args.engine,
                      teacher_shape=args.teacher_shape, student_shape=args.student_shape,
                      response_tokens=args.response_tokens)
     print("\n".join(lines))

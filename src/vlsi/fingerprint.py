@@ -15,11 +15,15 @@ The inputs of a step:
 * model identities (:func:`model_identity`): the resolved path, the SHA-256 of ``config.json``
   and of each weight file (files over 128 MB by their size, first and last 8 MB, whose header
   already names every tensor, so a 144 GB teacher is not read whole); a teacher without its
-  weights takes theirs from the teacher cache's manifest (:func:`teacher_identity`);
+  weights takes theirs from the teacher cache's manifest (:func:`identity_of_teacher`);
 * data files by content (SHA-256; images are not hashed, their paths come from the files);
 * what the step reads from earlier steps (verbalizers, the interaction adapter): the digest of
   the earlier step's own fingerprint when it has one, else of its weight files;
 * the package version.
+
+The data and model identities of a run are computed once per :class:`~vlsi.resolved.ResolvedRun`
+(:func:`identity_of_data`, :func:`identity_of_teacher`, :func:`model_identity`); the functions
+that take a run accept a :class:`~vlsi.config.RunConfig` too and resolve it.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from vlsi import __version__
-from vlsi.config import RunConfig
+from vlsi.config import DataConfig, RunConfig
 from vlsi.errors import VlsiError
 from vlsi.files import canonical_digest, read_json, sha256_file, write_json_atomic
+from vlsi.resolved import ResolvedRun, resolve_run
 
 FINGERPRINT = "fingerprint.json"
 NOT_RESULT_SETTINGS = frozenset({"logging_steps", "save_steps", "save_total_limit",
@@ -63,24 +68,34 @@ def model_identity(path: str | Path) -> dict[str, Any]:
             "weights": {p.name: file_digest(p) for p in weights}}
 
 
-def teacher_identity(cfg: RunConfig) -> dict[str, Any]:
+def identity_of_teacher(teacher: str | Path, cache: Path | None) -> dict[str, Any]:
     """The teacher's :func:`model_identity`. A teacher directory without weight files (a machine
-    the teacher does not fit) takes the weights that the complete teacher cache the run reads
+    the teacher does not fit) takes the weights that the complete teacher ``cache`` the run reads
     (``interaction.teacher_cache``) recorded; path and ``config.json`` stay its own, so the cache
     of another teacher is still refused."""
     from vlsi.teacher_cache import cache_complete, read_manifest
 
-    identity = model_identity(Path(cfg.teacher).expanduser())
-    cache = cfg.interaction.teacher_cache
-    if not identity["weights"] and cache is not None and cache_complete(Path(cache)):
-        identity["weights"] = read_manifest(Path(cache))["teacher"].get("weights", {})
+    identity = model_identity(Path(teacher).expanduser())
+    if not identity["weights"] and cache is not None and cache_complete(cache):
+        identity["weights"] = read_manifest(cache)["teacher"].get("weights", {})
     return identity
 
 
-def data_identity(cfg: RunConfig) -> dict[str, Any]:
-    data = dataclasses.asdict(cfg.data)
-    files = {str(Path(f).resolve()): file_digest(Path(f)) for f in cfg.data.train}
-    return {**{k: v for k, v in data.items() if k not in ("train", "eval")}, "train": files}
+def identity_of_data(data: DataConfig) -> dict[str, Any]:
+    """The data settings (but the file lists) and the SHA-256 of every training file by path."""
+    settings = dataclasses.asdict(data)
+    files = {str(Path(f).resolve()): file_digest(Path(f)) for f in data.train}
+    return {**{k: v for k, v in settings.items() if k not in ("train", "eval")}, "train": files}
+
+
+def teacher_identity(run: RunConfig | ResolvedRun) -> dict[str, Any]:
+    """The run's :func:`identity_of_teacher` (computed once per :class:`~vlsi.resolved.ResolvedRun`)."""
+    return resolve_run(run).teacher_identity
+
+
+def data_identity(run: RunConfig | ResolvedRun) -> dict[str, Any]:
+    """The run's :func:`identity_of_data` (computed once per :class:`~vlsi.resolved.ResolvedRun`)."""
+    return resolve_run(run).data_identity
 
 
 def directory_identity(path: str | Path) -> str:
@@ -96,28 +111,30 @@ def _settings(cfg: RunConfig, stage: str) -> dict[str, Any]:
     return {k: v for k, v in cfg.stage(stage).settings().items() if k not in NOT_RESULT_SETTINGS}
 
 
-def step_inputs(cfg: RunConfig, step: str, upstream: dict[str, str | None] | None = None) -> dict[str, Any]:
+def step_inputs(run: RunConfig | ResolvedRun, step: str, upstream: dict[str, str | None] | None = None
+                ) -> dict[str, Any]:
     """The inputs of ``step`` (``teacher-verbalize``, ``student-verbalize``, ``interact``, ``sft``).
 
-    ``upstream`` maps what the step reads from earlier steps (``teacher_verbalizers``,
-    ``student_verbalizers``, ``adapter``) to their identity (:func:`directory_identity`, or the
-    digest an earlier step of the same run will have).
+    ``run``: the run (a config is resolved here); ``upstream`` maps what the step reads from
+    earlier steps (``teacher_verbalizers``, ``student_verbalizers``, ``adapter``) to their
+    identity (:func:`directory_identity`, or the digest an earlier step of the same run will have).
     """
-    common = {"version": __version__, "data": data_identity(cfg), **(upstream or {})}
+    run = resolve_run(run)
+    cfg = run.cfg
+    common = {"version": __version__, "data": run.data_identity, **(upstream or {})}
     if step in ("teacher-verbalize", "student-verbalize"):
         role = step.split("-")[0]
-        layers = cfg.verbalizer.teacher_layers if role == "teacher" else cfg.verbalizer.student_layers
-        model = teacher_identity(cfg) if role == "teacher" else model_identity(cfg.student)
+        model = run.teacher_identity if role == "teacher" else run.student_identity
         return {**common, "step": step, "model": model,
-                "verbalizer": {"architecture": cfg.verbalizer.architecture, "layers": layers},
+                "verbalizer": {"architecture": cfg.verbalizer.architecture, "layers": run.configured_layers(role)},
                 "training": _settings(cfg, "verbalize")}
     if step == "interact":
-        return {**common, "step": step, "teacher": teacher_identity(cfg),
-                "student": model_identity(cfg.student), "verbalizer": dataclasses.asdict(cfg.verbalizer),
+        return {**common, "step": step, "teacher": run.teacher_identity,
+                "student": run.student_identity, "verbalizer": dataclasses.asdict(cfg.verbalizer),
                 "interaction": dataclasses.asdict(cfg.interaction), "lora": dataclasses.asdict(cfg.lora),
                 "training": _settings(cfg, "interact")}
     if step == "sft":
-        return {**common, "step": step, "student": model_identity(cfg.student),
+        return {**common, "step": step, "student": run.student_identity,
                 "lora": dataclasses.asdict(cfg.lora), "training": _settings(cfg, "sft")}
     raise VlsiError(f"unknown step {step!r}")
 

@@ -58,10 +58,13 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from vlsi.config import RunConfig
 from vlsi.errors import VlsiError
+
+if TYPE_CHECKING:
+    from vlsi.resolved import ResolvedRun
 
 ENGINES = ("ddp", "zero2", "zero3", "fsdp")
 USABLE_FRACTION = 0.9
@@ -442,19 +445,24 @@ def parse_memory(text: str) -> int:
     return int(value * (1024 if binary else 1000) ** power)
 
 
-def run_plan(cfg: RunConfig, *, gpus: int, gpu_memory: str, engine: str, teacher_shape: str | None = None,
-             student_shape: str | None = None, response_tokens: int | None = None) -> list[str]:
-    """Shapes from the config's checkpoints (or the named shapes), target layers resolved."""
+def run_plan(run: RunConfig | ResolvedRun, *, gpus: int, gpu_memory: str, engine: str,
+             teacher_shape: str | None = None, student_shape: str | None = None,
+             response_tokens: int | None = None) -> list[str]:
+    """Shapes from the run's checkpoints (or the named shapes), target layers resolved; ``run``:
+    a config is resolved here (:func:`vlsi.resolved.resolve_run`)."""
+    from dataclasses import replace
+
+    from vlsi.resolved import resolve_run
     from vlsi.verbalizer import validate_target_layers
 
-    setup = setup_from_config(cfg, gpus, engine, response_tokens)
+    run = resolve_run(run)
+    setup = setup_from_config(run.cfg, gpus, engine, response_tokens)
     gpu_bytes = parse_memory(gpu_memory)
-    teacher = shape_from_name(teacher_shape) if teacher_shape else shape_from_checkpoint(cfg.teacher)
-    student = shape_from_name(student_shape) if student_shape else shape_from_checkpoint(cfg.student)
-    for role, m, layers in (("teacher", teacher, cfg.verbalizer.teacher_layers),
-                            ("student", student, cfg.verbalizer.student_layers)):
+    shapes = {role: shape_from_name(name) if name else replace(run.checkpoint_shape(role))
+              for role, name in (("teacher", teacher_shape), ("student", student_shape))}
+    for role, m in shapes.items():
         try:
-            m.target_layers = validate_target_layers(layers, m.num_layers)
+            m.target_layers = validate_target_layers(run.configured_layers(role), m.num_layers)
         except VlsiError as err:
             raise VlsiError(f"verbalizer.{role}_layers: {err}") from None
-    return format_plan(teacher, student, setup, gpu_bytes)
+    return format_plan(shapes["teacher"], shapes["student"], setup, gpu_bytes)

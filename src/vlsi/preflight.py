@@ -20,7 +20,9 @@ sample of the data, so a mistake costs seconds, not a verbalized teacher:
   :mod:`vlsi.plan`'s figures): a 72B teacher under DDP is refused here, not by an OOM after
   it loaded. On a CPU there is no per-GPU budget and nothing is checked.
 
-The run identity of each step directory is checked by the stages themselves
+The model facts (paths, shapes, target layers, parameters, shared vocabulary) are the run's
+:class:`~vlsi.resolved.ResolvedRun`'s, read once; the checks here only compare them. The run
+identity of each step directory is checked by the stages themselves
 (:mod:`vlsi.fingerprint`). :func:`plan_lines` describes the run in a few lines.
 """
 
@@ -28,96 +30,22 @@ from __future__ import annotations
 
 import json
 import os
-import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vlsi.backbones import check_attn_implementation, checkpoint_dir, load_tokenizer, read_model_type
-from vlsi.families import family_for
+from vlsi.backbones import check_attn_implementation, load_tokenizer
 from vlsi.config import STAGES, RunConfig
 from vlsi.errors import VlsiError
-from vlsi.plan import ENGINES, STEPS, USABLE_FRACTION, ModelShape, Setup, gb, plan_step, setup_from_config, shape_from_checkpoint
-from vlsi.verbalizer import CONFIG_NAME, WEIGHTS_NAME, validate_target_layers
-from vlsi.vocab import check_tokenizers, shared_vocab_size
+from vlsi.plan import ENGINES, STEPS, USABLE_FRACTION, ModelShape, Setup, gb, plan_step, setup_from_config
+from vlsi.resolved import (ModelFacts, ResolvedRun, cached_teacher_parameters, model_facts,  # noqa: F401 (re-exported)
+                           resolve_run, safetensors_parameters, text_config)
+from vlsi.verbalizer import CONFIG_NAME, WEIGHTS_NAME
+from vlsi.vocab import check_tokenizers
 
 DATA_SAMPLE = 32  # records read and encoded before training
 ENGINE_FILES = {"ddp": "accelerate_configs/multi_gpu_ddp.yaml", "zero2": "accelerate_configs/deepspeed_zero2.yaml",
                 "zero3": "accelerate_configs/deepspeed_zero3.yaml", "fsdp": "accelerate_configs/fsdp.yaml"}
-
-
-@dataclass
-class ModelFacts:
-    """What pre-flight learns of a checkpoint without loading its weights."""
-
-    path: Path
-    model_type: str
-    num_layers: int
-    hidden_size: int
-    vocab_size: int  # LM-head rows
-    parameters: int
-    target_layers: list[int] = field(default_factory=list)
-
-
-def text_config(path: Path) -> dict[str, Any]:
-    config = json.loads((path / "config.json").read_text())
-    return config.get("text_config") or config
-
-
-def safetensors_parameters(path: Path) -> int:
-    """Parameters of a checkpoint, summed from its safetensors headers (8-byte length + JSON)."""
-    total = 0
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise VlsiError(f"{path}: no *.safetensors weights (VLsI loads safetensors checkpoints)")
-    for file in files:
-        with file.open("rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                count = 1
-                for dim in entry["shape"]:
-                    count *= int(dim)
-                total += count
-    return total
-
-
-def cached_teacher_parameters(cfg: RunConfig) -> int | None:
-    """With no ``*.safetensors`` in the teacher's directory, the teacher's size as recorded by the
-    complete teacher cache the run reads (``interaction.teacher_cache``), which stands in for the
-    weights; ``None`` where the weights are there (or no cache could stand in)."""
-    from vlsi.teacher_cache import cache_complete, read_manifest
-
-    root, cache = checkpoint_dir(cfg.teacher), cfg.interaction.teacher_cache
-    if cache is None or any(root.glob("*.safetensors")):
-        return None
-    if not cache_complete(Path(cache)):
-        raise VlsiError(f"{root}: no *.safetensors weights, and the teacher cache {cache} is not complete "
-                        "(make it where the teacher's weights are: `vlsi cache-teacher CONFIG`)")
-    parameters = read_manifest(Path(cache)).get("teacher_parameters")
-    if parameters is None:
-        raise VlsiError(f"{root}: no *.safetensors weights, and the teacher cache {cache} does not record the "
-                        "teacher's size (made by an older version); remake it where the weights are")
-    return int(parameters)
-
-
-def model_facts(path: str | Path, role: str, layers: list[int] | None, parameters: int | None = None) -> ModelFacts:
-    """``parameters``: the count to use instead of the safetensors headers' (a cached teacher)."""
-    root = checkpoint_dir(path)
-    model_type = read_model_type(root)
-    family_for(model_type)  # the supported list
-    text = text_config(root)
-    try:
-        facts = ModelFacts(root, model_type, int(text["num_hidden_layers"]), int(text["hidden_size"]),
-                           int(text["vocab_size"]), parameters or safetensors_parameters(root))
-    except (KeyError, TypeError, ValueError) as err:
-        raise VlsiError(f"{root / 'config.json'}: cannot read the text model's shape ({err})") from None
-    try:
-        facts.target_layers = validate_target_layers(layers, facts.num_layers)
-    except VlsiError as err:
-        raise VlsiError(f"verbalizer.{role}_layers: {err}") from None
-    return facts
 
 
 def check_pair(teacher: ModelFacts, student: ModelFacts) -> None:
@@ -266,48 +194,47 @@ def check_gpu_memory(cfg: RunConfig, steps: tuple[str, ...], teacher: ModelShape
     check_fit(steps, teacher, student, setup_from_config(cfg, args.world_size, engine), gpu_bytes, launch)
 
 
-def plan_shape(path: str | Path, layers: list[int] | None) -> ModelShape:
-    """The plan's shape of a checkpoint (built on the meta device), with its target layers
-    (``layers``, or the default rule for ``None``)."""
-    shape = shape_from_checkpoint(path)
-    shape.target_layers = validate_target_layers(layers, shape.num_layers)
-    return shape
-
-
 @dataclass
 class Preflight:
+    """What :func:`check_run` found: the models' facts (target layers as their verbalizers have
+    them, where a step reads verbalizers), the shared vocabulary (with a teacher) and the data line."""
+
     teacher: ModelFacts | None
     student: ModelFacts
     vocab: int | None
     data: str
 
 
-def check_run(cfg: RunConfig, steps: tuple[str, ...], *, out: Path | None = None,
+def check_run(run: RunConfig | ResolvedRun, steps: tuple[str, ...], *, out: Path | None = None,
               teacher_verbalizers: Path | None = None, student_verbalizers: Path | None = None,
               memory: bool = True) -> Preflight:
     """Every check of the module docstring that applies to ``steps``
     (``teacher-verbalize``, ``student-verbalize``, ``interact``, ``sft``); ``memory=False``
-    leaves out the GPU memory check (``cache-teacher`` places its teacher itself)."""
+    leaves out the GPU memory check (``cache-teacher`` places its teacher itself). The model
+    facts come from ``run`` (a config is resolved here, :func:`vlsi.resolved.resolve_run`)."""
     from vlsi.stages.arguments import check_arguments
 
+    run = resolve_run(run)
+    cfg = run.cfg
     check_attn_implementation(cfg.attn_implementation)
     needs_teacher = any(s in steps for s in ("teacher-verbalize", "interact"))
-    student = model_facts(cfg.student, "student", cfg.verbalizer.student_layers)
+    student = run.student
     teacher = None
     if needs_teacher:  # a complete teacher cache stands in for the weights of an interaction's teacher
-        cached = cached_teacher_parameters(cfg) if "interact" in steps else None
-        teacher = model_facts(cfg.teacher, "teacher", cfg.verbalizer.teacher_layers, cached)
+        if "interact" not in steps and run.teacher_cache is not None:
+            safetensors_parameters(run.teacher_dir)  # without the interaction, only the weights count
+        teacher = run.teacher
     vocab = None
     if teacher is not None:
         check_pair(teacher, student)
-        vocab = shared_vocab_size(teacher.vocab_size, student.vocab_size)
+        vocab = run.shared_vocab
         check_tokenizers(load_tokenizer(teacher.path), load_tokenizer(student.path), vocab)
     if teacher_verbalizers is not None and teacher is not None:
-        teacher.target_layers = check_verbalizers(teacher_verbalizers, teacher, "teacher",
-                                                  cfg.verbalizer.teacher_layers)
+        teacher = replace(teacher, target_layers=check_verbalizers(teacher_verbalizers, teacher, "teacher",
+                                                                   run.configured_layers("teacher")))
     if student_verbalizers is not None:
-        student.target_layers = check_verbalizers(student_verbalizers, student, "student",
-                                                  cfg.verbalizer.student_layers)
+        student = replace(student, target_layers=check_verbalizers(student_verbalizers, student, "student",
+                                                                   run.configured_layers("student")))
     if teacher is not None and (teacher_verbalizers or student_verbalizers):
         check_layer_counts(student.target_layers, teacher.target_layers)
     args = None
@@ -316,8 +243,8 @@ def check_run(cfg: RunConfig, steps: tuple[str, ...], *, out: Path | None = None
             continue
         args = check_arguments(cfg.stage(name), name)
     if memory and gpu_memory(args) is not None:
-        check_gpu_memory(cfg, steps, plan_shape(teacher.path, teacher.target_layers) if teacher else None,
-                         plan_shape(student.path, student.target_layers), args)
+        check_gpu_memory(cfg, steps, run.plan_shape("teacher", teacher.target_layers) if teacher else None,
+                         run.plan_shape("student", student.target_layers), args)
     data = check_data(cfg, student.path)
     if out is not None:
         check_output_dir(out, [student.path] + ([teacher.path] if teacher else []))

@@ -246,7 +246,10 @@ def test_a_multi_process_launch_shards_the_teacher_and_one_gpu_too_small_is_refu
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (80 * 10**9, 80 * 10**9))
-    t72, t7 = _config_dir(tmp_path, "72b"), _config_dir(tmp_path, "7b")
+    from vlsi.config import RunConfig
+    from vlsi.resolved import resolve_run
+
+    t72, t7 = (resolve_run(RunConfig(teacher=str(_config_dir(tmp_path, size)))) for size in ("72b", "7b"))
     layers = list(range(1, 79, 4))
 
     def launch(processes: int) -> SimpleNamespace:

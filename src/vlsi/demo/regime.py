@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from vlsi.backbones import checkpoint_dir, load_backbone
+from vlsi.backbones import load_backbone
 from vlsi.config import RunConfig, load_config
 from vlsi.losses import label_ce_logprobs, log_probs
-from vlsi.preflight import model_facts
+from vlsi.resolved import ResolvedRun, resolve_run
 from vlsi.stages.training_data import load_training_data
 from vlsi.verbalizer import (VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions,
                              response_labels)
@@ -49,18 +49,19 @@ def distribution_stats(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, 
 
 
 @torch.no_grad()
-def measure_regime(cfg: RunConfig, teacher_verbalizers: str | Path, samples: int, batch_size: int = 32
+def measure_regime(run: RunConfig | ResolvedRun, teacher_verbalizers: str | Path, samples: int, batch_size: int = 32
                    ) -> dict[str, Any]:
-    """The numbers of the module docstring for ``cfg``'s teacher, student and training data.
+    """The numbers of the module docstring for the run's teacher, student and training data.
 
     Args:
-        cfg: a run config (teacher, student, ``data``, ``verbalizer.student_layers``).
-        teacher_verbalizers: a ``vlsi verbalize --role teacher`` directory for ``cfg.teacher``.
+        run: a run (teacher, student, ``data``, ``verbalizer.student_layers``); a config is
+            resolved here (:func:`vlsi.resolved.resolve_run`).
+        teacher_verbalizers: a ``vlsi verbalize --role teacher`` directory for the run's teacher.
         samples: the first this many training samples are measured (all if fewer).
         batch_size: samples per teacher forward.
     """
-    teacher_dir = checkpoint_dir(cfg.teacher)
-    student = model_facts(cfg.student, "student", cfg.verbalizer.student_layers)
+    run = resolve_run(run)
+    teacher_dir, student, cfg = run.teacher_dir, run.student, run.cfg
     dataset, collator, _ = load_training_data(cfg.data, teacher_dir)
     teacher = load_backbone(teacher_dir)
     teacher.model.requires_grad_(False).eval()

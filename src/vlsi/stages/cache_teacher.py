@@ -34,17 +34,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from vlsi.backbones import checkpoint_dir, load_backbone
+from vlsi.backbones import load_backbone
 from vlsi.config import RunConfig
 from vlsi.distributed import fsdp_whole, load_verbalizers, shard_frozen_model
 from vlsi.errors import VlsiError
 from vlsi.faults import kill_if_asked
-from vlsi.fingerprint import data_identity, directory_identity, teacher_identity
+from vlsi.fingerprint import directory_identity
 from vlsi.files import read_json, write_json_atomic
 from vlsi.plan import USABLE_FRACTION, gb
-from vlsi.preflight import Preflight, check_run, plan_shape
+from vlsi.preflight import Preflight, check_run
+from vlsi.resolved import ResolvedRun, resolve_run
 from vlsi.stages.arguments import bf16_available
-from vlsi.stages.training_data import load_training_data, preprocessing_digest
+from vlsi.stages.training_data import load_training_data
 from vlsi.teacher_cache import (FORMAT, MANIFEST, STORAGE_DTYPES, CacheError, ShardWriter, check_manifest, id_bits,
                                 item_key, top_k_of)
 from vlsi.verbalizer import capture_hidden_states, capture_layer_context, prediction_positions
@@ -74,11 +75,11 @@ def teacher_placement(processes: int, weight_bytes: int, verbalizer_bytes: int, 
                     f"(accelerate launch --num_processes N -m vlsi.cli cache-teacher ...)")
 
 
-def _placement(state: Any, teacher_dir: Path, layers: list[int], bf16: bool) -> str:
+def _placement(state: Any, run: ResolvedRun, layers: list[int], bf16: bool) -> str:
     """:func:`teacher_placement` for this launch; the sizes from the teacher's config (CUDA only)."""
     if state.device.type != "cuda":
         return teacher_placement(state.num_processes, 0, 0, None)
-    shape = plan_shape(teacher_dir, layers)
+    shape = run.plan_shape("teacher", layers)
     per = 2 if bf16 else shape.weight_bytes
     return teacher_placement(state.num_processes, shape.parameters * per,
                              3 * shape.hidden_size**2 * len(layers) * per, torch.cuda.mem_get_info(state.device)[1])
@@ -91,11 +92,11 @@ def _rounds(batches: int, state: Any) -> int:
     return int(count.item())
 
 
-def expected_manifest(cfg: RunConfig, teacher_verbalizers: str | Path, top_k: int | None, vocab: int,
+def expected_manifest(run: RunConfig | ResolvedRun, teacher_verbalizers: str | Path, top_k: int | None, vocab: int,
                       layers: list[int]) -> dict[str, Any]:
-    """What a cache made for this run records; ``top_k=None`` leaves K unchecked."""
-    expected = {"data": data_identity(cfg), "preprocessing": preprocessing_digest(checkpoint_dir(cfg.student)),
-                "teacher": teacher_identity(cfg),
+    """What a cache made for ``run`` records; ``top_k=None`` leaves K unchecked."""
+    run = resolve_run(run)
+    expected = {"data": run.data_identity, "preprocessing": run.preprocessing, "teacher": run.teacher_identity,
                 "teacher_verbalizers": directory_identity(teacher_verbalizers), "layers": list(layers),
                 "vocab_size": vocab}
     if top_k is not None:
@@ -156,22 +157,25 @@ def refuse_nan(values: torch.Tensor, tails: torch.Tensor, counts: list[int], sam
         offset += count
 
 
-def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizers: str | Path,
+def run_cache_teacher(run: RunConfig | ResolvedRun, out_dir: str | Path, *, teacher_verbalizers: str | Path,
                       top_k: int = DEFAULT_TOP_K, storage: str = "float16",
                       samples_per_shard: int = SAMPLES_PER_SHARD, preflight: Preflight | None = None) -> Path:
-    """Write (or finish) the teacher cache of ``cfg``'s training data into ``out_dir``."""
+    """Write (or finish) the teacher cache of the run's training data into ``out_dir``; ``run``:
+    a :class:`~vlsi.config.RunConfig` is resolved here (:func:`vlsi.resolved.resolve_run`)."""
     from accelerate import PartialState
 
     if storage not in STORAGE_DTYPES:
         raise CacheError(f"unknown cache storage {storage!r}; supported: {', '.join(STORAGE_DTYPES)}")
+    run = resolve_run(run)
+    cfg = run.cfg
     root = Path(out_dir)
-    pre = preflight or check_run(cfg, ("interact",), teacher_verbalizers=Path(teacher_verbalizers), memory=False)
+    pre = preflight or check_run(run, ("interact",), teacher_verbalizers=Path(teacher_verbalizers), memory=False)
     if top_k < 1 or top_k > pre.vocab:
         raise CacheError(f"--top-k must be in [1, {pre.vocab}] (the shared vocabulary), got {top_k}")
     state = PartialState()
-    teacher_dir, student_dir = checkpoint_dir(cfg.teacher), checkpoint_dir(cfg.student)
+    teacher_dir, student_dir = run.teacher_dir, run.student_dir
     layers = pre.teacher.target_layers
-    expected = expected_manifest(cfg, teacher_verbalizers, top_k, pre.vocab, layers)
+    expected = expected_manifest(run, teacher_verbalizers, top_k, pre.vocab, layers)
     manifest = _prepare(root, expected, storage, state.num_processes, state.is_main_process,
                         pre.teacher.parameters)
     if manifest.get("complete"):
@@ -184,7 +188,7 @@ def run_cache_teacher(cfg: RunConfig, out_dir: str | Path, *, teacher_verbalizer
 
     tcfg = cfg.stage("interact")
     bf16 = bf16_available() if tcfg.bf16 == "auto" else bool(tcfg.bf16)
-    placement = _placement(state, teacher_dir, layers, bf16)
+    placement = _placement(state, run, layers, bf16)
     if placement == "shard":
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 

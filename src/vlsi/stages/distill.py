@@ -15,7 +15,8 @@ cache-teacher`` into DIR (skipped when DIR holds a complete cache of the same in
 interaction step reads the teacher from it. Once the cache and the teacher verbalization are
 complete, the teacher's directory needs only its ``config.json`` and tokenizer files.
 
-Before anything trains, every check of :mod:`vlsi.preflight` runs and a short plan is printed.
+The run is resolved once (:func:`vlsi.resolved.resolve_run`: paths, model facts, identities)
+and every step reads that object. Before anything trains, every check of :mod:`vlsi.preflight` runs and a short plan is printed.
 Every step directory records what its result depends on (``fingerprint.json``,
 :mod:`vlsi.fingerprint`); a directory that holds a result of other inputs stops the run with one
 line naming what differs, unless ``--restart-changed``, which redoes the first changed step and
@@ -40,6 +41,7 @@ from vlsi.config import RunConfig, dump_config
 from vlsi.distributed import is_main_process
 from vlsi.errors import VlsiError
 from vlsi.preflight import check_run, plan_lines
+from vlsi.resolved import ResolvedRun, RunLayout, resolve_run  # noqa: F401 (RunLayout re-exported)
 from vlsi.stages.checkpoints import latest_checkpoint
 from vlsi.stages.run import STEP_COMPLETE, stage_complete
 from vlsi.teacher_cache import cache_complete
@@ -47,66 +49,26 @@ from vlsi.teacher_cache import cache_complete
 CONFIG_FILE = "config.yaml"
 
 
-@dataclass(frozen=True)
-class RunLayout:
-    """Where each step of a run reads and writes, under ``root`` (the config's ``output_dir``)."""
-
-    root: Path
-
-    @property
-    def teacher_verbalize(self) -> Path:
-        return self.root / "1-teacher-verbalize"
-
-    @property
-    def student_verbalize(self) -> Path:
-        return self.root / "2-student-verbalize"
-
-    @property
-    def teacher_cache(self) -> Path:
-        """The default teacher cache (``vlsi cache-teacher``)."""
-        return self.root / "teacher-cache"
-
-    @property
-    def interact(self) -> Path:
-        return self.root / "3-interact"
-
-    @property
-    def interact_adapter(self) -> Path:
-        return self.interact / "adapter"
-
-    @property
-    def sft(self) -> Path:
-        return self.root / "4-sft"
-
-    @property
-    def model(self) -> Path:
-        """The exported student (see :mod:`vlsi.export`)."""
-        return self.sft / "model"
-
-    def verbalize_dir(self, role: str) -> Path:
-        if role not in ("teacher", "student"):
-            raise VlsiError(f"role must be 'teacher' or 'student', got {role!r}")
-        return self.teacher_verbalize if role == "teacher" else self.student_verbalize
+def layout(cfg: RunConfig | ResolvedRun) -> RunLayout:
+    """The step directories of ``cfg``'s run (:attr:`ResolvedRun.layout`)."""
+    return resolve_run(cfg).layout
 
 
-def layout(cfg: RunConfig) -> RunLayout:
-    return RunLayout(Path(cfg.output_dir))
-
-
-def step_plan(cfg: RunConfig) -> list[tuple[str, Path, dict[str, Any]]]:
+def step_plan(run: RunConfig | ResolvedRun) -> list[tuple[str, Path, dict[str, Any]]]:
     """``(step, directory, inputs)`` of the four steps; each step's inputs name the earlier
     steps it reads by the digest their fingerprint will have, so all are known up front."""
-    run = layout(cfg)
-    teacher = fingerprint.step_inputs(cfg, "teacher-verbalize")
-    student = fingerprint.step_inputs(cfg, "student-verbalize")
+    run = resolve_run(run)
+    paths = run.layout
+    teacher = fingerprint.step_inputs(run, "teacher-verbalize")
+    student = fingerprint.step_inputs(run, "student-verbalize")
     verbalizers = {"teacher_verbalizers": "step:" + fingerprint.digest(teacher),
                    "student_verbalizers": "step:" + fingerprint.digest(student)}
-    interact = fingerprint.step_inputs(cfg, "interact", verbalizers)
-    sft = fingerprint.step_inputs(cfg, "sft", {"adapter": "step:" + fingerprint.digest(interact),
+    interact = fingerprint.step_inputs(run, "interact", verbalizers)
+    sft = fingerprint.step_inputs(run, "sft", {"adapter": "step:" + fingerprint.digest(interact),
                                                "student_verbalizers": verbalizers["student_verbalizers"]})
-    return [("teacher-verbalize", run.teacher_verbalize, teacher),
-            ("student-verbalize", run.student_verbalize, student),
-            ("interact", run.interact, interact), ("sft", run.sft, sft)]
+    return [("teacher-verbalize", paths.teacher_verbalize, teacher),
+            ("student-verbalize", paths.student_verbalize, student),
+            ("interact", paths.interact, interact), ("sft", paths.sft, sft)]
 
 
 def first_changed(plan: list[tuple[str, Path, dict[str, Any]]]) -> tuple[int, list[str]] | None:
@@ -118,22 +80,24 @@ def first_changed(plan: list[tuple[str, Path, dict[str, Any]]]) -> tuple[int, li
     return None
 
 
-def run_distill(cfg: RunConfig, *, resume: bool = True, restart_changed: bool = False) -> Path:
+def run_distill(run: RunConfig | ResolvedRun, *, resume: bool = True, restart_changed: bool = False) -> Path:
     """Check everything, then run the unfinished steps in order; returns the exported student.
 
-    A step directory that holds a result of other inputs stops the run before anything trains
-    (one line naming what differs), unless ``restart_changed``: then that step and every later
-    one are removed and run again, the earlier ones kept.
+    ``run``: the run (a config is resolved here, :func:`vlsi.resolved.resolve_run`); every step
+    reads the same resolved facts. A step directory that holds a result of other inputs stops
+    the run before anything trains (one line naming what differs), unless ``restart_changed``:
+    then that step and every later one are removed and run again, the earlier ones kept.
     """
     from vlsi.stages.cache_teacher import run_cache_teacher
     from vlsi.stages.interact import run_interact
     from vlsi.stages.sft import run_sft
     from vlsi.stages.verbalize import run_verbalize
 
-    run = layout(cfg)
+    run = resolve_run(run)
+    cfg, paths = run.cfg, run.layout
     main = is_main_process()
-    pre = check_run(cfg, ("teacher-verbalize", "student-verbalize", "interact", "sft"), out=run.root)
-    plan = step_plan(cfg)
+    pre = check_run(run, ("teacher-verbalize", "student-verbalize", "interact", "sft"), out=paths.root)
+    plan = step_plan(run)
     changed = first_changed(plan)
     if changed is not None:
         k, diffs = changed
@@ -149,30 +113,30 @@ def run_distill(cfg: RunConfig, *, resume: bool = True, restart_changed: bool = 
     if main:
         for line in plan_lines(cfg, pre, [(step, d) for step, d, _ in plan]):
             print(line, flush=True)
-        run.root.mkdir(parents=True, exist_ok=True)
-        (run.root / CONFIG_FILE).write_text(dump_config(cfg))
+        paths.root.mkdir(parents=True, exist_ok=True)
+        (paths.root / CONFIG_FILE).write_text(dump_config(cfg))
 
     upstream = {name: inputs for name, _, inputs in plan}
     steps: list[tuple[str, Path, Callable[[bool], object]]] = [
-        ("teacher verbalization", run.teacher_verbalize,
-         lambda r: run_verbalize(cfg, "teacher", run.teacher_verbalize, resume=r)),
-        ("student verbalization", run.student_verbalize,
-         lambda r: run_verbalize(cfg, "student", run.student_verbalize, resume=r)),
+        ("teacher verbalization", paths.teacher_verbalize,
+         lambda r: run_verbalize(run, "teacher", paths.teacher_verbalize, resume=r)),
+        ("student verbalization", paths.student_verbalize,
+         lambda r: run_verbalize(run, "student", paths.student_verbalize, resume=r)),
     ]
-    if cfg.interaction.teacher_cache is not None:
-        cache = Path(cfg.interaction.teacher_cache)
+    if run.teacher_cache is not None:
+        cache = run.teacher_cache
         steps.append(("teacher cache", cache,
-                      lambda r: run_cache_teacher(cfg, cache, teacher_verbalizers=run.teacher_verbalize,
+                      lambda r: run_cache_teacher(run, cache, teacher_verbalizers=paths.teacher_verbalize,
                                                   top_k=cfg.interaction.teacher_cache_top_k, preflight=pre)))
     steps += [
-        ("interaction", run.interact,
-         lambda r: run_interact(cfg, run.interact, teacher_verbalizers=run.teacher_verbalize,
-                                student_verbalizers=run.student_verbalize, resume=r, preflight=pre,
+        ("interaction", paths.interact,
+         lambda r: run_interact(run, paths.interact, teacher_verbalizers=paths.teacher_verbalize,
+                                student_verbalizers=paths.student_verbalize, resume=r, preflight=pre,
                                 upstream={k: upstream["interact"][k] for k in
                                           ("teacher_verbalizers", "student_verbalizers")})),
-        ("SFT and export", run.sft,
-         lambda r: run_sft(cfg, run.sft, adapter=run.interact_adapter,
-                           student_verbalizers=run.student_verbalize, resume=r, preflight=pre,
+        ("SFT and export", paths.sft,
+         lambda r: run_sft(run, paths.sft, adapter=paths.interact_adapter,
+                           student_verbalizers=paths.student_verbalize, resume=r, preflight=pre,
                            upstream={k: upstream["sft"][k] for k in ("adapter", "student_verbalizers")})),
     ]
     # Decide every step's fate before running any, so all processes take the same decisions.
@@ -193,8 +157,8 @@ def run_distill(cfg: RunConfig, *, resume: bool = True, restart_changed: bool = 
         if main and not _done_check(name)(step_dir):
             raise VlsiError(f"{name} returned without writing {step_dir / STEP_COMPLETE}")
     if main:
-        print(f"done: the distilled student is {run.model}", flush=True)
-    return run.model
+        print(f"done: the distilled student is {paths.model}", flush=True)
+    return paths.model
 
 
 @dataclass(frozen=True)

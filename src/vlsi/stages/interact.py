@@ -22,9 +22,11 @@ the chunked loss calls after the forwards are gathered for its duration under Ze
 (:func:`vlsi.distributed.whole_parameters`).
 
 Matching is random (``vlsi`` samples); its generator is seeded from (training seed, optimizer
-step, micro-batch number across processes) by :func:`matching_seed`, so a resumed run draws the
-same pairs as an uninterrupted one, and N processes draw what one process accumulating N
-micro-batches draws. The main process appends every selection to ``matches.jsonl``
+step, micro-batch number across processes) by :func:`matching_seed`
+(:mod:`vlsi.stages.interact_draws`), so a resumed run draws the same pairs as an uninterrupted
+one, and N processes draw what one process accumulating N micro-batches draws. With a teacher
+cache no teacher loads (:mod:`vlsi.stages.interact_cache`); on-policy micro-batches:
+:mod:`vlsi.stages.interact_on_policy`. The main process appends every selection to ``matches.jsonl``
 (:class:`vlsi.recorder.MatchLog`; on resume the lines after the checkpoint are dropped).
 
 Outputs in ``OUT``: ``adapter/`` (the LoRA adapter), ``matches.json``, ``matches.jsonl``,
@@ -35,15 +37,13 @@ target layer ``i``'s pair was drawn from; ``seconds/student_forward``, ``seconds
 (with the teacher's verbalizer inputs; from a cache, only moving the collated top-K to the
 device), ``seconds/scoring_pass``, ``seconds/gradient_pass`` and ``seconds/student_backward``:
 where a micro-batch's time goes, means over the logging window; on a GPU each clock read waits
-for the device, :func:`device_clock`), ``checkpoint-N/``, ``fingerprint.json`` and
+for the device, :mod:`vlsi.stages.interact_timing`), ``checkpoint-N/``, ``fingerprint.json`` and
 ``step_complete.json`` last.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,62 +52,41 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from vlsi.backbones import Backbone, checkpoint_dir, load_backbone, load_tokenizer
+from vlsi.backbones import Backbone, load_backbone, load_tokenizer
 from vlsi.config import InteractionConfig, RunConfig
 from vlsi.distributed import (describe_footprint, load_verbalizers, place_frozen_model, place_frozen_verbalizers,
-                              shards_parameters, vision_on_every_process, whole_parameters)
+                              vision_on_every_process, whole_parameters)
 from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.heatmap import save_match_heatmaps
-from vlsi.interaction import SparseTeacher, interaction_loss
-from vlsi.inference import end_token_ids, placeholder_token_ids
+from vlsi.interaction import interaction_loss
 from vlsi.lora import save_adapter, with_lora
-from vlsi.on_policy import GenerationLog, generate_responses, generation_seed, longest_response, on_policy_draw
+from vlsi.on_policy import GenerationLog, longest_response
 from vlsi.preflight import Preflight, check_run
 from vlsi.recorder import MatchLog, MatchRecorder
-from vlsi.stages.cache_teacher import expected_manifest
+from vlsi.resolved import ResolvedRun, resolve_run
+from vlsi.stages import interact_cache
 from vlsi.stages.callbacks import MeanMetrics
+from vlsi.stages.interact_draws import MicroBatchDraws, matching_seed  # noqa: F401 (re-exported)
+from vlsi.stages.interact_on_policy import OnPolicyInputs
+from vlsi.stages.interact_timing import MicroBatchTiming, device_clock  # noqa: F401 (re-exported)
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
-from vlsi.teacher_cache import CacheError, KeyedCollator, TeacherCache, sample_key
-from vlsi.verbalizer import (VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions,
-                             response_labels)
+from vlsi.teacher_cache import TeacherCache
+from vlsi.verbalizer import VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions, response_labels
 
 MATCHES_LOG = "matches.jsonl"
 GENERATIONS_LOG = "generations.jsonl"  # on-policy micro-batches: the first responses of each logging window
 ADAPTER_DIR = "adapter"
 
 
-def matching_seed(seed: int, step: int, draw: int) -> int:
-    """Seed of the matching generator for one micro-batch.
-
-    A hash of (training seed, optimizer step, draw), where ``draw`` numbers the step's
-    micro-batches across processes as one process accumulating them would see them:
-    ``micro_step * world_size + process_index`` (accelerate gives process ``p`` the batches
-    ``p, p + world_size, ...`` of the sampler's order). Independent of how the run got there,
-    so a resumed run reproduces the draws of an uninterrupted one, and a run on N processes
-    draws the pairs of one process with N times the gradient accumulation.
-    """
-    # the trailing ":0" keeps one-process seeds as they were when the process index was hashed
-    digest = hashlib.sha256(f"vlsi-matching:{seed}:{step}:{draw}:0".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def device_clock(device: torch.device) -> float:
-    """``time.perf_counter()`` once ``device`` has run the work queued on it.
-
-    CUDA runs kernels asynchronously: without the synchronize a clock read times their launch,
-    and their run lands in whichever later part first waits for the device. No-op on a CPU.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-class InteractTrainer(VlsiTrainerMixin, Trainer):
+class InteractTrainer(MicroBatchTiming, MicroBatchDraws, OnPolicyInputs, VlsiTrainerMixin, Trainer):
     """Trains the student's LoRA weights with the interaction loss; holds the frozen teacher.
 
     ``model`` is the student ``PeftModel``. The verbalizer sets are frozen, not submodules of
     it (replicated on every device, never in checkpoints); the student's is attached to the
-    student backbone, the teacher's to the teacher backbone.
+    student backbone, the teacher's to the teacher backbone. The mixins time the micro-batch
+    (:mod:`~vlsi.stages.interact_timing`), number it for the seeded draws
+    (:mod:`~vlsi.stages.interact_draws`) and make on-policy batches
+    (:mod:`~vlsi.stages.interact_on_policy`).
 
     Args:
         teacher_verbalizers: attached to the teacher :class:`Backbone` (whose model is placed
@@ -149,86 +128,23 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
             if self.is_world_process_zero():
                 print(describe_footprint("teacher verbalizers", self.teacher_verbalizers, self), flush=True)
         elif self.is_world_process_zero():
-            print(f"teacher: none loaded; top-{teacher_cache.k} of {teacher_cache.layers} layers read from "
-                  f"{teacher_cache.root}", flush=True)
+            print(interact_cache.describe(teacher_cache), flush=True)
         self.student_verbalizers = student_verbalizers.requires_grad_(False).eval().to(self.args.device)
         self.interaction = interaction
         self.vocab_size = vocab_size
         self.match_log = match_log
         self.metrics = MeanMetrics()
-        self.tokenizer = tokenizer  # on-policy micro-batches: end and pad ids, logged texts
-        self.max_new_tokens = max_new_tokens
-        self.generation_log = generation_log
-        if interaction.on_policy > 0 and (tokenizer is None or max_new_tokens is None):
-            raise ValueError("on-policy interaction needs the student's tokenizer and max_new_tokens")
-        self._end_ids = end_token_ids(tokenizer, self.student.model) if interaction.on_policy > 0 else []
-        self._placeholder_ids = placeholder_token_ids(self.student.model)
-        self._micro = (-1, 0)  # (optimizer step, micro-step within it)
-        self._loss_seconds = 0.0  # compute_loss's time within the current training_step
-
-    def _advance_draw(self) -> None:
-        """Count a training micro-batch: ``_micro`` becomes (optimizer step, its micro-step)."""
-        step = self.state.global_step
-        micro = self._micro[1] + 1 if self._micro[0] == step else 0
-        self._micro = (step, micro)
-
-    def _draw(self, process: int | None = None) -> int:
-        """The current micro-batch's number across processes (see :func:`matching_seed`)."""
-        process = self.args.process_index if process is None else process
-        return self._micro[1] * self.args.world_size + process
-
-    def _matching_generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(matching_seed(self.args.seed, self._micro[0], self._draw()))
-
-    def _on_policy_inputs(self, model: torch.nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
-        """``inputs``, or (on a drawn micro-batch) the batch of the student's own responses.
-
-        Under ZeRO-3/FSDP on several processes every process generates when any does (each
-        decoding step gathers parameters collectively), and one not drawn drops what it made.
-        """
-        cfg, step = self.interaction, self._micro[0]
-        draws = [on_policy_draw(self.args.seed, step, self._draw(p), cfg.on_policy)
-                 for p in range(self.args.world_size)]
-        drawn, synced = draws[self.args.process_index], shards_parameters(self)
-        generated, seconds = None, math.nan
-        if drawn or (synced and any(draws)):
-            clock = self._clock()
-            with vision_on_every_process(self, self.student, inputs):
-                generated = generate_responses(
-                    self.accelerator.unwrap_model(model), inputs, self.student.model_inputs, end_ids=self._end_ids,
-                    pad_token_id=self.tokenizer.pad_token_id, temperature=cfg.generation.temperature,
-                    top_p=cfg.generation.top_p, max_new_tokens=self.max_new_tokens,
-                    seed=generation_seed(self.args.seed, step, self._draw()), synced_gpus=synced,
-                    suppress_ids=self._placeholder_ids)
-            seconds = self._clock() - clock
-        # every process logs the same names (MeanMetrics gathers them); NaN: nothing generated
-        self.metrics.add("on_policy/share", float(drawn))
-        self.metrics.add("seconds/generation", seconds if drawn else math.nan)
-        lengths = [len(r) for r in generated.responses] if drawn else []
-        self.metrics.add("on_policy/generated_tokens", sum(lengths) / len(lengths) if lengths else math.nan)
-        self.metrics.add("on_policy/truncated",
-                         1.0 - sum(generated.ended) / len(generated.ended) if drawn else math.nan)
-        if not drawn:
-            return inputs
-        if self.generation_log is not None and self.is_world_process_zero():
-            texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in generated.responses]
-            self.generation_log.add(step + 1, step // self.args.logging_steps, texts, generated.responses,
-                                    generated.ended)
-        return generated.batch
-
-    def _clock(self) -> float:
-        return device_clock(self.args.device)
+        self.init_on_policy(tokenizer, max_new_tokens, generation_log)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        entered = self._clock()
-        if "teacher_error" in inputs:  # the collator could not read the teacher cache
-            raise CacheError(inputs["teacher_error"])
+        entered = self.clock()
+        interact_cache.check_batch(inputs)  # the collator could not read the teacher cache
         if model.training:
-            self._advance_draw()
+            self.advance_draw()
             if self.interaction.on_policy > 0:
-                inputs = self._on_policy_inputs(model, inputs)
+                inputs = self.on_policy_inputs(model, inputs)
         positions = prediction_positions(inputs["labels"])
-        clock = self._clock()
+        clock = self.clock()
         # logits_to_keep=1: the models' own [B, T, V] logits are not needed (the chunked loss
         # recomputes the last layer's logits at response positions only). The student's
         # forward keeps all its hidden states (autograd keeps them for the backward anyway);
@@ -236,12 +152,10 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         forward_kwargs = dict(use_cache=False, logits_to_keep=1)
         with capture_layer_context(self.student) as s_ctx, vision_on_every_process(self, self.student, inputs):
             s_out = model(**self.student.model_inputs(inputs), **forward_kwargs, output_hidden_states=True)
-        now = self._clock()
+        now = self.clock()
         student_forward, clock = now - clock, now
         if self.teacher_cache is not None:  # read by the collator (KeyedCollator), placed with the batch
-            t_stack = SparseTeacher(*(inputs[f"teacher_{name}"].to(positions.device, non_blocking=True)
-                                      for name in ("ids", "logp", "tail")))
-            t_fn = None
+            t_stack, t_fn = interact_cache.cached_teacher(inputs, positions.device), None
         else:
             with torch.no_grad(), capture_layer_context(self.teacher) as t_ctx, \
                     vision_on_every_process(self, self.teacher, inputs), \
@@ -250,7 +164,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                 t_stack, t_fn = self.teacher_verbalizers.response_inputs(t_states, positions, t_ctx,
                                                                             transformed=True)
                 del t_states
-        teacher_forward = self._clock() - clock
+        teacher_forward = self.clock() - clock
         s_stack, s_fn = self.student_verbalizers.response_inputs(s_out.hidden_states, positions, s_ctx)
 
         cfg = self.interaction
@@ -259,7 +173,7 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
         if self.teacher is not None:
             heads, roots = heads + [self.teacher.final_norm, self.teacher.lm_head], (model, self.teacher_model)
         with whole_parameters(self, heads, fsdp_roots=roots):
-            clock = self._clock()
+            clock = self.clock()
             result = interaction_loss(
                 s_stack, t_stack, s_fn, t_fn,
                 vocab_size=self.vocab_size,
@@ -269,12 +183,12 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                 divergence=cfg.divergence,
                 jsd_beta=cfg.jsd_beta,
                 chunk_size=cfg.chunk_size,
-                generator=self._matching_generator() if model.training else None,
+                generator=self.matching_generator() if model.training else None,
                 matching_kwargs=dict(scale=cfg.scale, eps=cfg.eps, k=cfg.k, temperature=cfg.temperature,
                                      temperature_rule=cfg.temperature_rule),
                 labels=labels,
             )
-            loss_seconds = self._clock() - clock
+            loss_seconds = self.clock() - clock
         if model.training:
             self._record(result)
             self.metrics.add("seconds/student_forward", student_forward)
@@ -286,17 +200,8 @@ class InteractTrainer(VlsiTrainerMixin, Trainer):
                 self.metrics.add("seconds/scoring_pass", result.seconds["scoring"])
                 self.metrics.add("seconds/gradient_pass", loss_seconds - result.seconds["scoring"])
         loss = self.finite_or_skipped(model, result.loss)
-        self._loss_seconds += self._clock() - entered
+        self.loss_seconds += self.clock() - entered
         return (loss, s_out) if return_outputs else loss
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        """``Trainer.training_step``, timed: ``seconds/student_backward`` is the micro-batch's
-        time outside :meth:`compute_loss` (mostly the student's backward)."""
-        start = self._clock()
-        self._loss_seconds = 0.0
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.metrics.add("seconds/student_backward", self._clock() - start - self._loss_seconds)
-        return loss
 
     def _record(self, result) -> None:
         """Log the loss terms and (main process) the selected pairs of this micro-batch.
@@ -333,7 +238,7 @@ def load_adapter_weights(model: Any, checkpoint: Path) -> None:
 
 
 def run_interact(
-    cfg: RunConfig,
+    run: RunConfig | ResolvedRun,
     out_dir: str | Path,
     *,
     teacher_verbalizers: str | Path,
@@ -346,7 +251,8 @@ def run_interact(
     """Train the student's LoRA adapter with the interaction loss into ``out_dir``.
 
     Args:
-        cfg: run configuration (``interaction``, ``lora``, ``data``, the ``interact`` settings).
+        run: the run (``interaction``, ``lora``, ``data``, the ``interact`` settings); a
+            :class:`~vlsi.config.RunConfig` is resolved here (:func:`vlsi.resolved.resolve_run`).
         out_dir: the step directory (see the module docstring for its content).
         teacher_verbalizers, student_verbalizers: directories written by ``run_verbalize``.
         resume: continue from the newest checkpoint; a finished step returns at once.
@@ -359,24 +265,21 @@ def run_interact(
         VlsiError: every pre-flight failure (:func:`vlsi.preflight.check_run`), a directory of
             other inputs, a directory holding a run without ``resume``.
     """
+    run = resolve_run(run)
+    cfg = run.cfg
     out = Path(out_dir)
-    teacher_dir, student_dir = checkpoint_dir(cfg.teacher), checkpoint_dir(cfg.student)
-    pre = preflight or check_run(cfg, ("interact",), teacher_verbalizers=Path(teacher_verbalizers),
+    teacher_dir, student_dir = run.teacher_dir, run.student_dir
+    pre = preflight or check_run(run, ("interact",), teacher_verbalizers=Path(teacher_verbalizers),
                                  student_verbalizers=Path(student_verbalizers))
     upstream = upstream or {"teacher_verbalizers": directory_identity(teacher_verbalizers),
                             "student_verbalizers": directory_identity(student_verbalizers)}
     parts: dict[str, Any] = {}
 
-    cache = None
-    if cfg.interaction.teacher_cache is not None:  # checked before anything loads
-        cache = TeacherCache.open(cfg.interaction.teacher_cache, expected_manifest(
-            cfg, teacher_verbalizers, cfg.interaction.teacher_cache_top_k, pre.vocab, pre.teacher.target_layers))
+    cache = interact_cache.open_run_cache(run, teacher_verbalizers, pre)  # checked before anything loads
 
     def build(args, dataset, collator, resumed_step: int) -> Trainer:
         if cache is not None:  # before any model loads
-            cache.check_samples([sample_key(s.id, s.input_ids, s.labels, s.num_image_tokens) for s in dataset.samples],
-                                [s.id for s in dataset.samples])
-            collator = KeyedCollator(collator, cache)
+            collator = interact_cache.keyed_collator(cache, dataset, collator)
         dtype = torch.bfloat16 if args.bf16 else None
         student = load_backbone(student_dir, dtype=dtype, attn_implementation=cfg.attn_implementation)
         s_verb = load_verbalizers(student_verbalizers, student)
@@ -419,6 +322,6 @@ def run_interact(
                 "outputs": [ADAPTER_DIR, "matches.json", "heatmap_start.png", "heatmap_end.png",
                             *([GENERATIONS_LOG] if cfg.interaction.on_policy > 0 else [])]}
 
-    stage = Stage("interact", "interact", out, step_inputs(cfg, "interact", upstream), student_dir,
+    stage = Stage("interact", "interact", out, step_inputs(run, "interact", upstream), student_dir,
                   build, lambda trainer, ckpt: load_adapter_weights(trainer.model, ckpt), outputs)
-    return run_stage(stage, cfg, resume=resume, restart=restart)
+    return run_stage(stage, run, resume=resume, restart=restart)

@@ -32,11 +32,11 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from vlsi import fingerprint
-from vlsi.config import RunConfig
 from vlsi.distributed import is_main_process, load_sharded_checkpoint, zero_for_every_parameter
 from vlsi.errors import VlsiError
 from vlsi.faults import kill_if_asked, nan_if_asked
 from vlsi.files import truncate_jsonl, utc_now, write_json_atomic
+from vlsi.resolved import ResolvedRun
 from vlsi.stages.arguments import training_arguments
 from vlsi.stages.callbacks import METRICS, stage_callbacks, use_loss_progress_bar
 from vlsi.stages.checkpoints import (
@@ -199,11 +199,11 @@ def check_identity(out: Path, inputs: dict[str, Any], *, restart: bool, hint: st
         shutil.rmtree(out)
 
 
-def run_stage(stage: Stage, cfg: RunConfig, *, resume: bool = True, restart: bool = False,
+def run_stage(stage: Stage, run: ResolvedRun, *, resume: bool = True, restart: bool = False,
               hint: str = "pass --restart-changed to redo this step") -> Path:
-    """Run ``stage`` into ``stage.out`` (see the module docstring); returns ``stage.out``."""
+    """Run ``stage`` of ``run`` into ``stage.out`` (see the module docstring); returns ``stage.out``."""
     out = stage.out
-    tcfg = cfg.stage(stage.name)
+    tcfg = run.cfg.stage(stage.name)
     # TrainingArguments before the models: under ZeRO-3 they make from_pretrained shard them
     args = training_arguments(tcfg, out, gradient_checkpointing=stage.gradient_checkpointing,
                               stage=stage.name)
@@ -226,7 +226,7 @@ def run_stage(stage: Stage, cfg: RunConfig, *, resume: bool = True, restart: boo
             truncate_jsonl(out / METRICS, checkpoint_step(checkpoint))
         else:
             digest = fingerprint.digest(stage.inputs)
-    dataset, collator, _ = load_training_data(cfg.data, stage.data_model)
+    dataset, collator, _ = load_training_data(run.cfg.data, stage.data_model)
     data = report_skips(dataset, stage.name, out / METRICS if args.should_save else None)
     trainer = stage.build(args, dataset, collator, checkpoint_step(checkpoint))
     for callback in stage_callbacks(out, stage.name):

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
-from vlsi.backbones import Backbone, checkpoint_dir, load_backbone, load_model
+from vlsi.backbones import Backbone, load_backbone, load_model
 from vlsi.config import RunConfig
 from vlsi.data import IGNORE_INDEX
 from vlsi.distributed import unpartitioned_loading, vision_on_every_process, whole_parameters
@@ -39,6 +39,7 @@ from vlsi.fingerprint import directory_identity, step_inputs
 from vlsi.losses import CE_CHUNK_TOKENS, chunked_head_ce, liger_fused_linear_ce
 from vlsi.lora import save_adapter, trainable_summary, with_adapter, with_lora
 from vlsi.preflight import Preflight, check_run
+from vlsi.resolved import ResolvedRun, resolve_run
 from vlsi.stages.interact import ADAPTER_DIR, load_adapter_weights
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
 from vlsi.stages.verbalize import response_targets
@@ -136,7 +137,7 @@ class SFTTrainer(VlsiTrainerMixin, Trainer):
 
 
 def run_sft(
-    cfg: RunConfig,
+    run: RunConfig | ResolvedRun,
     out_dir: str | Path,
     *,
     adapter: str | Path | None = None,
@@ -149,7 +150,8 @@ def run_sft(
     """Train the student with next-token loss, then export it; returns the exported directory.
 
     Args:
-        cfg: the run config (``student``, ``data``, ``lora``, stage ``sft``).
+        run: the run (``student``, ``data``, ``lora``, stage ``sft``); a
+            :class:`~vlsi.config.RunConfig` is resolved here (:func:`vlsi.resolved.resolve_run`).
         out_dir: the step directory (see the module docstring for its contents).
         adapter: the interaction step's LoRA adapter directory, continued; ``None``: a fresh
             LoRA from ``cfg.lora``.
@@ -161,10 +163,12 @@ def run_sft(
             them (``vlsi distill``); by default they are read from the directories.
         preflight: the caller's pre-flight result (``vlsi distill``); by default run here.
     """
+    run = resolve_run(run)
+    cfg = run.cfg
     out = Path(out_dir)
-    student_dir = checkpoint_dir(cfg.student)
+    student_dir = run.student_dir
     if preflight is None:
-        check_run(cfg, ("sft",), student_verbalizers=Path(student_verbalizers) if student_verbalizers else None)
+        check_run(run, ("sft",), student_verbalizers=Path(student_verbalizers) if student_verbalizers else None)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         from vlsi.errors import VlsiError
 
@@ -200,7 +204,7 @@ def run_sft(
                 "student_verbalizers": str(student_verbalizers) if student_verbalizers is not None else None,
                 "outputs": [ADAPTER_DIR, MODEL_DIR]}
 
-    stage = Stage("sft", "sft", out, step_inputs(cfg, "sft", upstream), student_dir, build,
+    stage = Stage("sft", "sft", out, step_inputs(run, "sft", upstream), student_dir, build,
                   lambda trainer, ckpt: load_adapter_weights(trainer.model, ckpt), outputs)
-    run_stage(stage, cfg, resume=resume, restart=restart)
+    run_stage(stage, run, resume=resume, restart=restart)
     return out / MODEL_DIR

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, set_seed
 
-from vlsi.backbones import Backbone, checkpoint_dir, load_backbone
+from vlsi.backbones import Backbone, load_backbone
 from vlsi.config import RunConfig
 from vlsi.distributed import (deepspeed_without_engine, describe_footprint, full_parameters,
                               place_frozen_model, vision_on_every_process, whole_parameters)
@@ -40,7 +40,8 @@ from vlsi.errors import VlsiError
 from vlsi.fingerprint import step_inputs
 from vlsi.layer_loss import LAYER_LOSS_STEPS, LayerLossCallback, LayerLossLog, write_layer_loss_table
 from vlsi.losses import CE_CHUNK_TOKENS, chunked_head_ce
-from vlsi.preflight import check_gpu_memory, gpu_memory, plan_shape
+from vlsi.preflight import check_gpu_memory, gpu_memory
+from vlsi.resolved import ResolvedRun, resolve_run
 from vlsi.stages.callbacks import MeanMetrics
 from vlsi.stages.run import Stage, VlsiTrainerMixin, run_stage
 from vlsi.verbalizer import (LayerContext, VerbalizerSet, capture_hidden_states, capture_layer_context,
@@ -184,12 +185,13 @@ class VerbalizeTrainer(VlsiTrainerMixin, Trainer):
         super().log(logs, start_time)
 
 
-def run_verbalize(cfg: RunConfig, role: str, out_dir: str | Path, *, resume: bool = False,
+def run_verbalize(run: RunConfig | ResolvedRun, role: str, out_dir: str | Path, *, resume: bool = False,
                   restart: bool = False) -> Path:
-    """Train the verbalizers of ``cfg.teacher`` or ``cfg.student`` into ``out_dir``.
+    """Train the verbalizers of the run's teacher or student into ``out_dir``.
 
     Args:
-        cfg: the run configuration (``verbalizer``, ``data``, the ``verbalize`` stage settings).
+        run: the run (``verbalizer``, ``data``, the ``verbalize`` stage settings); a
+            :class:`~vlsi.config.RunConfig` is resolved here (:func:`vlsi.resolved.resolve_run`).
         role: ``"teacher"`` or ``"student"``.
         out_dir: the step directory (see the module docstring for its content).
         resume: continue from the newest checkpoint; a finished step returns at once.
@@ -201,14 +203,16 @@ def run_verbalize(cfg: RunConfig, role: str, out_dir: str | Path, *, resume: boo
     """
     if role not in ROLES:
         raise VlsiError(f"role must be 'teacher' or 'student', got {role!r}")
+    run = resolve_run(run)
+    cfg = run.cfg
     out = Path(out_dir)
-    model_dir = checkpoint_dir(cfg.teacher if role == "teacher" else cfg.student)
-    layers = cfg.verbalizer.teacher_layers if role == "teacher" else cfg.verbalizer.student_layers
+    model_dir = run.model_dir(role)
+    layers = run.configured_layers(role)
     parts: dict[str, Any] = {}
 
     def build(args, dataset, collator, resumed_step: int) -> Trainer:
         if gpu_memory(args) is not None:  # before the backbone loads: refuse what cannot fit
-            shape = plan_shape(model_dir, layers)
+            shape = run.plan_shape(role)
             check_gpu_memory(cfg, (f"{role}-verbalize",), *((shape, None) if role == "teacher" else (None, shape)), args)
         backbone = load_backbone(model_dir, dtype=torch.bfloat16 if args.bf16 else None,
                                  attn_implementation=cfg.attn_implementation)
@@ -240,9 +244,9 @@ def run_verbalize(cfg: RunConfig, role: str, out_dir: str | Path, *, resume: boo
             summary["final_layer_loss"] = {layer: values[-1] for layer, values in table["loss"].items()}
         return summary
 
-    stage = Stage("verbalize", f"{role}-verbalize", out, step_inputs(cfg, f"{role}-verbalize"),
+    stage = Stage("verbalize", f"{role}-verbalize", out, step_inputs(run, f"{role}-verbalize"),
                   model_dir, build, restore, outputs, gradient_checkpointing=False)
-    return run_stage(stage, cfg, resume=resume, restart=restart)
+    return run_stage(stage, run, resume=resume, restart=restart)
 
 
 def save_trained_verbalizers(trainer: Trainer, verbalizers: VerbalizerSet, out: Path) -> None:
