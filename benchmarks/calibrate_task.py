@@ -38,14 +38,14 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from vlsi.backbones import ImageEncoder, load_backbone, load_tokenizer
+from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.data.synthetic import DEFAULT_COLORS, DEFAULT_SHAPES, SyntheticConfig, generate_dataset
-from vlsi.tiny import TinySize, build_tiny_tokenizer, save_tiny_checkpoint
+from vlsi.models.tiny import TinySize, build_tiny_tokenizer, save_tiny_checkpoint
 
 
 def redraw_vision(backbone, how: str) -> None:
-    """``tiny``: keep vlsi.tiny's N(0, 0.1); ``hf``: N(0, 0.02) as transformers draws it;
+    """``tiny``: keep vlsi.models.tiny's N(0, 0.1); ``hf``: N(0, 0.02) as transformers draws it;
     ``fanin``: N(0, 1/fan_in). Matrices and kernels only (norms and biases as initialised)."""
     if how == "tiny":
         return

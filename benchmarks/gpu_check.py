@@ -5,24 +5,24 @@
 
 Parts (``--parts a,b,c,d,e``; ``--cap a=70,...`` seconds per part; ``--budget`` seconds in all):
 
-(a) ``vlsi.interaction.interaction_loss`` (chunked) against ``naive_interaction_loss`` on random
-    verbalizers (:func:`vlsi.bench._random_verbalizers`) at V = 151,936, d_s = 1536, d_t = 3584,
+(a) ``vlsi.method.interaction.interaction_loss`` (chunked) against ``naive_interaction_loss`` on random
+    verbalizers (:func:`vlsi.tools.bench._random_verbalizers`) at V = 151,936, d_s = 1536, d_t = 3584,
     t_s = 7, t_l = 20, 1,024 response tokens, bf16: forward and reverse KL, then a top-32
-    :class:`~vlsi.interaction.SparseTeacher` against a float64 evaluation of the bucketed KL
+    :class:`~vlsi.method.interaction.SparseTeacher` against a float64 evaluation of the bucketed KL
     written here. Criteria: loss relative error, cosine of the gradients w.r.t.
     ``student_hidden``, the same matching from the same seed, every result tensor on the device,
     peak memory (``max_memory_allocated`` above its start) against the module docstring's
     ``(t_s + 4) * chunk * V`` float32 buffers + the gradient buffer (``student_hidden``'s size),
     and host syncs (``torch.cuda.set_sync_debug_mode("warn")`` warnings, counted) equal at two
     chunk sizes, i.e. none per chunk.
-(b) ``vlsi bench loss`` (:func:`vlsi.bench.run_loss_benchmark`, naive skipped) at hidden sizes
+(b) ``vlsi bench loss`` (:func:`vlsi.tools.bench.run_loss_benchmark`, naive skipped) at hidden sizes
     3584 and 8192: chunked seconds, its floor (the head matmuls and log-softmaxes it cannot
     avoid), their ratio and the chunked peak against the same formula.
 (c) interaction steps of a Qwen2-VL-7B-shaped teacher and a 2B-shaped student with random bf16
-    weights (:mod:`vlsi.real_shapes`, full depth unless ``--teacher-layers``/``--student-layers``),
+    weights (:mod:`vlsi.models.real_shapes`, full depth unless ``--teacher-layers``/``--student-layers``),
     LoRA r = 64, intermediate op ``kld`` and ``none`` (last-layer KD only): time per part
     (``torch.cuda.synchronize`` around each), tokens/s, model FLOPs utilisation, and the peak
-    against ``vlsi plan``'s prediction (:func:`vlsi.plan.plan_steps`) for the same shapes.
+    against ``vlsi plan``'s prediction (:func:`vlsi.train.plan.plan_steps`) for the same shapes.
     The scoring/gradient split comes from the loss's own ``seconds["scoring"]`` (read after the
     matching's copy to the CPU, which waits for the scoring pass); gradient pass = the loss's
     synchronised time minus it. Text-only inputs (the vision tower does not run).
@@ -30,7 +30,7 @@ Parts (``--parts a,b,c,d,e``; ``--cap a=70,...`` seconds per part; ``--budget`` 
     989 = the H200's dense bf16), model FLOPs = 2 P_t T (teacher forward) + 4 P_s T (student
     forward, and backward to its activations only: its base weights are frozen; LoRA's own
     FLOPs are left out) + 2 n d V per LM-head matmul the loss runs
-    (:func:`vlsi.bench.head_op_counts`, the student's backward matmul included). P = parameters
+    (:func:`vlsi.tools.bench.head_op_counts`, the student's backward matmul included). P = parameters
     of the decoder layers (embeddings are look-ups, the LM head is in the loss term, the vision
     tower does not run), T = tokens of the batch; attention-score FLOPs and recomputation are
     not counted.
@@ -38,8 +38,8 @@ Parts (``--parts a,b,c,d,e``; ``--cap a=70,...`` seconds per part; ``--budget`` 
     and gradient checkpointing on one GPU, then ``vlsi interact`` alone under
     accelerate_configs/fsdp.yaml and deepspeed_zero3.yaml with one process: exit codes, wall
     time, the last lines of stderr. With ``--smoke`` (CPU): no mixed precision, and FSDP runs
-    through tests/stages/fsdp_on_cpu.py (accelerate enables FSDP only on accelerator devices).
-(e) batched greedy generation (:class:`vlsi.inference.Generator`, tiny student, float32)
+    through tests/train/stages/fsdp_on_cpu.py (accelerate enables FSDP only on accelerator devices).
+(e) batched greedy generation (:class:`vlsi.tools.inference.Generator`, tiny student, float32)
     against one prompt at a time: token ids and texts must be equal.
 
 Robustness: every part runs in its own process (``--worker``) killed at its cap; every check
@@ -204,7 +204,7 @@ def _environment(device: Any) -> dict:
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     gpu_memory_bytes=torch.cuda.get_device_properties(device).total_memory)
     else:
-        from vlsi.bench import _cpu_name
+        from vlsi.tools.bench import _cpu_name
 
         info["cpu"] = _cpu_name()
     return info
@@ -220,7 +220,7 @@ def _sync(device: Any) -> None:
 class PeakMemory:
     """Peak bytes above the start during the ``with`` body: CUDA ``max_memory_allocated`` above
     ``memory_allocated``, or on the CPU the peak RSS (``VmHWM`` after a ``clear_refs`` reset,
-    as :mod:`vlsi.bench` measures it) above the RSS."""
+    as :mod:`vlsi.tools.bench` measures it) above the RSS."""
 
     def __init__(self, device: Any):
         self.device = device
@@ -229,7 +229,7 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         import torch
 
-        from vlsi.bench import _release_freed_memory, _reset_peak_rss, _rss_bytes
+        from vlsi.tools.bench import _release_freed_memory, _reset_peak_rss, _rss_bytes
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -244,7 +244,7 @@ class PeakMemory:
     def __exit__(self, *exc: Any) -> None:
         import torch
 
-        from vlsi.bench import _peak_rss_bytes
+        from vlsi.tools.bench import _peak_rss_bytes
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -321,7 +321,7 @@ def sparse_teacher_from(teacher_fn: Callable, teacher_hidden: Any, vocab: int, k
     ``[t_l + 1, N, k]`` / ``[t_l + 1, N]``; the tail is ``exp(logsumexp)`` over the other ids."""
     import torch
 
-    from vlsi.interaction import SparseTeacher
+    from vlsi.method.interaction import SparseTeacher
 
     ids, logp, tail = [], [], []
     with torch.no_grad():
@@ -357,7 +357,7 @@ def _sparse_reference(sparse: Any, student_fn: Callable, h: Any, vocab: int, see
     gradient w.r.t. ``h`` ``[t_s + 1, N, d]`` (accumulated in ``h.grad``)."""
     import torch
 
-    from vlsi.matching import match, needed_mask
+    from vlsi.method.matching import match, needed_mask
 
     t_s, t_l = h.shape[0] - 1, sparse.ids.shape[0] - 1
     needed = needed_mask("vlsi", t_s, t_l)
@@ -437,8 +437,8 @@ def part_a(s: dict, rec: Recorder, device: Any) -> None:
     reference (top-K teacher)."""
     import torch
 
-    from vlsi.bench import _random_verbalizers
-    from vlsi.interaction import interaction_loss, naive_interaction_loss
+    from vlsi.tools.bench import _random_verbalizers
+    from vlsi.method.interaction import interaction_loss, naive_interaction_loss
 
     dtype = _dtype(s["dtype"])
     vocab, t_s, t_l, n = s["vocab"], s["t_s"], s["t_l"], s["tokens"]
@@ -497,7 +497,7 @@ def part_b(s: dict, rec: Recorder, device: Any) -> None:
     """``vlsi bench loss`` per hidden size, naive skipped; chunked time against its floor."""
     import torch
 
-    from vlsi.bench import run_loss_benchmark
+    from vlsi.tools.bench import run_loss_benchmark
 
     bytes_per = torch.finfo(_dtype(s["dtype"])).bits // 8
     for d, tokens in s["runs"]:
@@ -550,7 +550,7 @@ def _text_batch(tokenizer: Any, batch: int, seq_len: int, response_len: int, dev
     ``response_len`` of each supervised."""
     import torch
 
-    from vlsi.tiny import SPECIAL_TOKENS
+    from vlsi.models.tiny import SPECIAL_TOKENS
 
     special = {tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     allowed = torch.tensor([i for i in range(len(tokenizer)) if i not in special])
@@ -579,8 +579,8 @@ class InteractionStep:
     def __call__(self, inputs: dict, intermediate_op: str, seed: int) -> tuple[dict, Any, dict]:
         import torch
 
-        from vlsi.interaction import interaction_loss
-        from vlsi.verbalizer import capture_hidden_states, capture_layer_context, prediction_positions
+        from vlsi.method.interaction import interaction_loss
+        from vlsi.method.verbalizer import capture_hidden_states, capture_layer_context, prediction_positions
 
         kwargs = dict(use_cache=False, logits_to_keep=1)
         model_inputs = self.student.model_inputs(inputs)
@@ -625,11 +625,11 @@ class InteractionStep:
 
 def _loss_head_flops(result: Any, n: int, chunk: int, d_s: int, d_t: int, rows_s: int, rows_t: int,
                      intermediate_op: str) -> int:
-    """FLOPs of the LM-head matmuls the chunked loss ran (:func:`vlsi.bench.head_op_counts`)."""
+    """FLOPs of the LM-head matmuls the chunked loss ran (:func:`vlsi.tools.bench.head_op_counts`)."""
     import torch
 
-    from vlsi.bench import head_op_counts
-    from vlsi.matching import needed_mask
+    from vlsi.tools.bench import head_op_counts
+    from vlsi.method.matching import needed_mask
 
     t_s, t_l = result.weights.shape
     needed = (needed_mask("vlsi", t_s, t_l) if intermediate_op != "none"
@@ -645,7 +645,8 @@ def _plan_prediction(t_cfg: Any, s_cfg: Any, t_layers: list[int], s_layers: list
     """``vlsi plan``'s interaction-step bytes for these shapes on one GPU (no engine sharding)."""
     import copy
 
-    from vlsi.plan import Setup, plan_steps, shape_from_config
+    from vlsi.models.shapes import shape_from_config
+    from vlsi.train.plan import Setup, plan_steps
 
     shapes = []
     for name, cfg, layers in (("teacher", t_cfg, t_layers), ("student", s_cfg, s_layers)):
@@ -666,12 +667,12 @@ def part_c(s: dict, rec: Recorder, device: Any) -> None:
     """Interaction steps at the real shapes, ops ``kld`` and ``none``."""
     import torch
 
-    from vlsi.backbones import Backbone
-    from vlsi.config import LoraSettings
-    from vlsi.lora import with_lora
-    from vlsi.real_shapes import real_shape_config
-    from vlsi.tiny import build_tiny_tokenizer
-    from vlsi.verbalizer import VerbalizerSet
+    from vlsi.models.backbones import Backbone
+    from vlsi.train.config import LoraSettings
+    from vlsi.train.lora import with_lora
+    from vlsi.models.real_shapes import real_shape_config
+    from vlsi.models.tiny import build_tiny_tokenizer
+    from vlsi.method.verbalizer import VerbalizerSet
 
     dtype = _dtype(s["dtype"])
     state: dict[str, Any] = {}
@@ -796,7 +797,7 @@ LAUNCH_RESERVE_S = 25  # (d): seconds kept back for each later launch (one inter
 def part_d(s: dict, rec: Recorder, device: Any, work: Path) -> None:
     """The tiny distill under a plain one-process launch, then ``interact`` under FSDP and ZeRO-3."""
     from vlsi.data.synthetic import SyntheticConfig, generate_dataset
-    from vlsi.tiny import save_tiny_pair
+    from vlsi.models.tiny import save_tiny_pair
 
     config = REPO / "configs" / "tiny-qwen2vl.yaml"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
@@ -853,8 +854,8 @@ def part_e(s: dict, rec: Recorder, device: Any, work: Path) -> None:
     import torch
     from PIL import Image
 
-    from vlsi.inference import Generator, Prompt
-    from vlsi.tiny import save_tiny_pair
+    from vlsi.tools.inference import Generator, Prompt
+    from vlsi.models.tiny import save_tiny_pair
 
     with rec.check("batched greedy equals one-by-one") as c:
         pair = save_tiny_pair(work / "tiny", "qwen2_vl")
@@ -1103,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
     settings["work"] = str(work)
-    # children: this package importable, nothing fetched, glibc's mmap threshold fixed as vlsi.bench does
+    # children: this package importable, nothing fetched, glibc's mmap threshold fixed as vlsi.tools.bench does
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH")) if p)
     os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                       PYTHONUNBUFFERED="1", MALLOC_MMAP_THRESHOLD_="131072")

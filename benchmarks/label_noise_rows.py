@@ -21,14 +21,14 @@ import json
 import statistics
 from pathlib import Path
 
-from vlsi.config import load_config
+from vlsi.train.config import load_config
 from vlsi.demo.pipeline import distillation_data, evaluate_model, export_merged
 from vlsi.demo.recipe import DemoRecipe
-from vlsi.evaluate import load_items
+from vlsi.tools.evaluate import load_items
 from vlsi.files import read_json
-from vlsi.stages.distill import layout
-from vlsi.stages.interact import run_interact
-from vlsi.stages.sft import run_sft
+from vlsi.train.stages.distill import layout
+from vlsi.train.stages.interact import run_interact
+from vlsi.train.stages.sft import run_sft
 
 
 ROWS = ("llkd_only", "sft_clean_subset")

@@ -15,7 +15,7 @@ GPU plan does not hold are added before comparing, each printed:
   no token reads are never resident (on a GPU they are copied whole): the teacher's embedding
   is subtracted (the student ties it to its LM head, which the loss reads whole);
 * the SFT process also exports: it loads the student a second time on the CPU to merge LoRA
-  into (:mod:`vlsi.export`), one more copy of its weights.
+  into (:mod:`vlsi.train.export`), one more copy of its weights.
 
 Prints one line per step and writes the figures as JSON.
 """
@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 STEPS = {"teacher-verbalize": "teacher verbalize", "student-verbalize": "student verbalize",
          "interact": "interaction", "sft": "sft + export"}
-IMPORTS = ("import torch, transformers, vlsi.stages.verbalize, vlsi.stages.interact, vlsi.stages.sft; "
+IMPORTS = ("import torch, transformers, vlsi.train.stages.verbalize, vlsi.train.stages.interact, vlsi.train.stages.sft; "
            "from transformers import Qwen2VLForConditionalGeneration")
 
 
@@ -54,8 +54,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
-    from vlsi.plan import Setup, plan_steps, shape_from_config
-    from vlsi.real_shapes import real_shape_config
+    from vlsi.models.shapes import shape_from_config
+    from vlsi.train.plan import Setup, plan_steps
+    from vlsi.models.real_shapes import real_shape_config
 
     measured = json.loads(args.measured.read_text())
 

@@ -2,7 +2,7 @@
 
     python benchmarks/real_shapes.py --out runs/real --teacher-layers 4 --student-layers 3
 
-Builds the pair with random bf16 weights (:mod:`vlsi.real_shapes`: real widths, vocabularies and
+Builds the pair with random bf16 weights (:mod:`vlsi.models.real_shapes`: real widths, vocabularies and
 vision tower, fewer decoder layers), then runs, each as its own process so that its peak RSS
 is its own: teacher and student verbalization, the interaction step and SFT with export (one
 optimizer step each, LoRA r = 64 as in the paper), and a stock ``transformers`` reload of the
@@ -128,7 +128,7 @@ def main() -> None:
                     "teacher_layers": a.teacher_layers, "student_layers": a.student_layers,
                     "threads": a.threads, "steps": {}}
     steps = report["steps"]
-    build = ("from vlsi.real_shapes import save_real_shape_pair; "
+    build = ("from vlsi.models.real_shapes import save_real_shape_pair; "
              f"save_real_shape_pair({str(out / 'pair')!r}, teacher_layers={a.teacher_layers}, "
              f"student_layers={a.student_layers})")
     steps["build pair"] = run_measured([py, "-c", build], out / "build.log")

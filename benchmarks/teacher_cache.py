@@ -40,7 +40,7 @@ from real_shapes import run_measured  # noqa: E402  (wall time and peak RSS of a
 
 
 def measure_bytes(out: Path) -> dict:
-    from vlsi.teacher_cache import ShardWriter, bytes_per_token, id_bits, top_k_of
+    from vlsi.train.teacher_cache import ShardWriter, bytes_per_token, id_bits, top_k_of
 
     vocab, layers, tokens = 151936, 21, 64
     g = torch.Generator().manual_seed(0)
@@ -71,13 +71,13 @@ def _metrics(interact_dir: Path) -> dict:
 @torch.no_grad()
 def approximation(cfg, run, caches: dict[int, Path], batches: int) -> dict:
     """KLD relative error and matching TV of each cache against the online teacher."""
-    from vlsi.backbones import load_backbone
-    from vlsi.distributed import load_verbalizers
-    from vlsi.interaction import SparseTeacher, interaction_loss
-    from vlsi.matching import match
-    from vlsi.stages.training_data import load_training_data
-    from vlsi.teacher_cache import TeacherCache, item_key
-    from vlsi.verbalizer import capture_layer_context, prediction_positions
+    from vlsi.models.backbones import load_backbone
+    from vlsi.train.distributed import load_verbalizers
+    from vlsi.method.interaction import SparseTeacher, interaction_loss
+    from vlsi.method.matching import match
+    from vlsi.train.stages.training_data import load_training_data
+    from vlsi.train.teacher_cache import TeacherCache, item_key
+    from vlsi.method.verbalizer import capture_layer_context, prediction_positions
 
     teacher, student = load_backbone(cfg.teacher), load_backbone(cfg.student)
     t_verb = load_verbalizers(run.teacher_verbalize, teacher).eval()
@@ -117,13 +117,13 @@ def approximation(cfg, run, caches: dict[int, Path], batches: int) -> dict:
 def run_demo(out: Path, seeds: int, batches: int) -> dict:
     import yaml
 
-    from vlsi.config import load_config
+    from vlsi.train.config import load_config
     from vlsi.demo import prepare_run
     from vlsi.demo.pipeline import evaluate_model, run_config
-    from vlsi.stages.cache_teacher import run_cache_teacher
-    from vlsi.stages.distill import layout, run_distill
-    from vlsi.stages.interact import run_interact
-    from vlsi.stages.sft import run_sft
+    from vlsi.train.stages.cache_teacher import run_cache_teacher
+    from vlsi.train.stages.distill import layout, run_distill
+    from vlsi.train.stages.interact import run_interact
+    from vlsi.train.stages.sft import run_sft
 
     torch.set_num_threads(2)
     recipe, pair, data_dir, items = prepare_run(out, None, quick=False, seeds=seeds, pair_dir=None)

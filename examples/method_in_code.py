@@ -4,7 +4,7 @@
 
 What it does (docs/method.md explains every step):
 
-1. builds a tiny teacher/student pair with one shared tokenizer (:func:`vlsi.tiny.save_tiny_pair`)
+1. builds a tiny teacher/student pair with one shared tokenizer (:func:`vlsi.models.tiny.save_tiny_pair`)
    in a temporary directory;
 2. encodes ``examples/sample_record.json`` (one LLaVA-style record and its image) with the
    student's chat template and image processor, and collates it into a batch;
@@ -16,7 +16,7 @@ What it does (docs/method.md explains every step):
 5. back-propagates it into the student's LoRA weights and prints the matched pairs and the loss.
 
 The real step (``vlsi interact``) does the same per micro-batch inside a ``transformers.Trainer``
-(:mod:`vlsi.stages.interact`).
+(:mod:`vlsi.train.stages.interact`).
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from vlsi.backbones import ImageEncoder, load_backbone, load_tokenizer
-from vlsi.config import LoraSettings
+from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
+from vlsi.train.config import LoraSettings
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
-from vlsi.interaction import interaction_loss
-from vlsi.lora import with_lora
-from vlsi.tiny import save_tiny_pair
-from vlsi.verbalizer import VerbalizerSet, prediction_positions
-from vlsi.vocab import check_tokenizers, shared_vocab_size
+from vlsi.method.interaction import interaction_loss
+from vlsi.train.lora import with_lora
+from vlsi.models.tiny import save_tiny_pair
+from vlsi.method.verbalizer import VerbalizerSet, prediction_positions
+from vlsi.method.vocab import check_tokenizers, shared_vocab_size
 
 RECORD = Path(__file__).resolve().parent / "sample_record.json"
 # the tiny teacher has 8 decoder layers, the student 4; the last layer of each is not a target
@@ -72,7 +72,7 @@ def main(record: Path = RECORD, seed: int = 0) -> dict:
             t_out = teacher.model(**teacher.model_inputs(batch), output_hidden_states=True, use_cache=False)
         s_out = model(**student.model_inputs(batch), output_hidden_states=True, use_cache=False)
         # `decoder` verbalizers would also need each backbone's layer context
-        # (vlsi.verbalizer.capture_layer_context); verb-ffn acts on each token alone
+        # (vlsi.method.verbalizer.capture_layer_context); verb-ffn acts on each token alone
         t_stack, t_fn = t_verb.response_inputs(t_out.hidden_states, positions, transformed=True)
         s_stack, s_fn = s_verb.response_inputs(s_out.hidden_states, positions)
         result = interaction_loss(s_stack, t_stack, s_fn, t_fn, vocab_size=vocab, strategy="vlsi",

@@ -25,9 +25,9 @@ import pytest
 from PIL import Image
 
 from helpers import DISTILL_SETTINGS, MISSING_IMAGE, REPO, RESUME_KILL_POINTS, TINY_CONFIG, set_args as _set_args
-from vlsi.config import RunConfig, load_config
+from vlsi.train.config import RunConfig, load_config
 from vlsi.data.synthetic import SyntheticConfig, generate_dataset
-from vlsi.tiny import TinyPair, save_tiny_pair
+from vlsi.models.tiny import TinyPair, save_tiny_pair
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -45,7 +45,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 @pytest.fixture(scope="session")
 def tiny_pair(tmp_path_factory) -> Callable[[str], TinyPair]:
-    """``tiny_pair(family)`` -> :class:`~vlsi.tiny.TinyPair`, saved once per family per session."""
+    """``tiny_pair(family)`` -> :class:`~vlsi.models.tiny.TinyPair`, saved once per family per session."""
     root = tmp_path_factory.mktemp("tiny_pairs")
     built: dict[str, TinyPair] = {}
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
-from vlsi.config import load_config
-from vlsi.families import FAMILIES
-from vlsi.verbalizer import validate_target_layers
+from vlsi.train.config import load_config
+from vlsi.models.families import FAMILIES
+from vlsi.method.verbalizer import validate_target_layers
 
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))
@@ -105,7 +105,7 @@ def test_accelerate_config_loads(path):
 def test_fsdp_units_are_each_familys_blocks(family, tiny_pair):
     """FSDP2 wraps what a model lists in ``_no_split_modules`` (fsdp.yaml names no class): for
     every family that is its decoder layers and its vision blocks."""
-    from vlsi.backbones import load_backbone
+    from vlsi.models.backbones import load_backbone
 
     model = load_backbone(tiny_pair(family).teacher).model
     present = {type(m).__name__ for m in model.modules()}

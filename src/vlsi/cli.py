@@ -11,9 +11,9 @@
     vlsi verbalize-layers --model DIR --verbalizers DIR --image IMG --prompt TEXT --out F.html
     vlsi eval --model DIR --data FILE         MC accuracy / exact match (JSON or MMBench TSV)
 
-Training (CONFIG is a run's YAML file, see ``vlsi.config``; ``--set a.b=value`` overrides a key,
+Training (CONFIG is a run's YAML file, see ``vlsi.train.config``; ``--set a.b=value`` overrides a key,
 the value read as YAML; default directories follow the ``vlsi distill`` layout under the
-config's ``output_dir``, see ``vlsi.stages.distill``):
+config's ``output_dir``, see ``vlsi.train.stages.distill``):
 
     vlsi verbalize CONFIG --role {teacher,student} [--out DIR] [--resume]
     vlsi interact CONFIG [--teacher-verbalizers DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
@@ -35,7 +35,7 @@ from typing import Any, Callable, NamedTuple
 import yaml
 
 from vlsi import __version__
-from vlsi.families import FAMILIES
+from vlsi.models.families import FAMILIES
 from vlsi.cli_types import positive_int
 from vlsi.errors import VlsiError
 
@@ -47,7 +47,7 @@ def _offline() -> None:
 
 
 def _cmd_tiny(args: argparse.Namespace) -> None:
-    from vlsi.tiny import save_tiny_pair
+    from vlsi.models.tiny import save_tiny_pair
 
     pair = save_tiny_pair(args.out_dir, args.family, seed=args.seed, force=args.force)
     print(f"teacher: {pair.teacher}\nstudent: {pair.student}")
@@ -79,7 +79,7 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    from vlsi.inference import Generator, Prompt, resolve_device
+    from vlsi.tools.inference import Generator, Prompt, resolve_device
 
     _existing_files(args.image or [], "image")  # before the model loads
     device, dtype = resolve_device(args.device)
@@ -91,7 +91,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
 
 def _cmd_verbalize_layers(args: argparse.Namespace) -> None:
-    from vlsi.layer_view import run_verbalize_layers
+    from vlsi.tools.layer_view import run_verbalize_layers
 
     compare = [tuple(pair) for pair in (args.compare or [])]
     _existing_files([args.image] if args.image else [], "image")
@@ -102,7 +102,7 @@ def _cmd_verbalize_layers(args: argparse.Namespace) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> None:
-    from vlsi.evaluate import run_eval
+    from vlsi.tools.evaluate import run_eval
 
     run_eval(_existing_dir(Path(args.model), "model", "check --model"), args.data,
              image_root=args.image_root, out=args.out, batch_size=args.batch_size,
@@ -112,7 +112,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 def _load_config(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
     """The config of ``args.config`` with the ``--set`` overrides, then ``overrides`` (from the
     command's own options), applied before validation."""
-    from vlsi.config import load_config
+    from vlsi.train.config import load_config
 
     return load_config(args.config, {**parse_overrides(args.set), **(overrides or {})})
 
@@ -144,8 +144,8 @@ def _existing_files(paths: list[str], what: str) -> None:
 
 
 def _cmd_verbalize(args: argparse.Namespace) -> None:
-    from vlsi.resolved import resolve_run
-    from vlsi.stages.verbalize import run_verbalize
+    from vlsi.train.resolved import resolve_run
+    from vlsi.train.stages.verbalize import run_verbalize
 
     run = resolve_run(_load_config(args))
     out = Path(args.out) if args.out else run.layout.verbalize_dir(args.role)
@@ -154,8 +154,8 @@ def _cmd_verbalize(args: argparse.Namespace) -> None:
 
 
 def _cmd_interact(args: argparse.Namespace) -> None:
-    from vlsi.resolved import resolve_run
-    from vlsi.stages.interact import run_interact
+    from vlsi.train.resolved import resolve_run
+    from vlsi.train.stages.interact import run_interact
 
     # before validation: what the cache rules out (e.g. on_policy) fails there
     cfg = _load_config(args, {"interaction.teacher_cache": args.teacher_cache} if args.teacher_cache else None)
@@ -171,8 +171,8 @@ def _cmd_interact(args: argparse.Namespace) -> None:
 
 
 def _cmd_cache_teacher(args: argparse.Namespace) -> None:
-    from vlsi.resolved import resolve_run
-    from vlsi.stages.cache_teacher import run_cache_teacher
+    from vlsi.train.resolved import resolve_run
+    from vlsi.train.stages.cache_teacher import run_cache_teacher
 
     run = resolve_run(_load_config(args))
     teacher = _existing_dir(Path(args.teacher_verbalizers or run.layout.teacher_verbalize), "teacher verbalizers",
@@ -183,8 +183,8 @@ def _cmd_cache_teacher(args: argparse.Namespace) -> None:
 
 
 def _cmd_sft(args: argparse.Namespace) -> None:
-    from vlsi.resolved import resolve_run
-    from vlsi.stages.sft import run_sft
+    from vlsi.train.resolved import resolve_run
+    from vlsi.train.stages.sft import run_sft
 
     run = resolve_run(_load_config(args))
     paths = run.layout
@@ -210,21 +210,21 @@ def _cmd_sft(args: argparse.Namespace) -> None:
 
 
 def _cmd_distill(args: argparse.Namespace) -> None:
-    from vlsi.resolved import resolve_run
-    from vlsi.stages.distill import run_distill
+    from vlsi.train.resolved import resolve_run
+    from vlsi.train.stages.distill import run_distill
 
     run_distill(resolve_run(_load_config(args)), resume=args.resume, restart_changed=args.restart_changed)
 
 
 def _cmd_config(args: argparse.Namespace) -> None:
-    from vlsi.config import describe_config
+    from vlsi.train.config import describe_config
 
     print(describe_config(_load_config(args)))
 
 
 def _cmd_plan(args: argparse.Namespace) -> None:
-    from vlsi.plan import run_plan
-    from vlsi.resolved import resolve_run
+    from vlsi.train.plan import run_plan
+    from vlsi.train.resolved import resolve_run
 
     lines = run_plan(resolve_run(_load_config(args)), gpus=args.gpus, gpu_memory=args.gpu_memory, engine=args.engine,
                      teacher_shape=args.teacher_shape, student_shape=args.student_shape,
@@ -290,7 +290,7 @@ def _args_data(parser: argparse.ArgumentParser) -> None:
 
 
 def _args_bench(parser: argparse.ArgumentParser) -> None:
-    from vlsi import bench
+    from vlsi.tools import bench
 
     bench.add_cli(parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH"))
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vlsi.backbones import ImageEncoder, load_backbone, load_tokenizer
-from vlsi.families import FAMILIES
+from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
+from vlsi.models.families import FAMILIES
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.data.encode import IGNORE_INDEX
 from vlsi.errors import DataError

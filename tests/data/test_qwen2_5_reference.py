@@ -19,7 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsi.backbones import ImageEncoder, load_backbone, load_tokenizer
+from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset, read_records
 
 

@@ -13,20 +13,20 @@ import pytest
 from PIL import Image
 
 from vlsi.data.synthetic import (
-    BASIC_CATEGORIES,
-    CATEGORIES,
-    LIST_CATEGORIES,
-    REASONING_CATEGORIES,
-    COLOR_RGB,
-    LETTERS,
-    MC_INSTRUCTION,
-    QUADRANTS,
-    SHAPES,
-    SyntheticConfig,
-    add_cli,
-    content_key,
-    generate_dataset,
-)
+                                 BASIC_CATEGORIES,
+                                 CATEGORIES,
+                                 LIST_CATEGORIES,
+                                 REASONING_CATEGORIES,
+                                 COLOR_RGB,
+                                 LETTERS,
+                                 MC_INSTRUCTION,
+                                 QUADRANTS,
+                                 SHAPES,
+                                 SyntheticConfig,
+                                 add_cli,
+                                 content_key,
+                                 generate_dataset,
+                                 )
 from vlsi.errors import VlsiError
 
 SMALL = dict(num_train=180, num_eval=90)  # 20 and 10 samples per category

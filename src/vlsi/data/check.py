@@ -19,8 +19,8 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from vlsi.backbones import ImageEncoder, load_tokenizer, read_model_type
-from vlsi.families import family_for
+from vlsi.models.backbones import ImageEncoder, load_tokenizer, read_model_type
+from vlsi.models.families import family_for
 from vlsi.data.dataset import scan
 from vlsi.data.encode import DEFAULT_MAX_LENGTH, SampleEncoder
 from vlsi.cli_types import positive_int

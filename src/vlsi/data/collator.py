@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import torch
 
-from vlsi.families import Family, family_for
+from vlsi.models.families import Family, family_for
 from vlsi.data.encode import IGNORE_INDEX
 
 
@@ -40,7 +40,7 @@ class VisionLanguageCollator:
     """Callable ``list[item] -> batch`` for :class:`~vlsi.data.dataset.VisualInstructionDataset`.
 
     Args:
-        family: the model family (a :class:`~vlsi.backbones.Family` or its ``model_type``).
+        family: the model family (a :class:`~vlsi.models.backbones.Family` or its ``model_type``).
         image_token_id: the placeholder id (``Backbone.image_token_id``).
         pad_token_id: id written on padding positions (masked by ``attention_mask``).
         padding_side: ``"right"`` (default, training) or ``"left"`` (generation).

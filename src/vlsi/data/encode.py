@@ -32,17 +32,17 @@ from typing import Any
 
 from PIL import Image
 
-from vlsi.backbones import ImageEncoder
-from vlsi.families import ImageBatch
+from vlsi.models.backbones import ImageEncoder
+from vlsi.models.families import ImageBatch
 from vlsi.data.records import (
-    BAD_RECORD,
-    IMAGE_COUNT,
-    IMAGE_NOT_FOUND,
-    IMAGE_UNREADABLE,
-    TOO_LONG,
-    Rejected,
-    Sample,
-)
+                               BAD_RECORD,
+                               IMAGE_COUNT,
+                               IMAGE_NOT_FOUND,
+                               IMAGE_UNREADABLE,
+                               TOO_LONG,
+                               Rejected,
+                               Sample,
+                               )
 from vlsi.errors import VlsiError
 
 IGNORE_INDEX = -100

@@ -115,7 +115,7 @@ BASIC_CATEGORIES: tuple[str, ...] = (
 # Perception is the same as for one count; the extra step is done by the language model.
 REASONING_CATEGORIES: tuple[str, ...] = ("count_and", "count_or", "count_more", "count_add")
 # Free-form lists: every order of the items is a right answer; a record's answer is one order
-# drawn at random, and it is scored as a multiset (``unordered`` records, vlsi.evaluate).
+# drawn at random, and it is scored as a multiset (``unordered`` records, vlsi.tools.evaluate).
 LIST_CATEGORIES: tuple[str, ...] = ("list_objects", "list_color")
 LIST_SEPARATOR = ", "
 CATEGORIES: tuple[str, ...] = BASIC_CATEGORIES + REASONING_CATEGORIES + LIST_CATEGORIES

@@ -15,7 +15,7 @@
    SFT only, last-layer KD + SFT, and VLsI (verbalize both, interaction with adaptive layer
    matching, SFT) (:mod:`vlsi.demo.pipeline`);
 4. evaluates every row on the held-out split with greedy generation (beam search for VLsI
-   without SFT too; :mod:`vlsi.evaluate`);
+   without SFT too; :mod:`vlsi.tools.evaluate`);
 5. measures what the distillation targets hold beyond the labels, with the first seed's teacher
    verbalizers (:mod:`vlsi.demo.regime`, ``OUT/regime.json``);
 6. writes ``report.html`` (self-contained), ``report.md`` and ``metrics.json`` into ``OUT``
@@ -95,7 +95,7 @@ def prepare_run(out: Path, recipe: DemoRecipe | None, *, quick: bool, seeds: int
 
     from vlsi.demo.pair import load_pair, shipped_pair
     from vlsi.demo.pipeline import distillation_data
-    from vlsi.evaluate import load_items
+    from vlsi.tools.evaluate import load_items
 
     if seeds < 1:
         raise VlsiError(f"--seeds must be at least 1, got {seeds}")
@@ -117,10 +117,10 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
              command: str | None = None, teacher_map: bool = False,
              regime: str = DEFAULT_REGIME, label_noise: float = 0.0) -> dict[str, Any]:
     """Run the demo into ``out`` and return its metrics (see the module docstring)."""
-    from vlsi.config import load_config
+    from vlsi.train.config import load_config
     from vlsi.demo.pipeline import FIXED_ROWS, distillation_data, evaluate_model, run_map_point, run_seed
     from vlsi.demo.regime import demo_regime
-    from vlsi.stages.distill import layout
+    from vlsi.train.stages.distill import layout
     from vlsi.demo.report import verdicts, write_report
     from vlsi.demo.workers import run_all, threads_per_worker, torch_threads
 

@@ -161,7 +161,7 @@ class Ablation:
         self.say = say
 
     def _config(self, row: Row, seed: int):
-        from vlsi.config import load_config
+        from vlsi.train.config import load_config
         from vlsi.demo.pipeline import run_config
 
         root = self.out / "runs" / row.run / f"seed-{seed}"
@@ -174,7 +174,7 @@ class Ablation:
 
     def _shared_verbalizers(self, cfg, seed: int) -> None:
         """Link the run's verbalizer steps to the ones shared per (architecture, seed)."""
-        from vlsi.stages.distill import layout
+        from vlsi.train.stages.distill import layout
 
         run = layout(cfg)
         shared = self.out / "verbalizers" / cfg.verbalizer.architecture / f"seed-{seed}"
@@ -189,9 +189,9 @@ class Ablation:
     def verbalizers(self, architecture: str, seed: int) -> None:
         """Train the shared verbalizers of (``architecture``, ``seed``) for both models, into
         ``verbalizers/<architecture>/seed-S/`` (the runs link their verbalization steps there)."""
-        from vlsi.config import load_config
-        from vlsi.stages.distill import layout
-        from vlsi.stages.verbalize import run_verbalize
+        from vlsi.train.config import load_config
+        from vlsi.train.stages.distill import layout
+        from vlsi.train.stages.verbalize import run_verbalize
 
         base = self._config(Row("default", ""), seed)  # writes runs/vlsi/seed-S/vlsi.yaml
         root = self.out / "verbalizers" / architecture / f"seed-{seed}"
@@ -204,7 +204,7 @@ class Ablation:
     def train(self, row: Row, seed: int, merged_without_sft: bool) -> None:
         """The run of ``row`` for ``seed`` (``vlsi distill``), and its interaction-only export."""
         from vlsi.demo.pipeline import export_merged
-        from vlsi.stages.distill import layout, run_distill
+        from vlsi.train.stages.distill import layout, run_distill
 
         cfg = self._config(row, seed)
         run = layout(cfg)
@@ -219,7 +219,7 @@ class Ablation:
         """The held-out accuracy of ``row`` for ``seed`` (its run trained by :meth:`train`)."""
         from vlsi.demo.pipeline import evaluate_model
         from vlsi.files import read_json, write_json_atomic
-        from vlsi.stages.distill import layout
+        from vlsi.train.stages.distill import layout
 
         done = self.out / "results" / row.key / f"seed-{seed}.json"
         if done.is_file():
@@ -288,7 +288,7 @@ def run_ablate(out: str | Path = "runs/ablate", *, only: list[str] | None = None
     """Run the chosen sub-tables into ``out`` (on ``regime``'s pair) and write the tables and charts."""
     from vlsi.demo import prepare_run
     from vlsi.demo.workers import run_all
-    from vlsi.pages import render
+    from vlsi.tools.pages import render
 
     start = time.perf_counter()
     out = Path(out)

@@ -115,7 +115,7 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
     from vlsi.config import TrainingConfig
     from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
     from vlsi.data.synthetic import generate_dataset
-    from vlsi.demo.pipeline import MAX_LENGTH, training_config
+    from vlsi.demo.recipe import MAX_LENGTH, training_config
     from vlsi.demo.pretrain import GREEDY, SNAPSHOTS, curve_measure, generated_accuracy, pretrain
     from vlsi.evaluate import load_items
     from vlsi.tiny import save_tiny_pair

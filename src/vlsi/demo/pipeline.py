@@ -32,21 +32,21 @@ from typing import Any, Callable
 
 import yaml
 
-from vlsi.backbones import load_model
-from vlsi.config import load_config
+from vlsi.models.backbones import load_model
+from vlsi.train.config import load_config
 from vlsi.demo.pair import Pair
 from vlsi.demo.noise import with_label_noise
-from vlsi.demo.recipe import DemoRecipe, StageBudget
-from vlsi.evaluate import EvalItem, evaluate
-from vlsi.export import export_student
-from vlsi.inference import Generator
-from vlsi.layer_view import layer_responses
+from vlsi.demo.recipe import MAX_LENGTH, DemoRecipe, training_config
+from vlsi.tools.evaluate import EvalItem, evaluate
+from vlsi.train.export import export_student
+from vlsi.tools.inference import Generator
+from vlsi.tools.layer_view import layer_responses
 from vlsi.files import read_json, read_jsonl, write_json_atomic
-from vlsi.stages.distill import layout, run_distill
-from vlsi.stages.interact import GENERATIONS_LOG, run_interact
-from vlsi.lora import with_adapter
-from vlsi.stages.sft import run_sft
-from vlsi.verbalizer import VerbalizerSet
+from vlsi.train.stages.distill import layout, run_distill
+from vlsi.train.stages.interact import GENERATIONS_LOG, run_interact
+from vlsi.train.lora import with_adapter
+from vlsi.train.stages.sft import run_sft
+from vlsi.method.verbalizer import VerbalizerSet
 
 ON_POLICY_SHARE = 0.5  # interaction.on_policy of the on-policy row (docs/on_policy.md)
 SHOWN_GENERATIONS = 8  # on-policy responses kept in seed.json for the report
@@ -66,17 +66,6 @@ SEED_ROWS = (
 )
 ROWS = FIXED_ROWS + SEED_ROWS
 SEED_RESULT = "seed.json"
-MAX_LENGTH = 256
-
-
-def training_config(budget: StageBudget, seed: int) -> dict[str, Any]:
-    return dict(learning_rate=budget.learning_rate, min_learning_rate=budget.min_learning_rate,
-                max_steps=budget.steps, per_device_train_batch_size=budget.batch_size,
-                gradient_accumulation_steps=1, warmup_ratio=0.05, gradient_checkpointing=False,
-                bf16=False, logging_steps=max(1, min(25, budget.steps // 4)),
-                save_steps=max(50, budget.steps // 3), save_total_limit=1, seed=seed)
-
-
 def run_config(recipe: DemoRecipe, root: Path, data_dir: Path, teacher: Path, student: Path,
                seed: int) -> dict[str, Any]:
     """The ``vlsi distill`` config of this seed (written to ``vlsi.yaml``)."""

@@ -9,7 +9,7 @@ While training, :class:`CurveCallback` measures held-out accuracy every ``eval_e
 a fixed subset of the eval split, teacher-forced (a reply counts when every supervised token is
 the argmax prediction; one forward pass, no generation), so the report can show the learning
 curves behind the chosen sizes and budgets. The final scores of the report come from
-generation (:mod:`vlsi.evaluate`), not from this.
+generation (:mod:`vlsi.tools.evaluate`), not from this.
 
 Output directory: ``model/`` (a stock HF checkpoint: weights, tokenizer, processor),
 ``curve.json`` (the curve), ``metrics.jsonl``, Trainer checkpoints while running (a rerun
@@ -27,18 +27,18 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from vlsi.backbones import Backbone, ImageEncoder, load_backbone
-from vlsi.config import TrainingConfig
+from vlsi.models.backbones import Backbone, ImageEncoder, load_backbone
+from vlsi.train.config import TrainingConfig
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.data.synthetic import LIST_CATEGORIES
-from vlsi.evaluate import EvalItem, evaluate
-from vlsi.export import export_student
-from vlsi.inference import Generator
+from vlsi.tools.evaluate import EvalItem, evaluate
+from vlsi.train.export import export_student
+from vlsi.tools.inference import Generator
 from vlsi.files import read_json, utc_now, write_json_atomic
-from vlsi.stages.arguments import training_arguments
-from vlsi.stages.callbacks import stage_callbacks, use_loss_progress_bar
-from vlsi.stages.checkpoints import latest_checkpoint, remove_incomplete, training_finished
-from vlsi.stages.run import STEP_COMPLETE, VlsiTrainerMixin, stage_complete
+from vlsi.train.stages.arguments import training_arguments
+from vlsi.train.stages.callbacks import stage_callbacks, use_loss_progress_bar
+from vlsi.train.stages.checkpoints import latest_checkpoint, remove_incomplete, training_finished
+from vlsi.train.stages.run import STEP_COMPLETE, VlsiTrainerMixin, stage_complete
 
 MODEL_DIR = "model"
 SNAPSHOTS = "snapshots"
@@ -87,7 +87,7 @@ def curve_measure(categories: tuple[str, ...] | list[str]) -> str:
 def generated_accuracy(items: list[EvalItem], tokenizer: Any, images: ImageEncoder,
                        max_new_tokens: int) -> Callable[[Backbone], float]:
     """A curve measure: held-out accuracy of greedy generation on ``items``, scored as
-    :func:`vlsi.evaluate.score` scores them (order-free for ``unordered`` items)."""
+    :func:`vlsi.tools.evaluate.score` scores them (order-free for ``unordered`` items)."""
     def measure(backbone: Backbone) -> float:
         was_training = backbone.model.training
         result = evaluate(Generator(backbone, tokenizer, images), items, batch_size=64,

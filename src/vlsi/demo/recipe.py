@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from vlsi.data.synthetic import DEFAULT_COLORS, DEFAULT_SHAPES, LIST_CATEGORIES, SyntheticConfig
-from vlsi.tiny import TinySize
+from vlsi.models.tiny import TinySize
 
 DEMO_CATEGORIES = ("count_color", "count_shape", "count_and", "count_or", "count_more", "count_add")
 
@@ -134,6 +134,18 @@ class DemoRecipe:
                        teacher_pretrain=replace(self.teacher_pretrain, steps=12),
                        student_pretrain=replace(self.student_pretrain, steps=8),
                        curve_every=6, curve_samples=16, teacher_snapshots=(6,))
+
+
+MAX_LENGTH = 256  # tokens per sample, prompt and answer
+
+
+def training_config(budget: StageBudget, seed: int) -> dict[str, Any]:
+    """The ``training`` settings of one stage of ``budget`` (a :class:`~vlsi.train.config.TrainingConfig` mapping)."""
+    return dict(learning_rate=budget.learning_rate, min_learning_rate=budget.min_learning_rate,
+                max_steps=budget.steps, per_device_train_batch_size=budget.batch_size,
+                gradient_accumulation_steps=1, warmup_ratio=0.05, gradient_checkpointing=False,
+                bf16=False, logging_steps=max(1, min(25, budget.steps // 4)),
+                save_steps=max(50, budget.steps // 3), save_total_limit=1, seed=seed)
 
 
 def lists_recipe() -> DemoRecipe:

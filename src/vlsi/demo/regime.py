@@ -2,7 +2,7 @@
 
 KD can only add to SFT what its targets hold beyond the ground truth. Measured on the first
 ``samples`` distillation samples, over their response tokens (the positions the interaction
-compares, :func:`vlsi.verbalizer.prediction_positions`), with the frozen teacher in ``eval()``
+compares, :func:`vlsi.method.verbalizer.prediction_positions`), with the frozen teacher in ``eval()``
 and its trained verbalizers, over the shared vocabulary:
 
 * ``teacher_entropy_nats``: mean entropy of the teacher's last-layer distribution ``P``;
@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from vlsi.backbones import load_backbone
-from vlsi.config import RunConfig, load_config
-from vlsi.losses import label_ce_logprobs, log_probs
-from vlsi.resolved import ResolvedRun, resolve_run
-from vlsi.stages.training_data import load_training_data
-from vlsi.verbalizer import (VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions,
-                             response_labels)
-from vlsi.vocab import shared_vocab_size
+from vlsi.models.backbones import load_backbone
+from vlsi.train.config import RunConfig, load_config
+from vlsi.method.losses import label_ce_logprobs, log_probs
+from vlsi.train.resolved import ResolvedRun, resolve_run
+from vlsi.train.stages.training_data import load_training_data
+from vlsi.method.verbalizer import (VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions,
+                                    response_labels)
+from vlsi.method.vocab import shared_vocab_size
 
 REGIME_FILE = "regime.json"
 
@@ -55,7 +55,7 @@ def measure_regime(run: RunConfig | ResolvedRun, teacher_verbalizers: str | Path
 
     Args:
         run: a run (teacher, student, ``data``, ``verbalizer.student_layers``); a config is
-            resolved here (:func:`vlsi.resolved.resolve_run`).
+            resolved here (:func:`vlsi.train.resolved.resolve_run`).
         teacher_verbalizers: a ``vlsi verbalize --role teacher`` directory for the run's teacher.
         samples: the first this many training samples are measured (all if fewer).
         batch_size: samples per teacher forward.

@@ -7,7 +7,7 @@ minus last-layer KD (same seed, same data order for the SFT step, same held-out 
 "VLsI beats X" is said only when every seed's difference is positive and their mean exceeds
 their standard deviation; with one seed the claim is not tested.
 
-The HTML is the ``report.html.j2`` template (:mod:`vlsi.pages`); it inlines its images (data
+The HTML is the ``report.html.j2`` template (:mod:`vlsi.tools.pages`); it inlines its images (data
 URIs) and its matplotlib charts (inline SVG, :mod:`vlsi.demo.charts`), so it is one file with no
 external asset.
 """
@@ -28,8 +28,8 @@ from vlsi.demo.charts import line_chart
 from vlsi.demo.pipeline import FIXED_ROWS, ON_POLICY_SHARE, ROWS, SEED_ROWS
 from vlsi.demo.pretrain import curve_measure
 from vlsi.demo.regime import regime_line, regime_rows
-from vlsi.layer_view import LayerResponses, markdown_panel, panel
-from vlsi.pages import render
+from vlsi.tools.layer_view import LayerResponses, markdown_panel, panel
+from vlsi.tools.pages import render
 
 COMPARISONS = (("sft_only", "SFT-only"), ("llkd", "last-layer KD"))
 PLATEAU_GAIN = 0.01  # a model is at its plateau when its last 20% of steps add less

@@ -1,0 +1,1 @@
+"""The models: one entry per backbone family, loading, offline tiny pairs, real shapes."""

@@ -1,0 +1,1 @@
+"""What a user runs around training: evaluation, generation, the layer viewer, the loss benchmark."""

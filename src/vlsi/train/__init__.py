@@ -1,0 +1,1 @@
+"""Training a pair: the run config, pre-flight, run identity, the three stages and their engines."""
