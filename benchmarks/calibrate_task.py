@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from transformers.utils import logging as hf_logging
 
-from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.data.synthetic import DEFAULT_COLORS, DEFAULT_SHAPES, SyntheticConfig, generate_dataset
+from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
 from vlsi.models.tiny import TinySize, build_tiny_tokenizer, save_tiny_checkpoint
 
 

@@ -437,8 +437,8 @@ def part_a(s: dict, rec: Recorder, device: Any) -> None:
     reference (top-K teacher)."""
     import torch
 
-    from vlsi.tools.bench import _random_verbalizers
     from vlsi.method.interaction import interaction_loss, naive_interaction_loss
+    from vlsi.tools.bench import _random_verbalizers
 
     dtype = _dtype(s["dtype"])
     vocab, t_s, t_l, n = s["vocab"], s["t_s"], s["t_l"], s["tokens"]
@@ -628,8 +628,8 @@ def _loss_head_flops(result: Any, n: int, chunk: int, d_s: int, d_t: int, rows_s
     """FLOPs of the LM-head matmuls the chunked loss ran (:func:`vlsi.tools.bench.head_op_counts`)."""
     import torch
 
-    from vlsi.tools.bench import head_op_counts
     from vlsi.method.matching import needed_mask
+    from vlsi.tools.bench import head_op_counts
 
     t_s, t_l = result.weights.shape
     needed = (needed_mask("vlsi", t_s, t_l) if intermediate_op != "none"
@@ -667,12 +667,12 @@ def part_c(s: dict, rec: Recorder, device: Any) -> None:
     """Interaction steps at the real shapes, ops ``kld`` and ``none``."""
     import torch
 
+    from vlsi.method.verbalizer import VerbalizerSet
     from vlsi.models.backbones import Backbone
-    from vlsi.train.config import LoraSettings
-    from vlsi.train.lora import with_lora
     from vlsi.models.real_shapes import real_shape_config
     from vlsi.models.tiny import build_tiny_tokenizer
-    from vlsi.method.verbalizer import VerbalizerSet
+    from vlsi.train.config import LoraSettings
+    from vlsi.train.lora import with_lora
 
     dtype = _dtype(s["dtype"])
     state: dict[str, Any] = {}
@@ -854,8 +854,8 @@ def part_e(s: dict, rec: Recorder, device: Any, work: Path) -> None:
     import torch
     from PIL import Image
 
-    from vlsi.tools.inference import Generator, Prompt
     from vlsi.models.tiny import save_tiny_pair
+    from vlsi.tools.inference import Generator, Prompt
 
     with rec.check("batched greedy equals one-by-one") as c:
         pair = save_tiny_pair(work / "tiny", "qwen2_vl")

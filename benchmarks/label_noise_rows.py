@@ -21,11 +21,11 @@ import json
 import statistics
 from pathlib import Path
 
-from vlsi.train.config import load_config
 from vlsi.demo.pipeline import distillation_data, evaluate_model, export_merged
 from vlsi.demo.recipe import DemoRecipe
-from vlsi.tools.evaluate import load_items
 from vlsi.files import read_json
+from vlsi.tools.evaluate import load_items
+from vlsi.train.config import load_config
 from vlsi.train.stages.distill import layout
 from vlsi.train.stages.interact import run_interact
 from vlsi.train.stages.sft import run_sft

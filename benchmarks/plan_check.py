@@ -54,9 +54,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
+    from vlsi.models.real_shapes import real_shape_config
     from vlsi.models.shapes import shape_from_config
     from vlsi.train.plan import Setup, plan_steps
-    from vlsi.models.real_shapes import real_shape_config
 
     measured = json.loads(args.measured.read_text())
 

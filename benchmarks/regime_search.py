@@ -20,14 +20,14 @@ from torch.utils.data import Subset
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers.utils import logging as hf_logging
 hf_logging.set_verbosity_error()
-from vlsi.data.synthetic import SyntheticConfig, generate_dataset, DEFAULT_SHAPES, DEFAULT_COLORS
-from vlsi.models.tiny import TinySize, save_tiny_pair
-from vlsi.models.backbones import load_backbone, load_tokenizer, ImageEncoder
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
+from vlsi.data.synthetic import SyntheticConfig, generate_dataset, DEFAULT_SHAPES, DEFAULT_COLORS
+from vlsi.demo.pipeline import export_merged, run_config
 from vlsi.demo.pretrain import pretrain, teacher_forced_accuracy
 from vlsi.demo.recipe import DemoRecipe, StageBudget
-from vlsi.demo.pipeline import export_merged, run_config
 from vlsi.demo.recipe import training_config
+from vlsi.models.backbones import load_backbone, load_tokenizer, ImageEncoder
+from vlsi.models.tiny import TinySize, save_tiny_pair
 from vlsi.train.config import TrainingConfig, load_config
 from vlsi.train.stages.distill import layout, run_distill
 from vlsi.train.stages.sft import run_sft

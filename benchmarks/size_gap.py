@@ -26,14 +26,14 @@ import torch
 from torch.utils.data import Subset
 from transformers.utils import logging as hf_logging
 
-from vlsi.models.backbones import ImageEncoder, load_tokenizer
-from vlsi.train.config import TrainingConfig
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.data.synthetic import generate_dataset
-from vlsi.demo.recipe import MAX_LENGTH, training_config
 from vlsi.demo.pretrain import pretrain
+from vlsi.demo.recipe import MAX_LENGTH, training_config
 from vlsi.demo.recipe import DemoRecipe, StageBudget
+from vlsi.models.backbones import ImageEncoder, load_tokenizer
 from vlsi.models.tiny import save_tiny_pair
+from vlsi.train.config import TrainingConfig
 
 
 def main(argv=None):

@@ -71,13 +71,13 @@ def _metrics(interact_dir: Path) -> dict:
 @torch.no_grad()
 def approximation(cfg, run, caches: dict[int, Path], batches: int) -> dict:
     """KLD relative error and matching TV of each cache against the online teacher."""
-    from vlsi.models.backbones import load_backbone
-    from vlsi.train.distributed import load_verbalizers
     from vlsi.method.interaction import SparseTeacher, interaction_loss
     from vlsi.method.matching import match
+    from vlsi.method.verbalizer import capture_layer_context, prediction_positions
+    from vlsi.models.backbones import load_backbone
+    from vlsi.train.distributed import load_verbalizers
     from vlsi.train.stages.training_data import load_training_data
     from vlsi.train.teacher_cache import TeacherCache, item_key
-    from vlsi.method.verbalizer import capture_layer_context, prediction_positions
 
     teacher, student = load_backbone(cfg.teacher), load_backbone(cfg.student)
     t_verb = load_verbalizers(run.teacher_verbalize, teacher).eval()
@@ -117,9 +117,9 @@ def approximation(cfg, run, caches: dict[int, Path], batches: int) -> dict:
 def run_demo(out: Path, seeds: int, batches: int) -> dict:
     import yaml
 
-    from vlsi.train.config import load_config
     from vlsi.demo import prepare_run
     from vlsi.demo.pipeline import evaluate_model, run_config
+    from vlsi.train.config import load_config
     from vlsi.train.stages.cache_teacher import run_cache_teacher
     from vlsi.train.stages.distill import layout, run_distill
     from vlsi.train.stages.interact import run_interact

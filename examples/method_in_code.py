@@ -26,14 +26,14 @@ from pathlib import Path
 
 import torch
 
-from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
-from vlsi.train.config import LoraSettings
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.method.interaction import interaction_loss
-from vlsi.train.lora import with_lora
-from vlsi.models.tiny import save_tiny_pair
 from vlsi.method.verbalizer import VerbalizerSet, prediction_positions
 from vlsi.method.vocab import check_tokenizers, shared_vocab_size
+from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
+from vlsi.models.tiny import save_tiny_pair
+from vlsi.train.config import LoraSettings
+from vlsi.train.lora import with_lora
 
 RECORD = Path(__file__).resolve().parent / "sample_record.json"
 # the tiny teacher has 8 decoder layers, the student 4; the last layer of each is not a target

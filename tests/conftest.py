@@ -25,9 +25,9 @@ import pytest
 from PIL import Image
 
 from helpers import DISTILL_SETTINGS, MISSING_IMAGE, REPO, RESUME_KILL_POINTS, TINY_CONFIG, set_args as _set_args
-from vlsi.train.config import RunConfig, load_config
 from vlsi.data.synthetic import SyntheticConfig, generate_dataset
 from vlsi.models.tiny import TinyPair, save_tiny_pair
+from vlsi.train.config import RunConfig, load_config
 
 
 def pytest_sessionfinish(session, exitstatus):

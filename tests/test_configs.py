@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO
-from vlsi.train.config import load_config
-from vlsi.models.families import FAMILIES
 from vlsi.method.verbalizer import validate_target_layers
+from vlsi.models.families import FAMILIES
+from vlsi.train.config import load_config
 
 RUN_CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 ACCELERATE_CONFIGS = sorted((REPO / "accelerate_configs").glob("*.yaml"))

@@ -35,9 +35,9 @@ from typing import Any, Callable, NamedTuple
 import yaml
 
 from vlsi import __version__
-from vlsi.models.families import FAMILIES
 from vlsi.cli_types import positive_int
 from vlsi.errors import VlsiError
+from vlsi.models.families import FAMILIES
 
 
 def _offline() -> None:

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
-from vlsi.models.families import FAMILIES
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.data.encode import IGNORE_INDEX
 from vlsi.errors import DataError
+from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
+from vlsi.models.families import FAMILIES
 
 
 def mixed_records(llava_record):

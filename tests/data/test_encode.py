@@ -4,11 +4,11 @@ import itertools
 import pytest
 from PIL import Image
 
-from vlsi.models.backbones import ImageEncoder, load_tokenizer
-from vlsi.models.families import FAMILIES
 from vlsi.data.encode import IGNORE_INDEX, SampleEncoder, assistant_spans
 from vlsi.data.records import Rejected, Sample
 from vlsi.errors import VlsiError
+from vlsi.models.backbones import ImageEncoder, load_tokenizer
+from vlsi.models.families import FAMILIES
 
 IMG = {"type": "image"}
 

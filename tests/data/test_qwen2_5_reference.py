@@ -19,8 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset, read_records
+from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
 
 
 def reference_processor(image_processor, tokenizer):

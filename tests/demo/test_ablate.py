@@ -7,8 +7,8 @@ import json
 import pytest
 
 from vlsi.cli import main
-from vlsi.train.config import load_config
 from vlsi.demo.ablate import Row, subtables, summarize_row, table_chart, table_markdown
+from vlsi.train.config import load_config
 
 
 def test_subtables_cover_the_papers_rows():

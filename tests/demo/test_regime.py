@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers.utils import logging
 
-from vlsi.models.backbones import load_backbone
-from vlsi.train.config import DataConfig, RunConfig, VerbalizerConfig
 from vlsi.data.synthetic import SyntheticConfig, generate_dataset
 from vlsi.demo import regime
-from vlsi.train.stages.training_data import load_training_data
 from vlsi.method.verbalizer import VerbalizerSet
+from vlsi.models.backbones import load_backbone
+from vlsi.train.config import DataConfig, RunConfig, VerbalizerConfig
+from vlsi.train.stages.training_data import load_training_data
 
 torch.set_num_threads(1)
 logging.set_verbosity_error()

@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from vlsi.train.config import ConfigError, load_config
 from vlsi.method.interaction import interaction_loss, naive_interaction_loss
 from vlsi.method.losses import pair_loss_and_logit_grad, pair_loss_logprobs
+from vlsi.train.config import ConfigError, load_config
 
 torch.set_num_threads(1)
 

@@ -10,10 +10,10 @@ import math
 import pytest
 import torch
 
-from vlsi.train.config import ConfigError, load_config
 from vlsi.method.interaction import SparseTeacher, interaction_loss, naive_interaction_loss
 from vlsi.method.losses import label_ce_and_logit_grad, pair_loss_and_logit_grad
 from vlsi.method.verbalizer import prediction_positions, response_labels
+from vlsi.train.config import ConfigError, load_config
 
 from test_interaction import T_S, V, _labels, _run, _setup
 from test_loss_numerics import assert_close_rel, identity

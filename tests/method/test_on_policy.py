@@ -97,8 +97,8 @@ class _RecordingModel(torch.nn.Module):
 def test_generation_suppresses_the_placeholder_tokens_and_restores_the_mode():
     from types import SimpleNamespace
 
-    from vlsi.models.backbones import placeholder_token_ids
     from vlsi.method.on_policy import generate_responses
+    from vlsi.models.backbones import placeholder_token_ids
 
     model = _RecordingModel().train()
     config = SimpleNamespace(image_token_id=5, video_token_id=6, vision_start_token_id=3,

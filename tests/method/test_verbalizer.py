@@ -5,9 +5,7 @@ import json
 import pytest
 import torch
 
-from vlsi.models.backbones import load_backbone
 from vlsi.errors import VlsiError
-from vlsi.models.tiny import save_tiny_pair
 from vlsi.method.verbalizer import (
                                     ARCHITECTURES,
                                     VerbalizerSet,
@@ -16,6 +14,8 @@ from vlsi.method.verbalizer import (
                                     default_target_layers,
                                     validate_target_layers,
                                     )
+from vlsi.models.backbones import load_backbone
+from vlsi.models.tiny import save_tiny_pair
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@
 import pytest
 
 from vlsi.errors import VlsiError
-from vlsi.models.tiny import build_tiny_tokenizer
 from vlsi.method.vocab import check_tokenizers, shared_vocab_size
+from vlsi.models.tiny import build_tiny_tokenizer
 
 
 def test_shared_vocab_is_the_smaller_head():

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsi.models.backbones import LORA_TARGET_PATTERN, Backbone, ImageEncoder, load_backbone, load_tokenizer
 from vlsi.errors import VlsiError
+from vlsi.models.backbones import LORA_TARGET_PATTERN, Backbone, ImageEncoder, load_backbone, load_tokenizer
 from vlsi.models.families import FAMILIES, family_for
 from vlsi.models.tiny import TEACHER, save_tiny_pair
 

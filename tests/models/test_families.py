@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from vlsi.models import families
-from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.method.interaction import interaction_loss
-from vlsi.models.tiny import save_tiny_pair
 from vlsi.method.verbalizer import VerbalizerSet, capture_layer_context, prediction_positions
+from vlsi.models import families
+from vlsi.models.backbones import ImageEncoder, load_backbone, load_tokenizer
+from vlsi.models.tiny import save_tiny_pair
 
 
 def entry() -> families.Family:

@@ -50,9 +50,9 @@ def test_interaction_step_at_the_real_vocabulary(tmp_path):
     vocabulary is cut at the student's 151,936, and LoRA lands on the LM's projections only."""
     from safetensors import safe_open
 
-    from vlsi.models.backbones import load_backbone
     from vlsi.data.synthetic import SyntheticConfig, generate_dataset
     from vlsi.method.verbalizer import VerbalizerSet
+    from vlsi.models.backbones import load_backbone
 
     synth_dir = tmp_path / "synth"
     generate_dataset(synth_dir, SyntheticConfig(seed=0, num_train=4, num_eval=1), overwrite=True)

@@ -99,8 +99,8 @@ def test_vision_tower_sees_the_image(family, tiny_pair):
 
 
 def test_a_pair_of_other_settings_is_refused_in_one_line_or_rebuilt_with_force(tmp_path, capsys):
-    from vlsi.models.backbones import read_model_type
     from vlsi.cli import main
+    from vlsi.models.backbones import read_model_type
 
     save_tiny_pair(tmp_path, "qwen2_vl")
     with pytest.raises(VlsiError, match="already holds a tiny qwen2_vl pair of other settings"):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from vlsi.tools import inference
 from vlsi.cli import main
 from vlsi.errors import DataError, VlsiError
+from vlsi.tools import inference
 from vlsi.tools.inference import Generator, Prompt, resolve_device, user_turns
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from vlsi.cli import main
+from vlsi.method.verbalizer import VerbalizerSet
 from vlsi.tools.inference import Generator, Prompt
 from vlsi.tools.layer_view import LayerResponses, comparison_rows, layer_responses
-from vlsi.method.verbalizer import VerbalizerSet
 
 
 @pytest.fixture(scope="module")

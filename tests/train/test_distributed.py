@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from vlsi.train.distributed import describe_footprint, engine_name, parameter_footprint, place_frozen_model
 from vlsi.errors import VlsiError
+from vlsi.train.distributed import describe_footprint, engine_name, parameter_footprint, place_frozen_model
 
 
 def _trainer(processes: int = 1, zero_stage: int | None = None, fsdp_version: int | None = None):

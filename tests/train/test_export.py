@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from vlsi.errors import VlsiError
 from vlsi.models.backbones import load_backbone
 from vlsi.train.config import LoraSettings
-from vlsi.errors import VlsiError
 from vlsi.train.export import VERBALIZER_DIR, export_student
 from vlsi.train.lora import with_lora
 

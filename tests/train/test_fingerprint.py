@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from vlsi import __version__
+from vlsi.errors import VlsiError
+from vlsi.files import canonical_digest
 from vlsi.train import fingerprint
 from vlsi.train import identity as identities
 from vlsi.train.config import DataConfig, InteractionConfig, RunConfig, TrainingConfig, VerbalizerConfig
-from vlsi.errors import VlsiError
-from vlsi.files import canonical_digest
 from vlsi.train.teacher_cache import FORMAT, MANIFEST
 
 STEPS = ("teacher-verbalize", "student-verbalize", "interact", "sft")

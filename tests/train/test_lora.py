@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from vlsi.train import lora
-from vlsi.models.backbones import LORA_TARGET_PATTERN, load_backbone
-from vlsi.train.config import LoraSettings
 from vlsi.errors import VlsiError
+from vlsi.models.backbones import LORA_TARGET_PATTERN, load_backbone
+from vlsi.train import lora
+from vlsi.train.config import LoraSettings
 from vlsi.train.lora import save_adapter, trainable_summary, with_adapter, with_lora
 
 torch.set_num_threads(1)

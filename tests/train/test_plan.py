@@ -7,9 +7,9 @@ import torch
 
 from helpers import REPO
 from vlsi.cli import main
-from vlsi.train.config import load_config
 from vlsi.errors import VlsiError
 from vlsi.models.shapes import shape_from_checkpoint, shape_from_name
+from vlsi.train.config import load_config
 from vlsi.train.plan import Setup, parse_memory, plan_steps, run_plan
 
 

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from vlsi.errors import VlsiError
 from vlsi.train import preflight
 from vlsi.train.config import DataConfig, InteractionConfig, RunConfig, TrainingConfig
-from vlsi.errors import VlsiError
 from vlsi.train.preflight import (Preflight, check_data, check_layer_counts, check_output_dir, check_pair,
                                   check_run, check_verbalizers, gpu_memory, launch_engine, plan_lines)
 from vlsi.train.resolved import ModelFacts, cached_teacher_parameters, model_facts, safetensors_parameters, text_config

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from vlsi.errors import VlsiError
+from vlsi.method.verbalizer import default_target_layers
 from vlsi.models import shapes as model_shapes
 from vlsi.train import fingerprint, identity, resolved
-from vlsi.errors import VlsiError
 from vlsi.train.resolved import ResolvedRun, RunLayout, resolve_run, safetensors_parameters
 from vlsi.train.stages.distill import layout, step_plan
-from vlsi.method.verbalizer import default_target_layers
 
 STEPS = ("teacher-verbalize", "student-verbalize", "interact", "sft")
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vlsi.train import fingerprint
-from vlsi.train.config import ConfigError, TrainingConfig, load_config
 from vlsi.demo.recipe import training_config
 from vlsi.demo.recipe import REGIMES
+from vlsi.train import fingerprint
+from vlsi.train.config import ConfigError, TrainingConfig, load_config
 from vlsi.train.stages.arguments import training_arguments
 
 ROOT = Path(__file__).resolve().parents[2]

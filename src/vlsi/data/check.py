@@ -19,12 +19,12 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from vlsi.models.backbones import ImageEncoder, load_tokenizer, read_model_type
-from vlsi.models.families import family_for
+from vlsi.cli_types import positive_int
 from vlsi.data.dataset import scan
 from vlsi.data.encode import DEFAULT_MAX_LENGTH, SampleEncoder
-from vlsi.cli_types import positive_int
 from vlsi.errors import DataError, VlsiError
+from vlsi.models.backbones import ImageEncoder, load_tokenizer, read_model_type
+from vlsi.models.families import family_for
 
 
 def length_stats(values: Sequence[int]) -> dict[str, float] | None:

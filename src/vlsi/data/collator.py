@@ -32,8 +32,8 @@ from typing import Any, Literal
 
 import torch
 
-from vlsi.models.families import Family, family_for
 from vlsi.data.encode import IGNORE_INDEX
+from vlsi.models.families import Family, family_for
 
 
 class VisionLanguageCollator:

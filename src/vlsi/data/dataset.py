@@ -39,10 +39,10 @@ from typing import Any, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from vlsi.models.backbones import ImageEncoder
 from vlsi.data.encode import DEFAULT_MAX_LENGTH, EncodedSample, SampleEncoder
 from vlsi.data.records import Rejected, Skip, read_records, rejected
 from vlsi.errors import DataError
+from vlsi.models.backbones import ImageEncoder
 
 
 @dataclass

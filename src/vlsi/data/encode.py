@@ -32,8 +32,6 @@ from typing import Any
 
 from PIL import Image
 
-from vlsi.models.backbones import ImageEncoder
-from vlsi.models.families import ImageBatch
 from vlsi.data.records import (
                                BAD_RECORD,
                                IMAGE_COUNT,
@@ -44,6 +42,8 @@ from vlsi.data.records import (
                                Sample,
                                )
 from vlsi.errors import VlsiError
+from vlsi.models.backbones import ImageEncoder
+from vlsi.models.families import ImageBatch
 
 IGNORE_INDEX = -100
 DEFAULT_MAX_LENGTH = 4096

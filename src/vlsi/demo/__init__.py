@@ -117,12 +117,12 @@ def run_demo(out: str | Path = "runs/demo", *, quick: bool = False, seeds: int =
              command: str | None = None, teacher_map: bool = False,
              regime: str = DEFAULT_REGIME, label_noise: float = 0.0) -> dict[str, Any]:
     """Run the demo into ``out`` and return its metrics (see the module docstring)."""
-    from vlsi.train.config import load_config
     from vlsi.demo.pipeline import FIXED_ROWS, distillation_data, evaluate_model, run_map_point, run_seed
     from vlsi.demo.regime import demo_regime
-    from vlsi.train.stages.distill import layout
     from vlsi.demo.report import verdicts, write_report
     from vlsi.demo.workers import run_all, threads_per_worker, torch_threads
+    from vlsi.train.config import load_config
+    from vlsi.train.stages.distill import layout
 
     start = time.perf_counter()
     out = Path(out)

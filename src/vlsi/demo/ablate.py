@@ -161,8 +161,8 @@ class Ablation:
         self.say = say
 
     def _config(self, row: Row, seed: int):
-        from vlsi.train.config import load_config
         from vlsi.demo.pipeline import run_config
+        from vlsi.train.config import load_config
 
         root = self.out / "runs" / row.run / f"seed-{seed}"
         root.mkdir(parents=True, exist_ok=True)

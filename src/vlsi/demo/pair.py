@@ -115,8 +115,8 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
     from vlsi.config import TrainingConfig
     from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
     from vlsi.data.synthetic import generate_dataset
-    from vlsi.demo.recipe import MAX_LENGTH, training_config
     from vlsi.demo.pretrain import GREEDY, SNAPSHOTS, curve_measure, generated_accuracy, pretrain
+    from vlsi.demo.recipe import MAX_LENGTH, training_config
     from vlsi.evaluate import load_items
     from vlsi.tiny import save_tiny_pair
 
@@ -197,8 +197,8 @@ def reuse_teacher(out: str | Path, source: Pair, recipe: Any) -> None:
     (:attr:`~vlsi.demo.recipe.DemoRecipe.teacher_pretraining`; its ``task`` decides the data).
     """
     from vlsi.demo.pretrain import CURVE, MODEL_DIR
-    from vlsi.stages.run import STEP_COMPLETE
     from vlsi.files import write_json_atomic
+    from vlsi.stages.run import STEP_COMPLETE
 
     ours = _jsonable(recipe.teacher_pretraining)
     theirs = {k: source.meta["recipe"].get(k) for k in ours}

@@ -32,21 +32,21 @@ from typing import Any, Callable
 
 import yaml
 
-from vlsi.models.backbones import load_model
-from vlsi.train.config import load_config
-from vlsi.demo.pair import Pair
 from vlsi.demo.noise import with_label_noise
+from vlsi.demo.pair import Pair
 from vlsi.demo.recipe import MAX_LENGTH, DemoRecipe, training_config
+from vlsi.files import read_json, read_jsonl, write_json_atomic
+from vlsi.method.verbalizer import VerbalizerSet
+from vlsi.models.backbones import load_model
 from vlsi.tools.evaluate import EvalItem, evaluate
-from vlsi.train.export import export_student
 from vlsi.tools.inference import Generator
 from vlsi.tools.layer_view import layer_responses
-from vlsi.files import read_json, read_jsonl, write_json_atomic
+from vlsi.train.config import load_config
+from vlsi.train.export import export_student
+from vlsi.train.lora import with_adapter
 from vlsi.train.stages.distill import layout, run_distill
 from vlsi.train.stages.interact import GENERATIONS_LOG, run_interact
-from vlsi.train.lora import with_adapter
 from vlsi.train.stages.sft import run_sft
-from vlsi.method.verbalizer import VerbalizerSet
 
 ON_POLICY_SHARE = 0.5  # interaction.on_policy of the on-policy row (docs/on_policy.md)
 SHOWN_GENERATIONS = 8  # on-policy responses kept in seed.json for the report

@@ -27,14 +27,14 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer, TrainerCallback, set_seed
 
-from vlsi.models.backbones import Backbone, ImageEncoder, load_backbone
-from vlsi.train.config import TrainingConfig
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.data.synthetic import LIST_CATEGORIES
-from vlsi.tools.evaluate import EvalItem, evaluate
-from vlsi.train.export import export_student
-from vlsi.tools.inference import Generator
 from vlsi.files import read_json, utc_now, write_json_atomic
+from vlsi.models.backbones import Backbone, ImageEncoder, load_backbone
+from vlsi.tools.evaluate import EvalItem, evaluate
+from vlsi.tools.inference import Generator
+from vlsi.train.config import TrainingConfig
+from vlsi.train.export import export_student
 from vlsi.train.stages.arguments import training_arguments
 from vlsi.train.stages.callbacks import stage_callbacks, use_loss_progress_bar
 from vlsi.train.stages.checkpoints import latest_checkpoint, remove_incomplete, training_finished

@@ -27,14 +27,14 @@ from typing import Any
 
 import torch
 
-from vlsi.models.backbones import load_backbone
-from vlsi.train.config import RunConfig, load_config
 from vlsi.method.losses import label_ce_logprobs, log_probs
-from vlsi.train.resolved import ResolvedRun, resolve_run
-from vlsi.train.stages.training_data import load_training_data
 from vlsi.method.verbalizer import (VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions,
                                     response_labels)
 from vlsi.method.vocab import shared_vocab_size
+from vlsi.models.backbones import load_backbone
+from vlsi.train.config import RunConfig, load_config
+from vlsi.train.resolved import ResolvedRun, resolve_run
+from vlsi.train.stages.training_data import load_training_data
 
 REGIME_FILE = "regime.json"
 

@@ -35,8 +35,8 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
-from vlsi.models.backbones import Backbone
 from vlsi.errors import VlsiError
+from vlsi.models.backbones import Backbone
 
 ARCHITECTURES = ("verb-ffn", "mlp", "ffn", "decoder", "verb-ffn-x2", "mlp-x2", "ffn-x2", "decoder-x2")
 WEIGHTS_NAME = "verbalizers.safetensors"

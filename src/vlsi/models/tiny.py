@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlsi.models.backbones import Backbone, read_model_type
 from vlsi.errors import VlsiError
+from vlsi.models.backbones import Backbone, read_model_type
 from vlsi.models.families import family_for
 
 TINY_MANIFEST = "tiny.json"  # the settings a saved pair was built with

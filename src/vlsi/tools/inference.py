@@ -22,11 +22,11 @@ from typing import Any, Iterable, Iterator
 import torch
 from PIL import Image
 
-from vlsi.models.backbones import Backbone, ImageEncoder, end_token_ids, load_backbone, load_tokenizer
 from vlsi.data.collator import VisionLanguageCollator
 from vlsi.data.encode import IGNORE_INDEX, image_token_id_for, load_images, render
 from vlsi.data.records import Rejected, split_image_tags
 from vlsi.errors import DataError, VlsiError
+from vlsi.models.backbones import Backbone, ImageEncoder, end_token_ids, load_backbone, load_tokenizer
 
 
 @dataclass

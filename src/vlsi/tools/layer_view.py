@@ -33,9 +33,9 @@ from PIL import Image
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vlsi.errors import VlsiError
+from vlsi.method.verbalizer import VerbalizerSet, capture_layer_context
 from vlsi.tools.inference import Generator, Prompt, as_images, resolve_device
 from vlsi.tools.pages import render
-from vlsi.method.verbalizer import VerbalizerSet, capture_layer_context
 
 
 @dataclass

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from vlsi.models.backbones import Backbone
 from vlsi.errors import VlsiError
 from vlsi.method.verbalizer import WEIGHTS_NAME, VerbalizerSet
+from vlsi.models.backbones import Backbone
 
 
 def is_main_process() -> bool:

@@ -31,10 +31,10 @@ from typing import Any
 
 from torch import nn
 
-from vlsi.models.backbones import checkpoint_dir
 from vlsi.errors import VlsiError
 from vlsi.method.verbalizer import CONFIG_NAME as VERBALIZER_CONFIG
 from vlsi.method.verbalizer import WEIGHTS_NAME as VERBALIZER_WEIGHTS
+from vlsi.models.backbones import checkpoint_dir
 
 VERBALIZER_DIR = "verbalizers"
 

@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from vlsi import __version__
-from vlsi.train.config import RunConfig
 from vlsi.errors import VlsiError
 from vlsi.files import canonical_digest, read_json, write_json_atomic
 from vlsi.train import identity
+from vlsi.train.config import RunConfig
 from vlsi.train.resolved import ResolvedRun, resolve_run
 
 FINGERPRINT = "fingerprint.json"

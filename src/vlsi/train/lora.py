@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 from transformers import Trainer, set_seed
 
+from vlsi.errors import VlsiError
 from vlsi.models.backbones import Backbone
 from vlsi.train.config import LoraSettings
-from vlsi.errors import VlsiError
 
 
 def with_adapter(base: nn.Module, adapter: str | Path, *, trainable: bool = False) -> Any:

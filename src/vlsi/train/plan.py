@@ -58,9 +58,9 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vlsi.train.config import RunConfig
 from vlsi.errors import VlsiError
 from vlsi.models.shapes import ModelShape, shape_from_name
+from vlsi.train.config import RunConfig
 
 if TYPE_CHECKING:
     from vlsi.train.resolved import ResolvedRun
@@ -340,8 +340,8 @@ def run_plan(run: RunConfig | ResolvedRun, *, gpus: int, gpu_memory: str, engine
     a config is resolved here (:func:`vlsi.train.resolved.resolve_run`)."""
     from dataclasses import replace
 
-    from vlsi.train.resolved import resolve_run
     from vlsi.method.verbalizer import validate_target_layers
+    from vlsi.train.resolved import resolve_run
 
     run = resolve_run(run)
     setup = setup_from_config(run.cfg, gpus, engine, response_tokens)

@@ -34,14 +34,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from vlsi.models.backbones import check_attn_implementation, load_tokenizer
-from vlsi.train.config import STAGES, RunConfig
 from vlsi.errors import VlsiError
-from vlsi.models.shapes import ModelShape
-from vlsi.train.plan import ENGINES, STEPS, USABLE_FRACTION, Setup, gb, plan_step, setup_from_config
-from vlsi.train.resolved import ModelFacts, ResolvedRun, resolve_run, safetensors_parameters
 from vlsi.method.verbalizer import CONFIG_NAME, WEIGHTS_NAME
 from vlsi.method.vocab import check_tokenizers
+from vlsi.models.backbones import check_attn_implementation, load_tokenizer
+from vlsi.models.shapes import ModelShape
+from vlsi.train.config import STAGES, RunConfig
+from vlsi.train.plan import ENGINES, STEPS, USABLE_FRACTION, Setup, gb, plan_step, setup_from_config
+from vlsi.train.resolved import ModelFacts, ResolvedRun, resolve_run, safetensors_parameters
 
 DATA_SAMPLE = 32  # records read and encoded before training
 ENGINE_FILES = {"ddp": "accelerate_configs/multi_gpu_ddp.yaml", "zero2": "accelerate_configs/deepspeed_zero2.yaml",
@@ -98,9 +98,9 @@ def check_data(cfg: RunConfig, model: Path) -> str:
     """Data files present; a sample read and encoded. Returns a one-line description."""
     from itertools import islice
 
-    from vlsi.models.backbones import ImageEncoder
     from vlsi.data.encode import SampleEncoder
     from vlsi.data.records import Rejected, iter_parsed
+    from vlsi.models.backbones import ImageEncoder
 
     for f in cfg.data.train:
         if not Path(f).is_file():

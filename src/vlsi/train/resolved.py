@@ -26,11 +26,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vlsi.models.backbones import checkpoint_dir, read_model_type
-from vlsi.train.config import RunConfig
 from vlsi.errors import VlsiError
-from vlsi.models.families import Family, family_for
 from vlsi.method.verbalizer import validate_target_layers
+from vlsi.models.backbones import checkpoint_dir, read_model_type
+from vlsi.models.families import Family, family_for
+from vlsi.train.config import RunConfig
 
 if TYPE_CHECKING:
     from vlsi.models.shapes import ModelShape

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from vlsi.train.config import TrainingConfig
 from vlsi.errors import VlsiError
+from vlsi.train.config import TrainingConfig
 from vlsi.train.stages.arguments import bf16_available, check_arguments, training_arguments
 
 no_bf16_gpu = pytest.mark.skipif(bf16_available(), reason="this machine has a bf16-capable GPU")

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers.utils import logging
 
-from vlsi.models import backbones
 from vlsi.errors import VlsiError
-from vlsi.train.stages import cache_teacher, interact, sft, verbalize
 from vlsi.method.verbalizer import VerbalizerSet
+from vlsi.models import backbones
+from vlsi.train.stages import cache_teacher, interact, sft, verbalize
 
 torch.set_num_threads(1)
 logging.set_verbosity_error()

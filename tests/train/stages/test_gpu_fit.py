@@ -9,9 +9,9 @@ import torch
 from transformers import TrainingArguments
 
 from helpers import REPO, free_port
-from vlsi.train.config import load_config
 from vlsi.errors import VlsiError
 from vlsi.models.shapes import shape_from_name
+from vlsi.train.config import load_config
 from vlsi.train.plan import STEPS, USABLE_FRACTION, gb, plan_step, setup_from_config
 from vlsi.train.preflight import check_gpu_memory, check_run, launch_engine
 

@@ -12,14 +12,14 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers.utils import logging
 
-from vlsi.models.backbones import load_backbone
-from vlsi.train.config import DataConfig, InteractionConfig, RunConfig, TrainingConfig, VerbalizerConfig
 from vlsi.data.synthetic import SyntheticConfig, generate_dataset
 from vlsi.errors import VlsiError
+from vlsi.method.verbalizer import VerbalizerSet
+from vlsi.models.backbones import load_backbone
+from vlsi.models.tiny import build_tiny_tokenizer
+from vlsi.train.config import DataConfig, InteractionConfig, RunConfig, TrainingConfig, VerbalizerConfig
 from vlsi.train.stages import interact
 from vlsi.train.stages.interact import matching_seed, run_interact
-from vlsi.models.tiny import build_tiny_tokenizer
-from vlsi.method.verbalizer import VerbalizerSet
 
 torch.set_num_threads(1)  # tiny models; extra threads only spin when the CPUs are shared
 logging.set_verbosity_error()

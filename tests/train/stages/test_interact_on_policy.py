@@ -17,12 +17,12 @@ from safetensors.torch import load_file
 from transformers.utils import logging
 
 from helpers import REPO, TINY_CONFIG, free_port
+from vlsi.method.on_policy import longest_response, on_policy_draw
+from vlsi.method.verbalizer import VerbalizerSet
 from vlsi.models.backbones import load_backbone
 from vlsi.train.config import ConfigError
-from vlsi.method.on_policy import longest_response, on_policy_draw
-from vlsi.train.stages.training_data import load_training_data
 from vlsi.train.stages.interact import run_interact
-from vlsi.method.verbalizer import VerbalizerSet
+from vlsi.train.stages.training_data import load_training_data
 
 torch.set_num_threads(1)
 logging.set_verbosity_error()

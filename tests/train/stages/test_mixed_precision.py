@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers.utils import logging
 
+from vlsi.method.verbalizer import VerbalizerSet
 from vlsi.models.backbones import load_backbone
 from vlsi.train.stages import arguments
 from vlsi.train.stages.interact import run_interact
 from vlsi.train.stages.sft import run_sft
 from vlsi.train.stages.verbalize import run_verbalize
-from vlsi.method.verbalizer import VerbalizerSet
 
 torch.set_num_threads(1)
 logging.set_verbosity_error()

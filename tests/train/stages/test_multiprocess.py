@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from helpers import REPO, TINY_CONFIG, free_port
-from vlsi.models.backbones import load_backbone
 from vlsi.method.verbalizer import VerbalizerSet
+from vlsi.models.backbones import load_backbone
 
 def _launch(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

@@ -17,15 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlsi.models.backbones import load_backbone, load_model
 from vlsi.data import IGNORE_INDEX
 from vlsi.errors import VlsiError
+from vlsi.method.losses import chunked_head_ce
+from vlsi.method.verbalizer import VerbalizerSet
+from vlsi.models.backbones import load_backbone, load_model
 from vlsi.train.lora import with_lora
 from vlsi.train.stages.arguments import training_arguments
-from vlsi.method.losses import chunked_head_ce
 from vlsi.train.stages.sft import SFTTrainer, head_ce, run_sft
 from vlsi.train.stages.training_data import load_training_data
-from vlsi.method.verbalizer import VerbalizerSet
 
 torch.set_num_threads(1)
 

@@ -11,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers.utils import logging
 
-from vlsi.models.backbones import load_backbone
-from vlsi.train.config import DataConfig, RunConfig, TrainingConfig, VerbalizerConfig
 from vlsi.data.synthetic import SyntheticConfig, generate_dataset
 from vlsi.errors import VlsiError
+from vlsi.method.verbalizer import VerbalizerSet, prediction_positions
+from vlsi.models.backbones import load_backbone
+from vlsi.train.config import DataConfig, RunConfig, TrainingConfig, VerbalizerConfig
 from vlsi.train.stages import verbalize
 from vlsi.train.stages.verbalize import response_targets, run_verbalize
-from vlsi.method.verbalizer import VerbalizerSet, prediction_positions
 
 torch.set_num_threads(1)  # tiny models; extra threads only spin when the CPUs are shared
 logging.set_verbosity_error()
@@ -191,8 +191,8 @@ def test_user_errors_are_one_line(tiny_pair, data_file, tmp_path):
 def test_checkpointed_transforms_give_the_same_loss_and_gradients_and_keep_less(tiny_pair, architecture):
     """``training.gradient_checkpointing`` recomputes each verbalizer transform in the backward:
     the same per-layer losses and gradients, fewer bytes kept for the backward."""
-    from vlsi.train.stages.verbalize import VerbalizerTrainingModel
     from vlsi.method.verbalizer import capture_hidden_states, capture_layer_context
+    from vlsi.train.stages.verbalize import VerbalizerTrainingModel
 
     backbone = load_backbone(tiny_pair().teacher)
     backbone.model.requires_grad_(False)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from vlsi.train.config import PAPER_TRAINING, TrainingConfig
 from vlsi.errors import VlsiError
+from vlsi.train.config import PAPER_TRAINING, TrainingConfig
 
 
 def bf16_available() -> bool:

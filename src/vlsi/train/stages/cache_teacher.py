@@ -34,13 +34,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vlsi.errors import VlsiError
+from vlsi.files import read_json, write_json_atomic
+from vlsi.method.verbalizer import capture_hidden_states, capture_layer_context, prediction_positions
 from vlsi.models.backbones import load_backbone
 from vlsi.train.config import RunConfig
 from vlsi.train.distributed import fsdp_whole, load_verbalizers, shard_frozen_model
-from vlsi.errors import VlsiError
-from vlsi.train.testing_hooks import kill_if_asked
 from vlsi.train.fingerprint import directory_identity
-from vlsi.files import read_json, write_json_atomic
 from vlsi.train.plan import USABLE_FRACTION, gb
 from vlsi.train.preflight import Preflight, check_run
 from vlsi.train.resolved import ResolvedRun, resolve_run
@@ -48,7 +48,7 @@ from vlsi.train.stages.arguments import bf16_available
 from vlsi.train.stages.training_data import load_training_data
 from vlsi.train.teacher_cache import (FORMAT, MANIFEST, STORAGE_DTYPES, CacheError, ShardWriter, check_manifest, id_bits,
                                       item_key, top_k_of)
-from vlsi.method.verbalizer import capture_hidden_states, capture_layer_context, prediction_positions
+from vlsi.train.testing_hooks import kill_if_asked
 
 DEFAULT_TOP_K = 32
 SAMPLES_PER_SHARD = 256

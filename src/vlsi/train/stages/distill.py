@@ -36,10 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from vlsi.errors import VlsiError
 from vlsi.train import fingerprint
 from vlsi.train.config import RunConfig, dump_config
 from vlsi.train.distributed import is_main_process
-from vlsi.errors import VlsiError
 from vlsi.train.preflight import check_run, plan_lines
 from vlsi.train.resolved import ResolvedRun, RunLayout, resolve_run  # noqa: F401 (RunLayout re-exported)
 from vlsi.train.stages.checkpoints import latest_checkpoint

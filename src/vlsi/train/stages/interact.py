@@ -52,15 +52,16 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import Trainer
 
+from vlsi.method.interaction import interaction_loss
+from vlsi.method.on_policy import GenerationLog, longest_response
+from vlsi.method.verbalizer import VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions, response_labels
 from vlsi.models.backbones import Backbone, load_backbone, load_tokenizer
 from vlsi.train.config import InteractionConfig, RunConfig
 from vlsi.train.distributed import (describe_footprint, load_verbalizers, place_frozen_model, place_frozen_verbalizers,
                                     vision_on_every_process, whole_parameters)
 from vlsi.train.fingerprint import directory_identity, step_inputs
 from vlsi.train.heatmap import save_match_heatmaps
-from vlsi.method.interaction import interaction_loss
 from vlsi.train.lora import save_adapter, with_lora
-from vlsi.method.on_policy import GenerationLog, longest_response
 from vlsi.train.preflight import Preflight, check_run
 from vlsi.train.recorder import MatchLog, MatchRecorder
 from vlsi.train.resolved import ResolvedRun, resolve_run
@@ -71,7 +72,6 @@ from vlsi.train.stages.interact_on_policy import OnPolicyInputs
 from vlsi.train.stages.interact_timing import MicroBatchTiming, device_clock  # noqa: F401 (re-exported)
 from vlsi.train.stages.run import Stage, VlsiTrainerMixin, run_stage
 from vlsi.train.teacher_cache import TeacherCache
-from vlsi.method.verbalizer import VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions, response_labels
 
 MATCHES_LOG = "matches.jsonl"
 GENERATIONS_LOG = "generations.jsonl"  # on-policy micro-batches: the first responses of each logging window

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from vlsi.train.distributed import shards_parameters, vision_on_every_process
-from vlsi.models.backbones import end_token_ids, placeholder_token_ids
 from vlsi.method.on_policy import GenerationLog, generate_responses, generation_seed, on_policy_draw
+from vlsi.models.backbones import end_token_ids, placeholder_token_ids
+from vlsi.train.distributed import shards_parameters, vision_on_every_process
 
 
 class OnPolicyInputs:

@@ -31,11 +31,10 @@ from typing import Any, Callable
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from vlsi.errors import VlsiError
+from vlsi.files import truncate_jsonl, utc_now, write_json_atomic
 from vlsi.train import fingerprint
 from vlsi.train.distributed import is_main_process, load_sharded_checkpoint, zero_for_every_parameter
-from vlsi.errors import VlsiError
-from vlsi.train.testing_hooks import kill_if_asked, nan_if_asked
-from vlsi.files import truncate_jsonl, utc_now, write_json_atomic
 from vlsi.train.resolved import ResolvedRun
 from vlsi.train.stages.arguments import training_arguments
 from vlsi.train.stages.callbacks import METRICS, stage_callbacks, use_loss_progress_bar
@@ -47,6 +46,7 @@ from vlsi.train.stages.checkpoints import (
                                            training_finished,
                                            )
 from vlsi.train.stages.training_data import load_training_data, report_skips
+from vlsi.train.testing_hooks import kill_if_asked, nan_if_asked
 
 STEP_COMPLETE = "step_complete.json"  # written last by every stage: the step has finished
 

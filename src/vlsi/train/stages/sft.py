@@ -30,20 +30,20 @@ import torch
 from torch import Tensor, nn
 from transformers import Trainer
 
+from vlsi.data import IGNORE_INDEX
+from vlsi.method.losses import CE_CHUNK_TOKENS, chunked_head_ce, liger_fused_linear_ce
+from vlsi.method.verbalizer import gather_positions, position_index, prediction_positions
 from vlsi.models.backbones import Backbone, load_backbone, load_model
 from vlsi.train.config import RunConfig
-from vlsi.data import IGNORE_INDEX
 from vlsi.train.distributed import unpartitioned_loading, vision_on_every_process, whole_parameters
 from vlsi.train.export import export_student
 from vlsi.train.fingerprint import directory_identity, step_inputs
-from vlsi.method.losses import CE_CHUNK_TOKENS, chunked_head_ce, liger_fused_linear_ce
 from vlsi.train.lora import save_adapter, trainable_summary, with_adapter, with_lora
 from vlsi.train.preflight import Preflight, check_run
 from vlsi.train.resolved import ResolvedRun, resolve_run
 from vlsi.train.stages.interact import ADAPTER_DIR, load_adapter_weights
 from vlsi.train.stages.run import Stage, VlsiTrainerMixin, run_stage
 from vlsi.train.stages.verbalize import response_targets
-from vlsi.method.verbalizer import gather_positions, position_index, prediction_positions
 
 MODEL_DIR = "model"
 

@@ -14,10 +14,10 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from vlsi.models.backbones import ImageEncoder, load_tokenizer
-from vlsi.train.config import DataConfig
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
 from vlsi.files import read_jsonl
+from vlsi.models.backbones import ImageEncoder, load_tokenizer
+from vlsi.train.config import DataConfig
 from vlsi.train.stages.callbacks import append_jsonl
 
 _SCANNED: dict[tuple, VisualInstructionDataset] = {}

@@ -32,20 +32,20 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer, set_seed
 
+from vlsi.errors import VlsiError
+from vlsi.method.losses import CE_CHUNK_TOKENS, chunked_head_ce
+from vlsi.method.verbalizer import (LayerContext, VerbalizerSet, capture_hidden_states, capture_layer_context,
+                                    gather_positions, position_index, prediction_positions)
 from vlsi.models.backbones import Backbone, load_backbone
 from vlsi.train.config import RunConfig
 from vlsi.train.distributed import (deepspeed_without_engine, describe_footprint, full_parameters,
                                     place_frozen_model, vision_on_every_process, whole_parameters)
-from vlsi.errors import VlsiError
 from vlsi.train.fingerprint import step_inputs
 from vlsi.train.layer_loss import LAYER_LOSS_STEPS, LayerLossCallback, LayerLossLog, write_layer_loss_table
-from vlsi.method.losses import CE_CHUNK_TOKENS, chunked_head_ce
 from vlsi.train.preflight import check_gpu_memory, gpu_memory
 from vlsi.train.resolved import ResolvedRun, resolve_run
 from vlsi.train.stages.callbacks import MeanMetrics
 from vlsi.train.stages.run import Stage, VlsiTrainerMixin, run_stage
-from vlsi.method.verbalizer import (LayerContext, VerbalizerSet, capture_hidden_states, capture_layer_context,
-                                    gather_positions, position_index, prediction_positions)
 
 ROLES = ("teacher", "student")
 
