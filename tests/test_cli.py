@@ -62,6 +62,20 @@ def test_demo_pretrain_is_a_sub_command_and_demo_alone_runs_the_demo():
         parser.parse_args(["demo", "pretrain", "--seeds", "2"])
 
 
+def test_demo_options_before_the_sub_command_stand_or_are_refused(monkeypatch):
+    from vlsi import demo
+    from vlsi.cli import build_parser, main
+
+    parser = build_parser()
+    before = parser.parse_args(["demo", "--quick", "--out", "d", "pretrain", "--regime", "counts"])
+    assert (before.quick, before.out, before.regime) == (True, "d", "counts")
+    run = parser.parse_args(["demo", "--seeds", "2", "run", "--quick"])
+    assert (run.seeds, run.quick, run.out) == (2, True, "runs/demo")
+    monkeypatch.setattr(demo, "run_pretrain", lambda *a, **k: pytest.fail("pretraining started"))
+    assert main(["demo", "--seeds", "2", "pretrain"]) != 0
+    assert main(["demo", "--pair", "p", "pretrain"]) != 0
+
+
 def test_every_command_of_the_table_is_registered():
     from vlsi.cli import COMMANDS, build_parser
 

@@ -111,3 +111,18 @@ def test_subpackages_import_only_their_layer_and_below() -> None:
 def test_every_module_lives_in_a_subpackage_or_is_shared() -> None:
     flat = {m for m in _modules() if m.count(".") == 1 and m.split(".")[1] not in LAYERS}
     assert flat <= TOP_LEVEL | {"vlsi.cli"}
+
+
+def test_every_import_names_an_existing_module() -> None:
+    """Lazy imports run only when their function does: a stale module path is caught here."""
+    modules = _modules()
+    files = [*(SRC / "vlsi").rglob("*.py"), *(REPO / "tests").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py"),
+             *(REPO / "examples").rglob("*.py")]
+    stale = []
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            names += [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            stale += [f"{path.relative_to(REPO)}:{node.lineno} {name}" for name in names
+                      if (name == "vlsi" or name.startswith("vlsi.")) and name not in modules]
+    assert stale == []

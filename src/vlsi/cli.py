@@ -66,8 +66,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 def _cmd_demo_pretrain(args: argparse.Namespace) -> None:
     from vlsi.demo import run_pretrain
 
-    if args.pair:
-        raise VlsiError("--pair is for `vlsi demo`; `vlsi demo pretrain` builds a pair into --out")
+    given = [name for name, default in DEMO_RUN_DEFAULTS.items() if getattr(args, name) != default]
+    if given:  # written before `pretrain`, where `vlsi demo`'s own options parse
+        option = "--" + given[0].replace("_", "-")
+        raise VlsiError(f"{option} is for `vlsi demo`; `vlsi demo pretrain` builds a pair into --out")
     run_pretrain(args.out, quick=args.quick, teacher_from=args.teacher_from, regime=args.regime)
 
 
@@ -267,7 +269,7 @@ def _add_regime_arg(parser: argparse.ArgumentParser) -> None:
 def _add_demo_args(parser: argparse.ArgumentParser, out: str) -> None:
     parser.add_argument("--out", default=out, help="output directory (a rerun resumes it)")
     parser.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
-    parser.add_argument("--seeds", type=positive_int, default=3,
+    parser.add_argument("--seeds", type=positive_int, default=DEMO_RUN_DEFAULTS["seeds"],
                         help="distillation seeds (default 3): mean ± std and the paired verdict")
     parser.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain` (default: "
                                                       "the regime's shipped one)")
@@ -295,10 +297,14 @@ def _args_bench(parser: argparse.ArgumentParser) -> None:
     bench.add_cli(parser.add_subparsers(dest="bench_command", required=True, metavar="BENCH"))
 
 
+# `vlsi demo`'s options that `vlsi demo pretrain` refuses, with their defaults
+DEMO_RUN_DEFAULTS = {"seeds": 3, "seed": 0, "label_noise": 0.0, "teacher_map": False, "pair": None}
+
+
 def _args_demo_run(parser: argparse.ArgumentParser) -> None:
     _add_demo_args(parser, "runs/demo")
-    parser.add_argument("--seed", type=int, default=0, help="first seed")
-    parser.add_argument("--label-noise", type=float, default=0.0, metavar="SHARE",
+    parser.add_argument("--seed", type=int, default=DEMO_RUN_DEFAULTS["seed"], help="first seed")
+    parser.add_argument("--label-noise", type=float, default=DEMO_RUN_DEFAULTS["label_noise"], metavar="SHARE",
                         help="make this share of the distillation answers wrong the way a weaker "
                              "annotator is (a missed list item, a count off by one); evaluation "
                              "stays clean (docs/demo.md)")
@@ -314,18 +320,20 @@ def _args_demo_pretrain(parser: argparse.ArgumentParser) -> None:
     _add_regime_arg(parser)
     parser.add_argument("--teacher-from", metavar="PAIR",
                         help="reuse this pair's teacher (a directory, or `shipped`) and train only the student")
-    parser.add_argument("--pair", help=argparse.SUPPRESS)  # a `vlsi demo` option: refused
 
 
 def _args_demo(parser: argparse.ArgumentParser) -> None:
     """``vlsi demo [options]`` runs the demo; ``vlsi demo pretrain`` is a command of its own."""
     _args_demo_run(parser)
     commands = parser.add_subparsers(dest="demo_command", metavar="{run,pretrain}")
+    # options left out after the sub-command keep what was written before it (no default overrides it)
     run = commands.add_parser("run", help="the demo (the default: `vlsi demo [options]` runs it)")
     _args_demo_run(run)
     pretrain = commands.add_parser("pretrain", help="train the teacher/student pair from scratch",
                                    description="Rebuild the demo's pretrained pair into --out.")
     _args_demo_pretrain(pretrain)
+    for sub_parser in (run, pretrain):  # `demo` itself holds every default
+        sub_parser.set_defaults(**dict.fromkeys(vars(sub_parser.parse_args([])), argparse.SUPPRESS))
     pretrain.set_defaults(func=_cmd_demo_pretrain)
 
 

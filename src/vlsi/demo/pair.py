@@ -111,14 +111,14 @@ def build_pair(out: str | Path, recipe: Any, *, say: Callable[[str], None] = pri
     from torch.utils.data import Subset
     from transformers import set_seed
 
-    from vlsi.backbones import ImageEncoder, load_tokenizer
-    from vlsi.config import TrainingConfig
     from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
     from vlsi.data.synthetic import generate_dataset
     from vlsi.demo.pretrain import GREEDY, SNAPSHOTS, curve_measure, generated_accuracy, pretrain
     from vlsi.demo.recipe import MAX_LENGTH, training_config
-    from vlsi.evaluate import load_items
-    from vlsi.tiny import save_tiny_pair
+    from vlsi.models.backbones import ImageEncoder, load_tokenizer
+    from vlsi.models.tiny import save_tiny_pair
+    from vlsi.tools.evaluate import load_items
+    from vlsi.train.config import TrainingConfig
 
     out = Path(out)
     if (out / PAIR_FILE).is_file():
@@ -198,7 +198,7 @@ def reuse_teacher(out: str | Path, source: Pair, recipe: Any) -> None:
     """
     from vlsi.demo.pretrain import CURVE, MODEL_DIR
     from vlsi.files import write_json_atomic
-    from vlsi.stages.run import STEP_COMPLETE
+    from vlsi.train.stages.run import STEP_COMPLETE
 
     ours = _jsonable(recipe.teacher_pretraining)
     theirs = {k: source.meta["recipe"].get(k) for k in ours}

@@ -8,7 +8,7 @@ batch (verbalized layers, matching, last-layer op). With ``on_policy = 0`` nothi
 
 Which micro-batches, and which tokens are sampled, are pure functions of (training seed,
 optimizer step, draw), ``draw`` numbering micro-batches across processes as
-:func:`vlsi.train.stages.interact.matching_seed` does: a rerun, a resumed run and a run on N
+:func:`vlsi.train.stages.interact_draws.matching_seed` does: a rerun, a resumed run and a run on N
 processes with 1/N of the accumulation draw the same.
 
 A sample's prompt is everything before its last response segment (earlier turns, with their

@@ -19,7 +19,9 @@ from vlsi.models.backbones import load_backbone
 from vlsi.models.tiny import build_tiny_tokenizer
 from vlsi.train.config import DataConfig, InteractionConfig, RunConfig, TrainingConfig, VerbalizerConfig
 from vlsi.train.stages import interact
-from vlsi.train.stages.interact import matching_seed, run_interact
+from vlsi.train.stages.interact import run_interact
+from vlsi.train.stages.interact_draws import matching_seed
+from vlsi.train.stages.interact_timing import device_clock
 
 torch.set_num_threads(1)  # tiny models; extra threads only spin when the CPUs are shared
 logging.set_verbosity_error()
@@ -115,9 +117,9 @@ def test_matching_seed_of_one_process_is_unchanged():
 def test_device_clock_waits_for_a_gpu_only(monkeypatch):
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", waited.append)
-    interact.device_clock(torch.device("cpu"))
+    device_clock(torch.device("cpu"))
     assert waited == []
-    interact.device_clock(torch.device("cuda", 1))
+    device_clock(torch.device("cuda", 1))
     assert waited == [torch.device("cuda", 1)]
 
 

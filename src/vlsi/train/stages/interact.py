@@ -22,8 +22,8 @@ the chunked loss calls after the forwards are gathered for its duration under Ze
 (:func:`vlsi.train.distributed.whole_parameters`).
 
 Matching is random (``vlsi`` samples); its generator is seeded from (training seed, optimizer
-step, micro-batch number across processes) by :func:`matching_seed`
-(:mod:`vlsi.train.stages.interact_draws`), so a resumed run draws the same pairs as an uninterrupted
+step, micro-batch number across processes) by
+:func:`vlsi.train.stages.interact_draws.matching_seed`, so a resumed run draws the same pairs as an uninterrupted
 one, and N processes draw what one process accumulating N micro-batches draws. With a teacher
 cache no teacher loads (:mod:`vlsi.train.stages.interact_cache`); on-policy micro-batches:
 :mod:`vlsi.train.stages.interact_on_policy`. The main process appends every selection to ``matches.jsonl``
@@ -67,9 +67,9 @@ from vlsi.train.recorder import MatchLog, MatchRecorder
 from vlsi.train.resolved import ResolvedRun, resolve_run
 from vlsi.train.stages import interact_cache
 from vlsi.train.stages.callbacks import MeanMetrics
-from vlsi.train.stages.interact_draws import MicroBatchDraws, matching_seed  # noqa: F401 (re-exported)
+from vlsi.train.stages.interact_draws import MicroBatchDraws
 from vlsi.train.stages.interact_on_policy import OnPolicyInputs
-from vlsi.train.stages.interact_timing import MicroBatchTiming, device_clock  # noqa: F401 (re-exported)
+from vlsi.train.stages.interact_timing import MicroBatchTiming
 from vlsi.train.stages.run import Stage, VlsiTrainerMixin, run_stage
 from vlsi.train.teacher_cache import TeacherCache
 
