@@ -257,23 +257,28 @@ def _add_run_args(parser: argparse.ArgumentParser, *, out: bool = True, restart:
                             help="continue from the newest checkpoint in the output directory")
 
 
-def _add_regime_arg(parser: argparse.ArgumentParser) -> None:
+def _default(value: Any, defaults: bool) -> dict[str, Any]:
+    """``default=value`` for ``add_argument``, or nothing: a sub-command whose parent holds the defaults."""
+    return {"default": value} if defaults else {}
+
+
+def _add_regime_arg(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
     from vlsi.demo.recipe import DEFAULT_REGIME, REGIMES
 
-    parser.add_argument("--regime", choices=sorted(REGIMES), default=DEFAULT_REGIME,
+    parser.add_argument("--regime", choices=sorted(REGIMES), **_default(DEFAULT_REGIME, defaults),
                         help=f"task and pair (default {DEFAULT_REGIME}; docs/demo.md): 'lists' "
                              "(free-form lists, right in any order; 5-layer student, 10-layer "
                              "teacher) or 'counts' (one-digit counts; 2-layer student)")
 
 
-def _add_demo_args(parser: argparse.ArgumentParser, out: str) -> None:
-    parser.add_argument("--out", default=out, help="output directory (a rerun resumes it)")
+def _add_demo_args(parser: argparse.ArgumentParser, out: str, defaults: bool = True) -> None:
+    parser.add_argument("--out", **_default(out, defaults), help="output directory (a rerun resumes it)")
     parser.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
-    parser.add_argument("--seeds", type=positive_int, default=DEMO_RUN_DEFAULTS["seeds"],
+    parser.add_argument("--seeds", type=positive_int, **_default(DEMO_RUN_DEFAULTS["seeds"], defaults),
                         help="distillation seeds (default 3): mean ± std and the paired verdict")
     parser.add_argument("--pair", metavar="DIR", help="a pair built by `vlsi demo pretrain` (default: "
                                                       "the regime's shipped one)")
-    _add_regime_arg(parser)
+    _add_regime_arg(parser, defaults)
 
 
 def _args_tiny(parser: argparse.ArgumentParser) -> None:
@@ -301,10 +306,11 @@ def _args_bench(parser: argparse.ArgumentParser) -> None:
 DEMO_RUN_DEFAULTS = {"seeds": 3, "seed": 0, "label_noise": 0.0, "teacher_map": False, "pair": None}
 
 
-def _args_demo_run(parser: argparse.ArgumentParser) -> None:
-    _add_demo_args(parser, "runs/demo")
-    parser.add_argument("--seed", type=int, default=DEMO_RUN_DEFAULTS["seed"], help="first seed")
-    parser.add_argument("--label-noise", type=float, default=DEMO_RUN_DEFAULTS["label_noise"], metavar="SHARE",
+def _args_demo_run(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    _add_demo_args(parser, "runs/demo", defaults)
+    parser.add_argument("--seed", type=int, **_default(DEMO_RUN_DEFAULTS["seed"], defaults), help="first seed")
+    parser.add_argument("--label-noise", type=float, **_default(DEMO_RUN_DEFAULTS["label_noise"], defaults),
+                        metavar="SHARE",
                         help="make this share of the distillation answers wrong the way a weaker "
                              "annotator is (a missed list item, a count off by one); evaluation "
                              "stays clean (docs/demo.md)")
@@ -314,10 +320,10 @@ def _args_demo_run(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--teacher-from", help=argparse.SUPPRESS)  # a `vlsi demo pretrain` option: refused
 
 
-def _args_demo_pretrain(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="runs/demo", help="output directory (a rerun resumes it)")
+def _args_demo_pretrain(parser: argparse.ArgumentParser, defaults: bool = True) -> None:
+    parser.add_argument("--out", **_default("runs/demo", defaults), help="output directory (a rerun resumes it)")
     parser.add_argument("--quick", action="store_true", help="a fraction of the budget (plumbing check)")
-    _add_regime_arg(parser)
+    _add_regime_arg(parser, defaults)
     parser.add_argument("--teacher-from", metavar="PAIR",
                         help="reuse this pair's teacher (a directory, or `shipped`) and train only the student")
 
@@ -327,13 +333,13 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
     _args_demo_run(parser)
     commands = parser.add_subparsers(dest="demo_command", metavar="{run,pretrain}")
     # options left out after the sub-command keep what was written before it (no default overrides it)
-    run = commands.add_parser("run", help="the demo (the default: `vlsi demo [options]` runs it)")
-    _args_demo_run(run)
+    run = commands.add_parser("run", help="the demo (the default: `vlsi demo [options]` runs it)",
+                              argument_default=argparse.SUPPRESS)
+    _args_demo_run(run, defaults=False)
     pretrain = commands.add_parser("pretrain", help="train the teacher/student pair from scratch",
-                                   description="Rebuild the demo's pretrained pair into --out.")
-    _args_demo_pretrain(pretrain)
-    for sub_parser in (run, pretrain):  # `demo` itself holds every default
-        sub_parser.set_defaults(**dict.fromkeys(vars(sub_parser.parse_args([])), argparse.SUPPRESS))
+                                   description="Rebuild the demo's pretrained pair into --out.",
+                                   argument_default=argparse.SUPPRESS)
+    _args_demo_pretrain(pretrain, defaults=False)
     pretrain.set_defaults(func=_cmd_demo_pretrain)
 
 
