@@ -113,7 +113,7 @@ SMOKE = {
               target_layers=[[0, 1, 2], [0, 1]], batch=2, seq_len=48, response_len=16, chunk=16, steps=1,
               gradient_checkpointing=False, lora_r=8, dtype="float32", peak_tflops=None),
     "d": dict(mixed_precision="no", bf16=False, max_steps=1,
-              fsdp_target=[str(REPO / "tests" / "stages" / "fsdp_on_cpu.py")]),
+              fsdp_target=[str(REPO / "tests" / "train" / "stages" / "fsdp_on_cpu.py")]),
     "e": dict(dtype="float32", max_new_tokens=6),
 }
 
