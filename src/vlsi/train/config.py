@@ -535,6 +535,9 @@ def training_help(name: str) -> str:
     own = {f.name: f for f in dataclasses.fields(TrainingConfig)}
     if name in own:
         return own[name].metadata.get("help", "")
+    if name == "gradient_checkpointing":  # transformers 5 calls it a deprecated alias; vlsi maps it
+        return ("recompute activations in backward (memory for time); passed on as "
+                "TrainingArguments.activation_checkpointing")
     text = " ".join(str(trainer_argument_fields()[name].metadata.get("help", "")).split())
     first = text.split(". ")[0].rstrip(".")
     return f"TrainingArguments: {first}" if first else "TrainingArguments field"
