@@ -6,7 +6,7 @@
 Parts (``--parts a,b,c,d,e``; ``--cap a=70,...`` seconds per part; ``--budget`` seconds in all):
 
 (a) ``vlsi.method.interaction.interaction_loss`` (chunked) against ``naive_interaction_loss`` on random
-    verbalizers (:func:`vlsi.tools.bench._random_verbalizers`) at V = 151,936, d_s = 1536, d_t = 3584,
+    verbalizers (:func:`vlsi.tools.bench.random_verbalizers`) at V = 151,936, d_s = 1536, d_t = 3584,
     t_s = 7, t_l = 20, 1,024 response tokens, bf16: forward and reverse KL, then a top-32
     :class:`~vlsi.method.interaction.SparseTeacher` against a float64 evaluation of the bucketed KL
     written here. Criteria: loss relative error, cosine of the gradients w.r.t.
@@ -204,9 +204,9 @@ def _environment(device: Any) -> dict:
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     gpu_memory_bytes=torch.cuda.get_device_properties(device).total_memory)
     else:
-        from vlsi.tools.bench import _cpu_name
+        from vlsi.tools.bench import cpu_name
 
-        info["cpu"] = _cpu_name()
+        info["cpu"] = cpu_name()
     return info
 
 
@@ -229,28 +229,28 @@ class PeakMemory:
     def __enter__(self) -> PeakMemory:
         import torch
 
-        from vlsi.tools.bench import _release_freed_memory, _reset_peak_rss, _rss_bytes
+        from vlsi.tools.bench import release_freed_memory, reset_peak_rss, rss_bytes
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            _release_freed_memory()
-            self.base = _rss_bytes()
-            self.reset = _reset_peak_rss()
+            release_freed_memory()
+            self.base = rss_bytes()
+            self.reset = reset_peak_rss()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         import torch
 
-        from vlsi.tools.bench import _peak_rss_bytes
+        from vlsi.tools.bench import peak_rss_bytes
 
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
-            self.peak = _peak_rss_bytes(self.reset) - self.base
+            self.peak = peak_rss_bytes(self.reset) - self.base
 
 
 @contextlib.contextmanager
@@ -438,13 +438,13 @@ def part_a(s: dict, rec: Recorder, device: Any) -> None:
     import torch
 
     from vlsi.method.interaction import interaction_loss, naive_interaction_loss
-    from vlsi.tools.bench import _random_verbalizers
+    from vlsi.tools.bench import random_verbalizers
 
     dtype = _dtype(s["dtype"])
     vocab, t_s, t_l, n = s["vocab"], s["t_s"], s["t_l"], s["tokens"]
     with rec.check("setup") as c:
-        student_fn = _random_verbalizers(t_s, s["d_s"], vocab, dtype=dtype, device=device, seed=s["seed"])
-        teacher_fn = _random_verbalizers(t_l, s["d_t"], vocab, dtype=dtype, device=device, seed=s["seed"] + 1)
+        student_fn = random_verbalizers(t_s, s["d_s"], vocab, dtype=dtype, device=device, seed=s["seed"])
+        teacher_fn = random_verbalizers(t_l, s["d_t"], vocab, dtype=dtype, device=device, seed=s["seed"] + 1)
         g = torch.Generator().manual_seed(s["seed"] + 2)
         student_hidden = torch.randn(t_s + 1, n, s["d_s"], generator=g, dtype=dtype).to(device).requires_grad_(True)
         teacher_hidden = torch.randn(t_l + 1, n, s["d_t"], generator=g, dtype=dtype).to(device)

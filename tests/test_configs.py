@@ -62,7 +62,7 @@ def test_real_configs_follow_the_paper(path):
     assert len(s_layers) <= len(t_layers)
     if llava:  # appendix D
         assert (s_layers, t_layers) == ([3, 11, 19], [9, 29, 49, 69])
-    else:      # the SPEC's default rule
+    else:      # the default rule (docs/method.md#target-layers)
         assert s_layers == list(range(1, student - 1, 4)) and t_layers == list(range(1, teacher - 1, 4))
 
 

@@ -5,7 +5,7 @@
     vlsi data check FILE --model DIR          validate a dataset, print counts and skips
     vlsi bench loss [...]                     chunked vs naive interaction-loss benchmark
     vlsi demo [--quick] [--seeds 3] [--pair DIR]   the method's claim on tiny models, with a report
-    vlsi demo pretrain --out DIR              rebuild the demo's pretrained pair from scratch
+    vlsi demo pretrain [--regime lists] --out DIR   rebuild the demo's pretrained pair from scratch
     vlsi ablate [--only b d e f g] [--seeds 3]  the paper's Table 4 at tiny scale, and on-policy
     vlsi generate --model DIR --image IMG --prompt TEXT [--num-beams N]
     vlsi verbalize-layers --model DIR --verbalizers DIR --image IMG --prompt TEXT --out F.html
@@ -16,9 +16,11 @@ the value read as YAML; default directories follow the ``vlsi distill`` layout u
 config's ``output_dir``, see ``vlsi.train.stages.distill``):
 
     vlsi verbalize CONFIG --role {teacher,student} [--out DIR] [--resume]
-    vlsi interact CONFIG [--teacher-verbalizers DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
+    vlsi interact CONFIG [--teacher-verbalizers DIR] [--student-verbalizers DIR] [--teacher-cache DIR] [--out DIR]
     vlsi sft CONFIG [--adapter DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
     vlsi distill CONFIG [--no-resume] [--restart-changed]   all four steps into one output directory
+    vlsi cache-teacher CONFIG [--out DIR] [--top-k K]   the teacher's top-K log-probabilities, offline
+    vlsi plan CONFIG --gpus N --gpu-memory 80GB --engine zero3   per-GPU memory of every step
     vlsi config CONFIG                          the resolved config, every key with its help
 
 User errors (:class:`vlsi.errors.VlsiError`) print one line, ``error: ...``, and exit with 2.
@@ -406,8 +408,10 @@ def _args_cache_teacher(parser: argparse.ArgumentParser) -> None:
                         help="log-probabilities kept per layer and token (default interaction.teacher_cache_top_k)")
     parser.add_argument("--storage", choices=["float16", "float32"], default="float16",
                         help="dtype of the stored log-probabilities (default float16)")
-    parser.add_argument("--samples-per-shard", type=positive_int, default=256, metavar="N",
-                        help="samples per shard file (default 256)")
+    from vlsi.train.stages.cache_teacher import SAMPLES_PER_SHARD
+
+    parser.add_argument("--samples-per-shard", type=positive_int, default=SAMPLES_PER_SHARD, metavar="N",
+                        help=f"samples per shard file (default {SAMPLES_PER_SHARD})")
 
 
 def _args_sft(parser: argparse.ArgumentParser) -> None:

@@ -37,6 +37,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Append ``record`` as one line of ``path`` (created with its directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def truncate_jsonl(path: Path, last_step: int) -> None:
     """Keep only the records with ``step <= last_step`` (a resumed run redoes the later steps)."""
     if path.is_file():

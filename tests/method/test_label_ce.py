@@ -1,4 +1,4 @@
-"""The ``ce`` op: cross-entropy of the student against the ground-truth tokens (SPEC step 2, item 6).
+"""The ``ce`` op: cross-entropy of the student against the ground-truth tokens (docs/method.md#ops).
 
 The chunked loss (closed-form logit gradient ``Q - onehot(y)``) against plain autograd: in
 float64 against :func:`naive_interaction_loss`, and in float32 against a float64 reference
@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from vlsi.method.interaction import SparseTeacher, interaction_loss, naive_interaction_loss
+from vlsi.method.interaction import interaction_loss, naive_interaction_loss
 from vlsi.method.losses import label_ce_and_logit_grad, pair_loss_and_logit_grad
 from vlsi.method.verbalizer import prediction_positions, response_labels
 from vlsi.train.config import ConfigError, load_config

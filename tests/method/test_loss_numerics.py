@@ -2,7 +2,7 @@
 inputs: a confident student against a top-K teacher, huge logits, masked (-inf) ids, float16
 storage, and the shape and parameter checks (issue: exact float32 numerics with a teacher cache).
 
-The reference below is written from SPEC's formulas alone (no helper of ``vlsi.method.losses``): the
+The reference below is written from docs/method.md's formulas alone (no helper of ``vlsi.method.losses``): the
 verbalizers are the identity, so the hidden states *are* the logits and the gradient is taken
 with respect to the logits themselves.
 """
@@ -36,7 +36,7 @@ def ref_kl(log_p, log_q):
 
 
 def ref_bucket_kl(ids, t_logp, t_tail, log_q):
-    """SPEC's ``KL_K``: ``sum_S p (log p - log q) + p_tail (log p_tail - log q_tail)``, ``q_tail`` a
+    """``KL_K`` (docs/method.md#teacher-cache): ``sum_S p (log p - log q) + p_tail (log p_tail - log q_tail)``, ``q_tail`` a
     log-sum-exp over the ids outside S."""
     t_logp, t_tail = t_logp.double(), t_tail.double()
     p = t_logp.exp()

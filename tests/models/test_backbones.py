@@ -42,7 +42,7 @@ def test_adapter_exposes_the_language_model(pairs, family):
     ids = torch.randint(20, 300, (1, 7))
     extra = {"mm_token_type_ids": torch.zeros_like(ids)} if bb.family.uses_mm_token_type_ids else {}
     out = bb.model(input_ids=ids, output_hidden_states=True, **extra)
-    # SPEC: L + 1 hidden states; the last one is already final-normed.
+    # docs/method.md#backbones: L + 1 hidden states; the last one is already final-normed.
     assert len(out.hidden_states) == bb.num_layers + 1
     torch.testing.assert_close(bb.lm_head(out.hidden_states[-1]), out.logits)
 

@@ -17,6 +17,7 @@ from vlsi.files import canonical_digest
 from vlsi.train import fingerprint
 from vlsi.train import identity as identities
 from vlsi.train.config import DataConfig, InteractionConfig, RunConfig, TrainingConfig, VerbalizerConfig
+from vlsi.train.resolved import resolve_run
 from vlsi.train.teacher_cache import FORMAT, MANIFEST
 
 STEPS = ("teacher-verbalize", "student-verbalize", "interact", "sft")
@@ -107,15 +108,15 @@ def test_model_identity_holds_path_config_and_every_weight_file(tmp_path):
 
 def test_a_teacher_without_weights_takes_them_from_its_complete_cache(run, tmp_path):
     (Path(run.teacher) / "model.safetensors").unlink()
-    assert fingerprint.teacher_identity(run)["weights"] == {}  # no cache: no weights
+    assert resolve_run(run).teacher_identity["weights"] == {}  # no cache: no weights
     cache = tmp_path / "cache"
     cache.mkdir()
     manifest = {"format": FORMAT, "complete": False, "teacher": {"weights": {"model.safetensors": "f" * 64}}}
     (cache / MANIFEST).write_text(json.dumps(manifest))
     run.interaction = InteractionConfig(teacher_cache=str(cache))
-    assert fingerprint.teacher_identity(run)["weights"] == {}  # an incomplete cache stands in for nothing
+    assert resolve_run(run).teacher_identity["weights"] == {}  # an incomplete cache stands in for nothing
     (cache / MANIFEST).write_text(json.dumps({**manifest, "complete": True}))
-    identity = fingerprint.teacher_identity(run)
+    identity = resolve_run(run).teacher_identity
     assert identity["weights"] == {"model.safetensors": "f" * 64}
     assert identity["path"] == str(Path(run.teacher).resolve())  # path and config stay the teacher's own
     assert identity["config"] == identities.model_identity(run.teacher)["config"]
@@ -123,7 +124,7 @@ def test_a_teacher_without_weights_takes_them_from_its_complete_cache(run, tmp_p
 
 def test_data_identity_hashes_the_training_files_and_keeps_the_other_settings(run):
     train = Path(run.data.train[0])
-    identity = fingerprint.data_identity(run)
+    identity = resolve_run(run).data_identity
     assert identity["train"] == {str(train.resolve()): _sha(train.read_bytes())}
     assert identity["max_length"] == run.data.max_length and identity["strict"] is False
     assert "eval" not in identity
@@ -145,7 +146,7 @@ def test_step_inputs_of_each_step(run):
     inputs = {step: fingerprint.step_inputs(run, step) for step in STEPS}
     for step, record in inputs.items():
         assert record["step"] == step and record["version"] == __version__
-        assert record["data"] == fingerprint.data_identity(run)
+        assert record["data"] == resolve_run(run).data_identity
     teacher, student = inputs["teacher-verbalize"], inputs["student-verbalize"]
     assert teacher["model"] == identities.model_identity(run.teacher)
     assert student["model"] == identities.model_identity(run.student)

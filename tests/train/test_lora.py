@@ -12,7 +12,6 @@ from torch import nn
 
 from vlsi.errors import VlsiError
 from vlsi.models.backbones import LORA_TARGET_PATTERN, load_backbone
-from vlsi.train import lora
 from vlsi.train.config import LoraSettings
 from vlsi.train.lora import save_adapter, trainable_summary, with_adapter, with_lora
 

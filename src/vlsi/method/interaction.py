@@ -55,9 +55,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from vlsi.method.losses import (DEFAULT_JSD_BETA, OPS, DIVERGENCES, SPARSE_OPS, compute_dtype, finite_floor, kl_direction,
-                                label_ce_and_logit_grad, log_probs, pair_loss_and_logit_grad, pair_loss_logprobs, row_dot,
-                                sparse_bucket_kl, sparse_pair_loss_and_logit_grad, tail_log_mass)
+from vlsi.method.losses import (DEFAULT_JSD_BETA, DIVERGENCES, OPS, SPARSE_OPS, compute_dtype, finite_floor,
+                                kl_direction, label_ce_and_logit_grad, log_probs, pair_loss_and_logit_grad,
+                                pair_loss_logprobs, row_dot, sparse_bucket_kl, sparse_pair_loss_and_logit_grad,
+                                tail_log_mass)
 from vlsi.method.matching import STRATEGIES, Matching, match, needed_mask
 
 # Response tokens per chunk of the two-pass interaction loss: 256 tokens x 151,936 vocab x 4 bytes

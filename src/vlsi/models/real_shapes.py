@@ -42,7 +42,7 @@ def real_shape_config(size: str, tokenizer: Any, *, num_layers: int, width: int 
     decoder layers; ``width`` / ``vision_depth`` override the LM width / vision depth."""
     from transformers import Qwen2VLConfig
 
-    from vlsi.models.tiny import SPECIAL_TOKENS, _mrope_section
+    from vlsi.models.tiny import SPECIAL_TOKENS, mrope_section
 
     if size not in QWEN2_VL_TEXT:
         raise ValueError(f"unknown Qwen2-VL size {size!r}; known: {', '.join(QWEN2_VL_TEXT)}")
@@ -53,7 +53,7 @@ def real_shape_config(size: str, tokenizer: Any, *, num_layers: int, width: int 
         heads = width // 128 if width % 128 == 0 else 4
         text.update(hidden_size=width, intermediate_size=2 * width, num_attention_heads=heads,
                     num_key_value_heads=heads // 4 if heads % 4 == 0 else 1)
-        rope["mrope_section"] = _mrope_section(width // heads)
+        rope["mrope_section"] = mrope_section(width // heads)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     text.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
                 rope_parameters=rope)

@@ -144,7 +144,7 @@ TEACHER = TinySize(num_layers=8, hidden_size=96, intermediate_size=192, num_head
 STUDENT = TinySize(num_layers=4, hidden_size=64, intermediate_size=128, num_heads=4,
                    num_kv_heads=2, vision_depth=2, vision_width=32, extra_vocab=8)
 
-def _mrope_section(head_dim: int) -> list[int]:
+def mrope_section(head_dim: int) -> list[int]:
     """Split head_dim/2 rotary frequencies over (temporal, height, width) like Qwen's 16/24/24."""
     half = head_dim // 2
     t = half // 4
@@ -174,7 +174,7 @@ def tiny_config(family: str, size: TinySize, tokenizer) -> Any:
         pad_token_id=ids["<|endoftext|>"],
         tie_word_embeddings=False,
     )
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": _mrope_section(head_dim)}
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section(head_dim)}
     return entry.tiny_config(size, text, rope, ids)
 
 

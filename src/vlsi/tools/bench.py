@@ -64,7 +64,7 @@ _SRC_DIR = str(Path(__file__).resolve().parents[1])
 # Worker side: one measurement in this process.
 
 
-def _random_verbalizers(layers: int, width: int, vocab_size: int, *, dtype: Any, device: Any, seed: int):
+def random_verbalizers(layers: int, width: int, vocab_size: int, *, dtype: Any, device: Any, seed: int):
     """Callable ``fn(index, h[n, d]) -> logits[n, V]`` with random frozen weights.
 
     ``index < layers``: ``head(rms_norm(h + W_down(SiLU(W_gate h) * W_up h)))``;
@@ -93,12 +93,12 @@ def _random_verbalizers(layers: int, width: int, vocab_size: int, *, dtype: Any,
     return verbalize
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _reset_peak_rss() -> bool:
+def reset_peak_rss() -> bool:
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -107,7 +107,7 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def _peak_rss_bytes(reset: bool) -> int:
+def peak_rss_bytes(reset: bool) -> int:
     """This address space's peak RSS since the reset (``VmHWM``), else ``ru_maxrss``.
 
     ``ru_maxrss`` also keeps the peak of the image replaced by ``exec``: a worker started by
@@ -124,7 +124,7 @@ def _peak_rss_bytes(reset: bool) -> int:
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
 
 
-def _release_freed_memory() -> None:
+def release_freed_memory() -> None:
     """Give freed heap pages back to the OS so that the baseline is what is really in use."""
     import ctypes
     import gc
@@ -213,8 +213,8 @@ def _measure(spec: dict) -> dict:
     device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
     cuda = device.type == "cuda"
     vocab, t_s, t_l, n = spec["vocab_size"], spec["t_s"], spec["t_l"], spec["tokens"]
-    student = _random_verbalizers(t_s, spec["hidden_size"], vocab, dtype=dtype, device=device, seed=spec["seed"])
-    teacher = _random_verbalizers(
+    student = random_verbalizers(t_s, spec["hidden_size"], vocab, dtype=dtype, device=device, seed=spec["seed"])
+    teacher = random_verbalizers(
         t_l, spec["teacher_hidden_size"], vocab, dtype=dtype, device=device, seed=spec["seed"] + 1
     )
     g = torch.Generator().manual_seed(spec["seed"] + 2)
@@ -235,20 +235,20 @@ def _measure(spec: dict) -> dict:
         return result  # its graph keeps `hidden` and its gradient alive
 
     run(min(n, 8))  # warm-up on a few tokens
-    _release_freed_memory()
+    release_freed_memory()
     if cuda:
         baseline = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        baseline = _rss_bytes()
-        reset = _reset_peak_rss()
+        baseline = rss_bytes()
+        reset = reset_peak_rss()
     seconds, result = [], None
     for _ in range(spec["repeats"]):
         result = None  # drop the previous run's gradient before the next one
         start = time.perf_counter()
         result = run(n)
         seconds.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if cuda else _peak_rss_bytes(reset)
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes(reset)
     floor = _floor_seconds(spec, result, device, dtype) if spec["method"] == "chunked" else {}
     return {
         **floor,
@@ -269,7 +269,7 @@ def _probe(device: str) -> dict:
 
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         return {"available_bytes": int(free), "device_name": torch.cuda.get_device_name(torch.device(device))}
-    return {"available_bytes": _mem_available_bytes(), "device_name": _cpu_name()}
+    return {"available_bytes": _mem_available_bytes(), "device_name": cpu_name()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def _mem_available_bytes() -> int:
     raise RuntimeError("MemAvailable missing from /proc/meminfo")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:

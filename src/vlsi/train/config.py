@@ -5,7 +5,7 @@ Unknown keys and out-of-range values are errors that name the key (``interaction
 Defaults are the paper's (section 4.1c; docs/method.md#training-defaults): AdamW, cosine
 schedule from 1e-4 down to 1e-6 (``cosine_with_min_lr``), gradient accumulation 16, per-device batch 4,
 gradient checkpointing, bf16 where the hardware has it, LoRA r=64 alpha=64. Training settings
-are ``transformers.TrainingArguments`` fields (the paper's values in :data:`PAPER_TRAINING`)
+are ``transformers.TrainingArguments`` fields (the paper's values in :data:`TRAINING_DEFAULTS`)
 beside vlsi's own (:class:`TrainingConfig`; docs/training.md#training-settings).
 
 Example::
@@ -44,6 +44,8 @@ import yaml
 
 from vlsi.errors import VlsiError
 from vlsi.method.interaction import DEFAULT_CHUNK_SIZE
+from vlsi.method.losses import DIVERGENCES, OPS, SPARSE_OPS
+from vlsi.method.matching import STRATEGIES, TEMPERATURE_RULES
 
 
 
@@ -148,9 +150,6 @@ class InteractionConfig:
     generation: GenerationSettings = _f(factory=GenerationSettings, help="how on-policy responses are sampled")
 
     def check(self, key: str) -> None:
-        from vlsi.method.losses import DIVERGENCES, OPS, SPARSE_OPS
-        from vlsi.method.matching import STRATEGIES, TEMPERATURE_RULES
-
         _choice(self.strategy, STRATEGIES, f"{key}.strategy")
         _choice(self.temperature_rule, TEMPERATURE_RULES, f"{key}.temperature_rule")
         _choice(self.intermediate_op, OPS, f"{key}.intermediate_op")
@@ -195,25 +194,27 @@ class LoraSettings:
             raise ConfigError(f"{key}.dropout must be in [0, 1), got {self.dropout}")
 
 
-# TrainingArguments values of every stage unless its config sets them: the paper's (section 4.1c),
-# stated once. Any other TrainingArguments field keeps transformers' default unless set.
-PAPER_TRAINING: dict[str, Any] = {
-    "learning_rate": 1e-4,
-    "num_train_epochs": 1.0,
-    "max_steps": -1,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 16,
-    "weight_decay": 0.0,
-    "max_grad_norm": 1.0,
-    "gradient_checkpointing": True,
-    "logging_steps": 10,
-    "save_steps": 500,
-    "save_total_limit": 2,
-    "seed": 42,
-    "dataloader_num_workers": 0,
-    "dataloader_pin_memory": True,
-    "report_to": ["tensorboard"],
-    "ddp_timeout": DEFAULT_DDP_TIMEOUT,
+# TrainingArguments values of every stage unless its config sets them, stated once: the paper's
+# (section 4.1c) and, where it is silent, this library's. Any other TrainingArguments field keeps
+# transformers' default unless set; AdamW and the cosine schedule (paper) are set by
+# vlsi.train.stages.arguments unless the config names another `optim` / `lr_scheduler_type`.
+TRAINING_DEFAULTS: dict[str, Any] = {
+    "learning_rate": 1e-4,                 # paper
+    "num_train_epochs": 1.0,               # library
+    "max_steps": -1,                       # transformers' (epochs decide)
+    "per_device_train_batch_size": 4,      # paper (2B/7B)
+    "gradient_accumulation_steps": 16,     # paper
+    "weight_decay": 0.0,                   # library
+    "max_grad_norm": 1.0,                  # library
+    "gradient_checkpointing": True,        # paper
+    "logging_steps": 10,                   # library
+    "save_steps": 500,                     # library
+    "save_total_limit": 2,                 # library
+    "seed": 42,                            # library
+    "dataloader_num_workers": 0,           # library
+    "dataloader_pin_memory": True,         # library
+    "report_to": ["tensorboard"],          # library
+    "ddp_timeout": DEFAULT_DDP_TIMEOUT,    # library
 }
 
 # TrainingArguments fields the stages set themselves: a config may not set them.
@@ -229,7 +230,7 @@ class TrainingConfig:
     below are vlsi's own; any ``TrainingArguments`` field may be given beside them and is kept,
     typed by transformers' own argument parser, in :attr:`arguments`. Reading a
     ``TrainingArguments`` field (``tcfg.learning_rate``) gives the config's value, else the
-    paper's (:data:`PAPER_TRAINING`), else transformers' default.
+    paper's (:data:`TRAINING_DEFAULTS`), else transformers' default.
     :func:`vlsi.train.stages.arguments.training_arguments` builds the stage's ``TrainingArguments``.
     """
 
@@ -278,7 +279,7 @@ class TrainingConfig:
             raise AttributeError(name)
         if name in self.arguments:
             return self.arguments[name]
-        if name in PAPER_TRAINING:
+        if name in TRAINING_DEFAULTS:
             return copy.deepcopy(_paper_training()[name])
         fields = trainer_argument_fields()
         if name not in fields:
@@ -287,11 +288,11 @@ class TrainingConfig:
         return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
     def settings(self) -> dict[str, Any]:
-        """Every setting that differs from transformers' defaults: :data:`PAPER_TRAINING` with the
+        """Every setting that differs from transformers' defaults: :data:`TRAINING_DEFAULTS` with the
         config's values, vlsi's own, and the other ``TrainingArguments`` fields set under
         ``arguments``. Fingerprints record this form (it predates the flat spelling)."""
-        other = {k: v for k, v in self.arguments.items() if k not in PAPER_TRAINING}
-        return {**{k: getattr(self, k) for k in PAPER_TRAINING},
+        other = {k: v for k, v in self.arguments.items() if k not in TRAINING_DEFAULTS}
+        return {**{k: getattr(self, k) for k in TRAINING_DEFAULTS},
                 **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "arguments"},
                 "arguments": copy.deepcopy(other)}
 
@@ -346,8 +347,8 @@ def trainer_argument_fields() -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def _paper_training() -> dict[str, Any]:
-    """:data:`PAPER_TRAINING` typed as a config's values are (``logging_steps`` is a float)."""
-    return {name: _trainer_value(name, value, "PAPER_TRAINING") for name, value in PAPER_TRAINING.items()}
+    """:data:`TRAINING_DEFAULTS` typed as a config's values are (``logging_steps`` is a float)."""
+    return {name: _trainer_value(name, value, "TRAINING_DEFAULTS") for name, value in TRAINING_DEFAULTS.items()}
 
 
 @functools.lru_cache(maxsize=1)

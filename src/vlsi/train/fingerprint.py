@@ -2,9 +2,10 @@
 
 Every step directory holds ``fingerprint.json``, written before the step trains: the inputs of
 that step (:func:`step_inputs`) and their digest. A rerun or resume computes the inputs again;
-if they differ, the step is refused with one line naming what differs (:func:`check_step`),
-unless the caller restarts it. So a directory never holds a result that its config did not
-produce, and ``config.yaml`` (written only after the check) describes what is on disk.
+if they differ, the step is refused with one line naming what differs (:func:`refusal`, raised
+by :func:`vlsi.train.stages.run.check_identity`), unless the caller restarts it. So a directory
+never holds a result that its config did not produce, and ``config.yaml`` (written only after
+the check) describes what is on disk.
 
 The inputs of a step:
 
@@ -45,16 +46,6 @@ NOT_RESULT_SETTINGS = frozenset({"logging_steps", "save_steps", "save_total_limi
                                  "dataloader_num_workers", "dataloader_pin_memory", "report_to",
                                  "max_consecutive_nonfinite",
                                  "logging_dir", "disable_tqdm", "ddp_timeout"})
-def teacher_identity(run: RunConfig | ResolvedRun) -> dict[str, Any]:
-    """The run's :func:`vlsi.train.identity.identity_of_teacher` (computed once per :class:`~vlsi.train.resolved.ResolvedRun`)."""
-    return resolve_run(run).teacher_identity
-
-
-def data_identity(run: RunConfig | ResolvedRun) -> dict[str, Any]:
-    """The run's :func:`vlsi.train.identity.identity_of_data` (computed once per :class:`~vlsi.train.resolved.ResolvedRun`)."""
-    return resolve_run(run).data_identity
-
-
 def directory_identity(path: str | Path) -> str:
     """What a later step reads from ``path``: its fingerprint digest, else its weights' digest."""
     d = Path(path)

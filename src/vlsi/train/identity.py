@@ -8,6 +8,7 @@ teacher is not read whole. Digests are memoised per process by (path, size, mtim
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -56,3 +57,17 @@ def identity_of_data(data: DataConfig) -> dict[str, Any]:
     settings = dataclasses.asdict(data)
     files = {str(Path(f).resolve()): file_digest(Path(f)) for f in data.train}
     return {**{k: v for k, v in settings.items() if k not in ("train", "eval")}, "train": files}
+
+
+_PREPROCESSING_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+                        "preprocessor_config.json")
+
+
+def preprocessing_digest(model_dir: str | Path) -> str:
+    """sha256 over the model's tokenizer, chat template and image-processor files."""
+    digest = hashlib.sha256()
+    for name in _PREPROCESSING_FILES:
+        f = Path(model_dir) / name
+        if f.is_file():
+            digest.update(name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()

@@ -27,7 +27,8 @@
   their float32 copy and gradient, 10 bytes a logit); SFT's CE through the LM head the same way,
   plus the ``[N, d]`` response rows of the last hidden state and their gradient;
 * ``stacked hidden states``: the interaction's ``[t + 1, N, d]`` stacks of response positions
-  (:meth:`VerbalizerSet.response_inputs`), teacher (none with a teacher cache) and student;
+  (:meth:`vlsi.method.verbalizer.VerbalizerSet.response_inputs`), teacher (none with a teacher
+  cache) and student;
 * ``autocast copies``: with bf16 mixed precision under ``ddp`` / ``fsdp`` accelerate's autocast
   wrapper returns the trained model's outputs as float32 copies: the student's
   ``(L + 1) x T x d`` hidden states in the interaction and SFT steps. DeepSpeed
@@ -56,14 +57,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from vlsi.errors import VlsiError
+from vlsi.method.losses import CE_CHUNK_TOKENS
+from vlsi.method.verbalizer import validate_target_layers
 from vlsi.models.shapes import ModelShape, shape_from_name
 from vlsi.train.config import RunConfig
-
-if TYPE_CHECKING:
-    from vlsi.train.resolved import ResolvedRun
+from vlsi.train.resolved import ResolvedRun, resolve_run
 
 ENGINES = ("ddp", "zero2", "zero3", "fsdp")
 USABLE_FRACTION = 0.9
@@ -176,8 +176,6 @@ def _verbalizer_activations(m: ModelShape, responses: int, setup: Setup) -> int:
 
 
 def _verbalize_step(role: str, m: ModelShape, setup: Setup) -> StepPlan:
-    from vlsi.method.losses import CE_CHUNK_TOKENS
-
     frozen, _, _ = _shards(setup)
     tokens, responses = setup.tokens("verbalize"), setup.responses("verbalize")
     verb = 3 * m.hidden_size**2 * len(m.target_layers)
@@ -220,8 +218,6 @@ def _interact_step(teacher: ModelShape, student: ModelShape, setup: Setup, vocab
 
 
 def _sft_step(student: ModelShape, setup: Setup) -> StepPlan:
-    from vlsi.method.losses import CE_CHUNK_TOKENS
-
     frozen, _, _ = _shards(setup)
     tokens, responses = setup.tokens("sft"), setup.responses("sft")
     m = student
@@ -339,9 +335,6 @@ def run_plan(run: RunConfig | ResolvedRun, *, gpus: int, gpu_memory: str, engine
     """Shapes from the run's checkpoints (or the named shapes), target layers resolved; ``run``:
     a config is resolved here (:func:`vlsi.train.resolved.resolve_run`)."""
     from dataclasses import replace
-
-    from vlsi.method.verbalizer import validate_target_layers
-    from vlsi.train.resolved import resolve_run
 
     run = resolve_run(run)
     setup = setup_from_config(run.cfg, gpus, engine, response_tokens)

@@ -8,8 +8,9 @@ deriving the same facts from the config again:
 * model facts (:class:`ModelFacts`, read from ``config.json`` and the safetensors headers, no
   weights loaded): ``model_type``, layers, hidden size, LM-head rows, parameters, target layers;
   the shared vocabulary; the plan's shape of each model (:class:`vlsi.models.shapes.ModelShape`);
-* identities (:mod:`vlsi.train.fingerprint`): the data files' hashes with the data settings, the
-  teacher's and the student's, the student's preprocessing files.
+* identities (:mod:`vlsi.train.identity`, read by :mod:`vlsi.train.fingerprint`): the data
+  files' hashes with the data settings, the teacher's and the student's, the student's
+  preprocessing files.
 
 Each fact is computed on first use and kept (a step that needs no teacher never reads it); a
 failure is the same one-line error as before and is raised again on the next use. The settings
@@ -24,16 +25,17 @@ import struct
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vlsi.errors import VlsiError
 from vlsi.method.verbalizer import validate_target_layers
+from vlsi.method.vocab import shared_vocab_size
 from vlsi.models.backbones import checkpoint_dir, read_model_type
 from vlsi.models.families import Family, family_for
+from vlsi.models.shapes import ModelShape, shape_from_checkpoint
 from vlsi.train.config import RunConfig
-
-if TYPE_CHECKING:
-    from vlsi.models.shapes import ModelShape
+from vlsi.train.identity import identity_of_data, identity_of_teacher, model_identity, preprocessing_digest
+from vlsi.train.teacher_cache import cache_complete, read_manifest
 
 ROLES = ("teacher", "student")
 
@@ -145,8 +147,6 @@ def cached_teacher_parameters(cfg: RunConfig) -> int | None:
     """With no ``*.safetensors`` in the teacher's directory, the teacher's size as recorded by the
     complete teacher cache the run reads (``interaction.teacher_cache``), which stands in for the
     weights; ``None`` where the weights are there (or no cache could stand in)."""
-    from vlsi.train.teacher_cache import cache_complete, read_manifest
-
     root, cache = checkpoint_dir(cfg.teacher), cfg.interaction.teacher_cache
     if cache is None or any(root.glob("*.safetensors")):
         return None
@@ -227,15 +227,11 @@ class ResolvedRun:
     @cached_property
     def shared_vocab(self) -> int:
         """``V``: the LM-head rows teacher and student share (:func:`vlsi.method.vocab.shared_vocab_size`)."""
-        from vlsi.method.vocab import shared_vocab_size
-
         return shared_vocab_size(self.teacher.vocab_size, self.student.vocab_size)
 
     def checkpoint_shape(self, role: str) -> ModelShape:
         """The plan's shape of ``role``'s checkpoint (:func:`vlsi.models.shapes.shape_from_checkpoint`,
         built once on the meta device), without target layers; do not change it."""
-        from vlsi.models.shapes import shape_from_checkpoint
-
         _check_role(role)
         if role not in self._shapes:
             self._shapes[role] = shape_from_checkpoint(self.cfg.teacher if role == "teacher" else self.cfg.student)
@@ -252,33 +248,25 @@ class ResolvedRun:
         except VlsiError as err:
             raise VlsiError(f"verbalizer.{role}_layers: {err}") from None
 
-    # -- identities (vlsi.train.fingerprint) --------------------------------------------------------
+    # -- identities (vlsi.train.identity) --------------------------------------------------------
     @cached_property
     def data_identity(self) -> dict[str, Any]:
         """The data settings and every training file's hash (:func:`vlsi.train.identity.identity_of_data`)."""
-        from vlsi.train.identity import identity_of_data
-
         return identity_of_data(self.cfg.data)
 
     @cached_property
     def teacher_identity(self) -> dict[str, Any]:
         """The teacher's identity; without weights, those its complete cache recorded."""
-        from vlsi.train.identity import identity_of_teacher
-
         return identity_of_teacher(self.cfg.teacher, self.teacher_cache)
 
     @cached_property
     def student_identity(self) -> dict[str, Any]:
-        from vlsi.train.identity import model_identity
-
         return model_identity(self.cfg.student)
 
     @cached_property
     def preprocessing(self) -> str:
         """Digest of the student's tokenizer, chat template and image-processor files (they
         encode the data of every step)."""
-        from vlsi.train.stages.training_data import preprocessing_digest
-
         return preprocessing_digest(self.student_dir)
 
 

@@ -9,7 +9,8 @@ step then reads them (:class:`vlsi.method.interaction.SparseTeacher`) and loads 
 
 Layout of a cache directory::
 
-    manifest.json               what the cache was made from (see :func:`expected_manifest`)
+    manifest.json               what the cache was made from
+                                (:func:`vlsi.train.stages.cache_teacher.expected_manifest`)
     shard-R-NNNNN.safetensors   samples of process R, in the data's order
     index-R.json                process R's finished shards: samples, tokens, bytes, sha256
 
@@ -41,6 +42,7 @@ from torch import Tensor
 
 from vlsi.errors import VlsiError
 from vlsi.files import read_json, sha256_file, write_json_atomic
+from vlsi.method.verbalizer import prediction_positions
 
 FORMAT = "vlsi-teacher-cache/1"
 MANIFEST = "manifest.json"
@@ -107,7 +109,6 @@ class KeyedCollator:
         batch = {**self.collator(items), "sample_keys": [item_key(it) for it in items]}
         if self.cache is None:
             return batch
-        from vlsi.method.verbalizer import prediction_positions
 
         tokens = prediction_positions(batch["labels"]).sum(dim=1).tolist()
         try:

@@ -13,9 +13,10 @@ import torch
 from transformers import TrainerControl
 from transformers.trainer_callback import ProgressCallback
 
+from vlsi.files import append_jsonl
 from vlsi.train.stages import callbacks
 from vlsi.train.stages.callbacks import (KillPointCallback, LossProgressCallback, MeanMetrics, MetricsJsonlCallback,
-                                         append_jsonl, stage_callbacks, use_loss_progress_bar)
+                                         stage_callbacks, use_loss_progress_bar)
 
 
 def _state(step: int = 3, *, main: bool = True, max_steps: int = 4) -> SimpleNamespace:

@@ -5,7 +5,7 @@ vlsi sets: AdamW, ``cosine_with_min_lr`` from ``learning_rate`` to ``min_learnin
 checkpoints every ``save_steps``, ``data_seed`` = ``seed``, ``remove_unused_columns=False``
 (the collator needs ``num_image_tokens``), non-blocking copies of pinned batches
 (``dataloader_pin_memory``). The config's ``TrainingArguments`` fields come after these (the
-paper's :data:`vlsi.train.config.PAPER_TRAINING` unless the config sets them; TensorBoard event files
+paper's :data:`vlsi.train.config.TRAINING_DEFAULTS` unless the config sets them; TensorBoard event files
 under ``OUT/runs/``; ``ddp_timeout`` :data:`vlsi.train.config.DEFAULT_DDP_TIMEOUT`, not transformers'
 30 minutes). :func:`check_arguments` lets transformers validate the whole before anything is loaded.
 """
@@ -20,7 +20,7 @@ import torch
 from transformers import TrainingArguments
 
 from vlsi.errors import VlsiError
-from vlsi.train.config import PAPER_TRAINING, TrainingConfig
+from vlsi.train.config import TRAINING_DEFAULTS, TrainingConfig
 
 
 def bf16_available() -> bool:
@@ -45,7 +45,7 @@ def training_arguments(
     if bf16 and not bf16_available():
         raise VlsiError(f"{stage}.bf16 is true but this machine has no bf16-capable GPU (use 'auto')")
     use_gc = tcfg.gradient_checkpointing if gradient_checkpointing is None else gradient_checkpointing
-    # how vlsi drives TrainingArguments; the config's fields (PAPER_TRAINING's and any other) come after
+    # how vlsi drives TrainingArguments; the config's fields (TRAINING_DEFAULTS's and any other) come after
     kwargs: dict[str, Any] = dict(
         output_dir=str(output_dir),
         lr_scheduler_type="cosine_with_min_lr",
@@ -63,7 +63,7 @@ def training_arguments(
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
     )
-    kwargs.update({name: getattr(tcfg, name) for name in PAPER_TRAINING if name != "gradient_checkpointing"})
+    kwargs.update({name: getattr(tcfg, name) for name in TRAINING_DEFAULTS if name != "gradient_checkpointing"})
     kwargs.update({k: v for k, v in tcfg.arguments.items() if k != "gradient_checkpointing"})
     kwargs.update(overrides)
     try:

@@ -50,7 +50,6 @@ from vlsi.train.teacher_cache import (FORMAT, MANIFEST, STORAGE_DTYPES, CacheErr
                                       item_key, top_k_of)
 from vlsi.train.testing_hooks import kill_if_asked
 
-DEFAULT_TOP_K = 32
 SAMPLES_PER_SHARD = 256
 
 
@@ -158,16 +157,18 @@ def refuse_nan(values: torch.Tensor, tails: torch.Tensor, counts: list[int], sam
 
 
 def run_cache_teacher(run: RunConfig | ResolvedRun, out_dir: str | Path, *, teacher_verbalizers: str | Path,
-                      top_k: int = DEFAULT_TOP_K, storage: str = "float16",
+                      top_k: int | None = None, storage: str = "float16",
                       samples_per_shard: int = SAMPLES_PER_SHARD, preflight: Preflight | None = None) -> Path:
     """Write (or finish) the teacher cache of the run's training data into ``out_dir``; ``run``:
-    a :class:`~vlsi.train.config.RunConfig` is resolved here (:func:`vlsi.train.resolved.resolve_run`)."""
+    a :class:`~vlsi.train.config.RunConfig` is resolved here (:func:`vlsi.train.resolved.resolve_run`);
+    ``top_k``: default ``interaction.teacher_cache_top_k``."""
     from accelerate import PartialState
 
     if storage not in STORAGE_DTYPES:
         raise CacheError(f"unknown cache storage {storage!r}; supported: {', '.join(STORAGE_DTYPES)}")
     run = resolve_run(run)
     cfg = run.cfg
+    top_k = cfg.interaction.teacher_cache_top_k if top_k is None else top_k
     root = Path(out_dir)
     pre = preflight or check_run(run, ("interact",), teacher_verbalizers=Path(teacher_verbalizers), memory=False)
     if top_k < 1 or top_k > pre.vocab:

@@ -13,7 +13,6 @@ no training (:mod:`vlsi.train.stages.checkpoints`): transformers' own ``DefaultF
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from vlsi.files import append_jsonl
 from vlsi.train.testing_hooks import kill_if_asked
 
 METRICS = "metrics.jsonl"
@@ -42,12 +42,6 @@ class MetricsJsonlCallback(TrainerCallback):
         record.update({k: v for k, v in logs.items() if isinstance(v, (int, float, str))
                        and not (isinstance(v, float) and math.isnan(v))})
         append_jsonl(self.path, record)
-
-
-def append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 class LossProgressCallback(ProgressCallback):

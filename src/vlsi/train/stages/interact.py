@@ -1,6 +1,7 @@
 """``vlsi interact``: the interaction step (docs/method.md#interaction, paper Algorithm 1).
 
-    vlsi interact CONFIG [--teacher-verbalizers DIR] [--student-verbalizers DIR] [--out DIR] [--resume]
+    vlsi interact CONFIG [--teacher-verbalizers DIR] [--student-verbalizers DIR] [--teacher-cache DIR]
+                         [--out DIR] [--resume]
 
 The student's language model learns, through LoRA (:mod:`vlsi.train.lora`), to make its verbalized
 layers match the teacher's. Per micro-batch:
@@ -54,7 +55,8 @@ from transformers import Trainer
 
 from vlsi.method.interaction import interaction_loss
 from vlsi.method.on_policy import GenerationLog, longest_response
-from vlsi.method.verbalizer import VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions, response_labels
+from vlsi.method.verbalizer import (VerbalizerSet, capture_hidden_states, capture_layer_context, prediction_positions,
+                                   response_labels)
 from vlsi.models.backbones import Backbone, load_backbone, load_tokenizer
 from vlsi.train.config import InteractionConfig, RunConfig
 from vlsi.train.distributed import (describe_footprint, load_verbalizers, place_frozen_model, place_frozen_verbalizers,
@@ -93,7 +95,7 @@ class InteractTrainer(MicroBatchTiming, MicroBatchDraws, OnPolicyInputs, VlsiTra
             by :func:`vlsi.train.distributed.place_frozen_model`).
         student_verbalizers: attached to the student backbone inside ``model``.
         interaction: strategy, matching arguments, ops, divergence, chunk size.
-        vocab_size: shared vocabulary ``V`` (:func:`shared_vocab_size`).
+        vocab_size: shared vocabulary ``V`` (:func:`vlsi.method.vocab.shared_vocab_size`).
         match_log: where the main process records the selected pairs (``None`` elsewhere).
     """
 
@@ -206,9 +208,9 @@ class InteractTrainer(MicroBatchTiming, MicroBatchDraws, OnPolicyInputs, VlsiTra
     def _record(self, result) -> None:
         """Log the loss terms and (main process) the selected pairs of this micro-batch.
 
-        Under several processes every process's selection is gathered, in process order
-        (the order of their draws, :func:`matching_seed`), so ``matches.jsonl`` holds what one
-        process accumulating the same micro-batches would record.
+        Under several processes every process's selection is gathered, in process order (the
+        order of their draws, :func:`vlsi.train.stages.interact_draws.matching_seed`), so
+        ``matches.jsonl`` holds what one process accumulating the same micro-batches would record.
         """
         kld, weights = result.kld.detach().float().cpu(), result.weights.detach().float()
         selected, scored = weights.cpu() > 0, torch.isfinite(kld)

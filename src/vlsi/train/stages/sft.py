@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from vlsi.data import IGNORE_INDEX
+from vlsi.errors import VlsiError
 from vlsi.method.losses import CE_CHUNK_TOKENS, chunked_head_ce, liger_fused_linear_ce
 from vlsi.method.verbalizer import gather_positions, position_index, prediction_positions
 from vlsi.models.backbones import Backbone, load_backbone, load_model
@@ -170,8 +171,6 @@ def run_sft(
     if preflight is None:
         check_run(run, ("sft",), student_verbalizers=Path(student_verbalizers) if student_verbalizers else None)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        from vlsi.errors import VlsiError
-
         raise VlsiError(f"LoRA adapter not found: {adapter} has no adapter_config.json")
     if upstream is None:
         upstream = {"adapter": directory_identity(adapter) if adapter else None,

@@ -10,21 +10,17 @@ console and into ``metrics.jsonl``; the stage copies them into ``step_complete.j
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from vlsi.data import VisionLanguageCollator, VisualInstructionDataset
-from vlsi.files import read_jsonl
+from vlsi.files import append_jsonl, read_jsonl
 from vlsi.models.backbones import ImageEncoder, load_tokenizer
 from vlsi.train.config import DataConfig
-from vlsi.train.stages.callbacks import append_jsonl
+from vlsi.train.identity import preprocessing_digest
 
 _SCANNED: dict[tuple, VisualInstructionDataset] = {}
 _SCANNED_KEEP = 2
-_PREPROCESSING_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                        "preprocessor_config.json")
-
 
 def _scan_key(data: DataConfig, model_dir: str | Path, family: Any) -> tuple:
     """Everything a scanned dataset depends on: the files as they are now (path, size, mtime),
@@ -37,16 +33,6 @@ def _scan_key(data: DataConfig, model_dir: str | Path, family: Any) -> tuple:
     root = str(Path(data.image_root).resolve()) if data.image_root else None
     return (tuple(stat(f) for f in data.train), root, data.max_length, data.strict, data.min_pixels,
             data.max_pixels, family, preprocessing_digest(model_dir))
-
-
-def preprocessing_digest(model_dir: str | Path) -> str:
-    """sha256 over the model's tokenizer, chat template and image-processor files."""
-    digest = hashlib.sha256()
-    for name in _PREPROCESSING_FILES:
-        f = Path(model_dir) / name
-        if f.is_file():
-            digest.update(name.encode() + b"\0" + f.read_bytes())
-    return digest.hexdigest()
 
 
 def load_training_data(data: DataConfig, model_dir: str | Path
