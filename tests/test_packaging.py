@@ -25,11 +25,13 @@ def test_every_file_of_the_shipped_pair_is_package_data(regime):
     assert missing == []
 
 
-def test_the_page_templates_are_package_data():
-    templates = ROOT / "src" / "vlsi" / "tools" / "templates"
+@pytest.mark.parametrize("package,pages", [("tools", {"page.html.j2", "macros.html.j2", "layer_view.html.j2"}),
+                                           ("demo", {"report.html.j2", "ablation.html.j2"})])
+def test_the_page_templates_are_package_data(package, pages):
+    templates = ROOT / "src" / "vlsi" / package / "templates"
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     files = [PurePosixPath(p.relative_to(templates.parent).as_posix())
              for p in templates.rglob("*") if p.is_file()]
-    assert {f.name for f in files} >= {"page.html.j2", "macros.html.j2", "report.html.j2",
-                                       "layer_view.html.j2", "ablation.html.j2"}
-    assert [str(f) for f in files if not any(f.match(pattern) for pattern in package_data["vlsi.tools"])] == []
+    assert {f.name for f in files} >= pages
+    patterns = package_data[f"vlsi.{package}"]
+    assert [str(f) for f in files if not any(f.match(pattern) for pattern in patterns)] == []

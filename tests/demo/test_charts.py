@@ -50,7 +50,7 @@ def test_bar_chart_labels_every_bar_in_percent():
 
 
 def test_pages_are_self_contained_and_escaped():
-    page = render("ablation.html.j2", title="A <b>", header="h & <i>",
+    page = render("ablation.html.j2", package="vlsi.demo", title="A <b>", header="h & <i>",
                   tables=[{"title": "T", "svg": "<svg></svg>", "markdown": "| <row> |"}])
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert "<title>A &lt;b&gt;</title>" in page and "<p>h &amp; &lt;i&gt;</p>" in page

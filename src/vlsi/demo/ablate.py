@@ -325,7 +325,7 @@ def run_ablate(out: str | Path = "runs/ablate", *, only: list[str] | None = None
         (out / f"table4{name}.svg").write_text(svg)
         charts.append({"title": title, "svg": svg, "markdown": table_markdown(title, rows, summary)})
     (out / "ablation.md").write_text("\n".join(md), encoding="utf-8")
-    page = render("ablation.html.j2", title="VLsI ablations", header=header, tables=charts)
+    page = render("ablation.html.j2", package="vlsi.demo", title="VLsI ablations", header=header, tables=charts)
     (out / "ablation.html").write_text(page, encoding="utf-8")
     result = {"seeds": seeds, "quick": quick, "wall_seconds": wall, "command": command,
               "tables": {n: {"title": tables[n][0],

@@ -452,7 +452,7 @@ def write_report(out: Path, fixed: dict[str, dict[str, Any]], seeds: list[dict[s
                 image = im.convert("RGB")
         panels.append(panel(entry["question"], image, _columns(entry), entry["reference"]))
     page = render(
-        "report.html.j2", title="VLsI demo report", prov=prov, verdicts=verdicts(agg),
+        "report.html.j2", package="vlsi.demo", title="VLsI demo report", prov=prov, verdicts=verdicts(agg),
         wall_seconds=setup["wall_seconds"], times=times, results=results_table(agg),
         paired=paired_table(agg),
         regime={"title": REGIME_TITLE[3:], "line": regime_line(regime), "table": regime_rows(regime)}
