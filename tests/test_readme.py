@@ -2,15 +2,17 @@
 exists (and to a heading of it where the link names one, GitHub's anchors), and every ``vlsi``
 command in the README's shell blocks is one the command line accepts, naming files that exist.
 
-The README's Python block runs in tests/test_examples.py. Its CPU shell block (the five steps on
-the tiny pair) ran as written when it was written (about a minute on a CPU); this test keeps its
-commands valid without training again.
+The README's Python block runs in tests/test_examples.py; its CPU shell block (the five steps on
+the tiny pair) runs as written in the slow tier (:func:`test_readme_cpu_block_runs_as_written`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +96,23 @@ def test_readme_vlsi_commands_parse_and_name_existing_repo_files():
     named = re.findall(r"(?<![\w/])((?:accelerate_configs|configs|examples)/[\w./-]+)", blocks)
     assert named
     assert not [path for path in named if not (REPO / path).exists()]
+
+
+def cpu_block() -> str:
+    """The README's shell block of the five steps on a CPU."""
+    section = (REPO / "README.md").read_text().split("The same five steps on a CPU", 1)[1]
+    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+
+
+@pytest.mark.slow
+def test_readme_cpu_block_runs_as_written(tmp_path):
+    for name in ("configs", "examples"):  # what the block names, from a fresh working directory
+        (tmp_path / name).symlink_to(REPO / name)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", "-e", "-c", cpu_block()], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    model = tmp_path / "runs" / "tiny-qwen2vl" / "4-sft" / "model"
+    assert (model / "config.json").is_file() and list(model.glob("*.safetensors"))
+    assert re.search(r"^accuracy \d\.\d{4} \(", done.stdout, re.M)  # vlsi eval's summary line
