@@ -16,7 +16,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from vlsi.demo import run_demo
+from vlsi.demo.run import run_demo
 from vlsi.demo.pair import build_pair, load_teacher_source
 from vlsi.demo.recipe import DemoRecipe
 

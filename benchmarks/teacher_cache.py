@@ -117,7 +117,7 @@ def approximation(cfg, run, caches: dict[int, Path], batches: int) -> dict:
 def run_demo(out: Path, seeds: int, batches: int) -> dict:
     import yaml
 
-    from vlsi.demo import prepare_run
+    from vlsi.demo.run import prepare_run
     from vlsi.demo.pipeline import evaluate_model, run_config
     from vlsi.train.config import load_config
     from vlsi.train.stages.cache_teacher import run_cache_teacher

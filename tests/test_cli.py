@@ -63,7 +63,7 @@ def test_demo_pretrain_is_a_sub_command_and_demo_alone_runs_the_demo():
 
 
 def test_demo_options_before_the_sub_command_stand_or_are_refused(monkeypatch):
-    from vlsi import demo
+    from vlsi.demo import run as demo_run
     from vlsi.cli import build_parser, main
 
     parser = build_parser()
@@ -71,7 +71,7 @@ def test_demo_options_before_the_sub_command_stand_or_are_refused(monkeypatch):
     assert (before.quick, before.out, before.regime) == (True, "d", "counts")
     run = parser.parse_args(["demo", "--seeds", "2", "run", "--quick"])
     assert (run.seeds, run.quick, run.out) == (2, True, "runs/demo")
-    monkeypatch.setattr(demo, "run_pretrain", lambda *a, **k: pytest.fail("pretraining started"))
+    monkeypatch.setattr(demo_run, "run_pretrain", lambda *a, **k: pytest.fail("pretraining started"))
     assert main(["demo", "--seeds", "2", "pretrain"]) != 0
     assert main(["demo", "--pair", "p", "pretrain"]) != 0
 

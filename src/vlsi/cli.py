@@ -56,7 +56,7 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    from vlsi.demo import run_demo
+    from vlsi.demo.run import run_demo
 
     if args.teacher_from:
         raise VlsiError("--teacher-from is for `vlsi demo pretrain`")
@@ -66,7 +66,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def _cmd_demo_pretrain(args: argparse.Namespace) -> None:
-    from vlsi.demo import run_pretrain
+    from vlsi.demo.run import run_pretrain
 
     given = [name for name, default in DEMO_RUN_DEFAULTS.items() if getattr(args, name) != default]
     if given:  # written before `pretrain`, where `vlsi demo`'s own options parse

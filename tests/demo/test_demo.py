@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 
 from vlsi.cli import main
-from vlsi.demo import run_demo, run_pretrain
+from vlsi.demo.run import run_demo, run_pretrain
 from vlsi.demo.pair import (compare_pairs, install_pair, load_pair, load_teacher_source, model_files,
                             shipped_pair)
 from vlsi.demo.pipeline import ROWS, SEED_ROWS

@@ -124,7 +124,7 @@ def test_demo_regime_is_kept_and_reused(setup, tmp_path, monkeypatch):
 
 
 def test_the_demo_prints_the_targets_in_one_line():
-    from vlsi.demo import targets_summary
+    from vlsi.demo.run import targets_summary
 
     line = targets_summary({"samples": 512, "mean_response_tokens": 8.67, "student_target_layers": 4,
                             "teacher_target_layers": 2, "teacher_entropy_nats": 0.1366,

@@ -286,7 +286,7 @@ def run_ablate(out: str | Path = "runs/ablate", *, only: list[str] | None = None
                recipe: DemoRecipe | None = None, say: Callable[[str], None] = _say,
                regime: str = DEFAULT_REGIME) -> dict[str, Any]:
     """Run the chosen sub-tables into ``out`` (on ``regime``'s pair) and write the tables and charts."""
-    from vlsi.demo import prepare_run
+    from vlsi.demo.run import prepare_run
     from vlsi.demo.workers import run_all
     from vlsi.tools.pages import render
 

@@ -6,7 +6,7 @@ side finish in about the time of one two-threaded run. :func:`run_all` runs ``fn
 each argument tuple, in ``workers`` spawned processes of ``threads`` torch threads each (or in
 this process when ``workers`` is 1), and returns the results in order. Results depend on the
 thread count (float reductions), so a run records its ``workers`` and ``threads``. Workers are
-spawned, so a script that calls :func:`vlsi.demo.run_demo` or ``run_ablate`` must guard its
+spawned, so a script that calls :func:`vlsi.demo.run.run_demo` or ``run_ablate`` must guard its
 entry point with ``if __name__ == "__main__":`` (each worker imports the script again).
 """
 
