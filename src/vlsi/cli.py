@@ -6,6 +6,7 @@
     vlsi bench loss [...]                     chunked vs naive interaction-loss benchmark
     vlsi demo [--quick] [--seeds 3] [--pair DIR]   the method's claim on tiny models, with a report
     vlsi demo pretrain [--regime lists] --out DIR   rebuild the demo's pretrained pair from scratch
+    vlsi demo regime CONFIG TEACHER_VERBALIZERS   what the distillation targets hold beyond the labels
     vlsi ablate [--only b d e f g] [--seeds 3]  the paper's Table 4 at tiny scale, and on-policy
     vlsi generate --model DIR --image IMG --prompt TEXT [--num-beams N]
     vlsi verbalize-layers --model DIR --verbalizers DIR --image IMG --prompt TEXT --out F.html
@@ -29,6 +30,7 @@ User errors (:class:`vlsi.errors.VlsiError`) print one line, ``error: ...``, and
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -65,14 +67,28 @@ def _cmd_demo(args: argparse.Namespace) -> None:
              label_noise=args.label_noise)
 
 
+def _refuse_demo_run_options(args: argparse.Namespace, what: str) -> None:
+    """`vlsi demo`'s own options written before a sub-command that does not take them: one line."""
+    given = [name for name, default in DEMO_RUN_DEFAULTS.items() if getattr(args, name) != default]
+    if given:
+        raise VlsiError(f"--{given[0].replace('_', '-')} is for `vlsi demo`; {what}")
+
+
 def _cmd_demo_pretrain(args: argparse.Namespace) -> None:
     from vlsi.demo.run import run_pretrain
 
-    given = [name for name, default in DEMO_RUN_DEFAULTS.items() if getattr(args, name) != default]
-    if given:  # written before `pretrain`, where `vlsi demo`'s own options parse
-        option = "--" + given[0].replace("_", "-")
-        raise VlsiError(f"{option} is for `vlsi demo`; `vlsi demo pretrain` builds a pair into --out")
+    _refuse_demo_run_options(args, "`vlsi demo pretrain` builds a pair into --out")
     run_pretrain(args.out, quick=args.quick, teacher_from=args.teacher_from, regime=args.regime)
+
+
+def _cmd_demo_regime(args: argparse.Namespace) -> None:
+    from vlsi.demo.regime import measure_regime
+    from vlsi.train.config import load_config
+
+    _refuse_demo_run_options(args, "`vlsi demo regime` measures a run config's targets")
+    regime = measure_regime(load_config(args.config), _existing_dir(Path(args.teacher_verbalizers), "teacher "
+                            "verbalizers", "check TEACHER_VERBALIZERS"), args.samples)
+    print(json.dumps(regime, indent=2))
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
@@ -333,7 +349,7 @@ def _args_demo_pretrain(parser: argparse.ArgumentParser, defaults: bool = True) 
 def _args_demo(parser: argparse.ArgumentParser) -> None:
     """``vlsi demo [options]`` runs the demo; ``vlsi demo pretrain`` is a command of its own."""
     _args_demo_run(parser)
-    commands = parser.add_subparsers(dest="demo_command", metavar="{run,pretrain}")
+    commands = parser.add_subparsers(dest="demo_command", metavar="{run,pretrain,regime}")
     # options left out after the sub-command keep what was written before it (no default overrides it)
     run = commands.add_parser("run", help="the demo (the default: `vlsi demo [options]` runs it)",
                               argument_default=argparse.SUPPRESS)
@@ -343,6 +359,13 @@ def _args_demo(parser: argparse.ArgumentParser) -> None:
                                    argument_default=argparse.SUPPRESS)
     _args_demo_pretrain(pretrain, defaults=False)
     pretrain.set_defaults(func=_cmd_demo_pretrain)
+    regime = commands.add_parser("regime", help="what a run's distillation targets hold beyond the labels (JSON)",
+                                 description="The regime numbers of docs/demo.md for a run config and its "
+                                             "teacher verbalizers.")
+    regime.add_argument("config", help="a run config (e.g. a demo seed's vlsi.yaml)")
+    regime.add_argument("teacher_verbalizers", help="the teacher's verbalizer directory")
+    regime.add_argument("--samples", type=positive_int, default=512, help="distillation samples measured (default 512)")
+    regime.set_defaults(func=_cmd_demo_regime)
 
 
 def _args_ablate(parser: argparse.ArgumentParser) -> None:

@@ -135,3 +135,20 @@ def test_the_demo_prints_the_targets_in_one_line():
                    "entropy 0.137 nats", "gives the label 0.915", "KL from the label 0.128",
                    "verbalized layers give the label 0.73, 0.80"):
         assert needle in line, needle
+
+
+def test_vlsi_demo_regime_prints_the_numbers_as_json(setup, tmp_path, capsys):
+    import json
+
+    from vlsi.cli import main
+    from vlsi.train.config import dump_config
+
+    cfg, verbalizers = setup
+    config = tmp_path / "vlsi.yaml"
+    config.write_text(dump_config(cfg))
+    assert main(["demo", "regime", str(config), str(verbalizers), "--samples", "3"]) == 0
+    assert json.loads(capsys.readouterr().out) == regime.measure_regime(cfg, verbalizers, samples=3)
+    capsys.readouterr()
+    assert main(["demo", "regime", str(config), str(tmp_path / "none")]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: teacher verbalizers") and err.count("\n") == 1

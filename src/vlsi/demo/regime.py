@@ -13,15 +13,13 @@ and its trained verbalizers, over the shared vocabulary:
 * ``student_target_layers``, ``teacher_target_layers``: ``t_s`` and ``t_l``;
   ``mean_response_tokens``: response tokens per sample.
 
-Means are over all response tokens of the measured samples. ``python -m vlsi.demo.regime
-CONFIG TEACHER_VERBALIZERS [--samples N]`` prints them as JSON for a run config.
+Means are over all response tokens of the measured samples. ``vlsi demo regime CONFIG
+TEACHER_VERBALIZERS [--samples N]`` prints them as JSON for a run config.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,18 +132,3 @@ def regime_line(regime: dict[str, Any]) -> str:
             f"tokens each; student target layers t_s = {regime['student_target_layers']}, teacher target layers "
             f"t_l = {regime['teacher_target_layers']}. KL(label ‖ teacher) = -log P(label): 0 when the "
             "teacher's target is the label itself.")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vlsi.demo.regime", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="a run config (vlsi.yaml)")
-    parser.add_argument("teacher_verbalizers", help="the teacher's verbalizer directory")
-    parser.add_argument("--samples", type=int, default=512, help="distillation samples measured (default 512)")
-    args = parser.parse_args(argv)
-    json.dump(measure_regime(load_config(args.config), args.teacher_verbalizers, args.samples), sys.stdout, indent=2)
-    print()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
